@@ -1,0 +1,52 @@
+"""orbax checkpoints of {train state, data iterator position, run config}.
+
+Saves are asynchronous (the step loop goes on while arrays are written) and
+atomic (orbax writes to a temporary directory and renames it when complete, so
+a half-written step is never listed). Restoring takes an abstract state whose
+leaves carry the target shardings, so a checkpoint written on one mesh is read
+directly into another.
+"""
+
+import os
+
+import orbax.checkpoint as ocp
+
+
+class Checkpoints:
+  """A model_dir/checkpoints manager: save every N steps, keep the last K."""
+
+  def __init__(self, directory, *, every, keep, async_save=True):
+    self.every = every
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=1, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                         item_names=("state", "data", "config"))
+
+  def latest_step(self):
+    return self.manager.latest_step()
+
+  def save(self, step, state, data_state, config_dict, force=False):
+    """Starts an (async) save when `step` is due or `force`; returns True if started."""
+    if not force and step % self.every:
+      return False
+    if step in self.manager.all_steps():
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              data=ocp.args.JsonSave(data_state),
+                              config=ocp.args.JsonSave(config_dict))
+    return self.manager.save(step, args=args, force=True)
+
+  def restore(self, abstract_state, step=None):
+    """(state, data_state) of `step` (default: latest), placed as abstract_state says."""
+    step = self.latest_step() if step is None else step
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                              data=ocp.args.JsonRestore())
+    restored = self.manager.restore(step, args=args)
+    return restored["state"], restored["data"]
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.close()

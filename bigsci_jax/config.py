@@ -1,0 +1,258 @@
+"""Frozen run configuration: one small dataclass per part, validated on creation.
+
+Library code takes these objects whole; only train.py and gin/ know gin exists.
+Every check raises `ConfigError` with one sentence naming the field, the bad
+value and what is allowed, before anything is compiled.
+"""
+
+import dataclasses
+import math
+import typing
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field."""
+
+
+def _check_choice(obj, name):
+  value = getattr(obj, name)
+  hint = typing.get_type_hints(type(obj))[name]
+  choices = typing.get_args(hint)
+  if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
+    choices = typing.get_args(choices[0]) + (None,)
+  if value not in choices:
+    allowed = ", ".join(repr(c) for c in choices)
+    raise ConfigError(f"{type(obj).__name__}.{name}={value!r} is not allowed; "
+                      f"choose one of {allowed}.")
+
+
+def _check(cond, obj, name, requirement):
+  if not cond:
+    raise ConfigError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r} is invalid: "
+                      f"{requirement}.")
+
+
+def _check_literals(obj):
+  for f in dataclasses.fields(obj):
+    hint = typing.get_type_hints(type(obj))[f.name]
+    inner = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
+    if typing.get_origin(inner) is Literal:
+      _check_choice(obj, f.name)
+
+
+def default_alibi_slopes(num_heads):
+  """Press et al. 2022's geometric slopes: 2^(-8/n), 2^(-16/n), ... for n heads.
+
+  For n not a power of two: the slopes of the next lower power of two p, then
+  every other slope of 2p (the paper's recipe).
+  """
+  def power_of_two(n):
+    start = 2.0 ** (-8.0 / n)
+    return [start ** (i + 1) for i in range(n)]
+  p = 2 ** math.floor(math.log2(num_heads))
+  slopes = power_of_two(p)
+  if p < num_heads:
+    slopes += power_of_two(2 * p)[0::2][: num_heads - p]
+  return tuple(slopes)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only / prefix-LM transformer (pre-norm)."""
+  num_layers: int = 2
+  d_model: int = 128
+  num_heads: int = 4
+  num_kv_heads: Optional[int] = None  # None: num_heads (multi-head attention)
+  head_dim: Optional[int] = None      # None: d_model // num_heads
+  d_ff: Optional[int] = None          # None: 4 * d_model
+  vocab_size: int = 256
+  max_len: int = 2048
+  mask: Literal["causal", "prefix"] = "causal"
+  position: Literal["learned", "sinusoidal", "rotary", "alibi", "none"] = "learned"
+  rope_theta: float = 10000.0
+  alibi_slopes: Optional[tuple] = None  # None: default_alibi_slopes(num_heads)
+  activation: Literal["gelu", "geglu", "swiglu", "relu2"] = "gelu"
+  norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+  norm_eps: float = 1e-5
+  embedding_norm: bool = False        # BLOOM: a norm right after the embedding
+  tie_embeddings: bool = True
+  use_bias: bool = True
+  z_loss: float = 0.0
+  dropout: float = 0.0
+  init_std: float = 0.02
+  dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  scan_layers: bool = True
+  remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+  attention_impl: Literal["auto", "reference", "xla"] = "auto"
+
+  def __post_init__(self):
+    _check_literals(self)
+    for name in ("num_layers", "d_model", "num_heads", "vocab_size", "max_len"):
+      _check(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+             self, name, "it must be a positive integer")
+    if self.head_dim is None:
+      _check(self.d_model % self.num_heads == 0, self, "num_heads",
+             f"it must divide d_model={self.d_model} (or set head_dim)")
+      object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+    if self.num_kv_heads is None:
+      object.__setattr__(self, "num_kv_heads", self.num_heads)
+    _check(self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0, self,
+           "num_kv_heads", f"it must divide num_heads={self.num_heads}")
+    if self.d_ff is None:
+      object.__setattr__(self, "d_ff", 4 * self.d_model)
+    _check(self.d_ff > 0, self, "d_ff", "it must be positive")
+    if self.position == "rotary":
+      _check(self.head_dim % 2 == 0, self, "head_dim", "rotary positions need an even head_dim")
+    if self.alibi_slopes is None:
+      if self.position == "alibi":
+        object.__setattr__(self, "alibi_slopes", default_alibi_slopes(self.num_heads))
+    else:
+      object.__setattr__(self, "alibi_slopes", tuple(float(s) for s in self.alibi_slopes))
+      _check(len(self.alibi_slopes) == self.num_heads, self, "alibi_slopes",
+             f"it needs one slope per head ({self.num_heads})")
+    _check(0.0 <= self.dropout < 1.0, self, "dropout", "it must be in [0, 1)")
+    _check(self.z_loss >= 0.0, self, "z_loss", "it must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW (or plain SGD, for exactness tests) and the learning-rate schedule."""
+  optimizer: Literal["adamw", "sgd"] = "adamw"
+  learning_rate: float = 3e-4
+  warmup_steps: int = 0
+  decay: Literal["cosine", "linear", "constant", "inverse_sqrt"] = "cosine"
+  decay_steps: Optional[int] = None   # None: the run's train_steps
+  final_lr_fraction: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95   # Porian et al. 2024: raise toward 0.99+ at small batch
+  eps: float = 1e-8
+  weight_decay: float = 0.1
+  no_decay: tuple = ("bias", "scale", "embedding")  # parameter names never decayed
+  clip_norm: Optional[float] = 1.0
+
+  def __post_init__(self):
+    _check_literals(self)
+    _check(self.learning_rate > 0, self, "learning_rate", "it must be positive")
+    _check(self.warmup_steps >= 0, self, "warmup_steps", "it must be >= 0")
+    _check(0.0 <= self.final_lr_fraction <= 1.0, self, "final_lr_fraction", "it must be in [0, 1]")
+    _check(0.0 <= self.b1 < 1.0, self, "b1", "it must be in [0, 1)")
+    _check(0.0 <= self.b2 < 1.0, self, "b2", "it must be in [0, 1)")
+    _check(self.clip_norm is None or self.clip_norm > 0, self, "clip_norm",
+           "it must be positive or None")
+    object.__setattr__(self, "no_decay", tuple(self.no_decay))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+  """Global batch, micro-batch (gradient accumulation) and batch-size warmup.
+
+  Batch-size warmup (BigScience, after Megatron's rampup): the global batch starts
+  at `warmup_start` sequences and grows by `warmup_increment` in equal token
+  intervals until `batch_size` is reached after `warmup_tokens` tokens. Every size
+  is a multiple of `micro_batch_size`, the one shape the step is compiled for.
+  """
+  batch_size: int = 16        # sequences per global batch
+  seq_len: int = 128
+  micro_batch_size: Optional[int] = None  # None: batch_size (no accumulation)
+  warmup_start: Optional[int] = None      # None: no batch-size warmup
+  warmup_increment: Optional[int] = None  # None: micro_batch_size
+  warmup_tokens: int = 0
+
+  def __post_init__(self):
+    _check(self.batch_size > 0, self, "batch_size", "it must be positive")
+    _check(self.seq_len > 0, self, "seq_len", "it must be positive")
+    if self.micro_batch_size is None:
+      object.__setattr__(self, "micro_batch_size", self.batch_size)
+    _check(self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0, self,
+           "micro_batch_size", f"it must divide batch_size={self.batch_size}")
+    if self.warmup_start is None:
+      return
+    if self.warmup_increment is None:
+      object.__setattr__(self, "warmup_increment", self.micro_batch_size)
+    for name in ("warmup_start", "warmup_increment"):
+      _check(getattr(self, name) > 0 and getattr(self, name) % self.micro_batch_size == 0,
+             self, name, f"it must be a positive multiple of micro_batch_size={self.micro_batch_size}")
+    _check(self.warmup_start <= self.batch_size, self, "warmup_start",
+           f"it must be at most batch_size={self.batch_size}")
+    _check((self.batch_size - self.warmup_start) % self.warmup_increment == 0, self,
+           "warmup_increment", f"it must divide batch_size - warmup_start="
+           f"{self.batch_size - self.warmup_start}")
+    _check(self.warmup_tokens > 0, self, "warmup_tokens",
+           "a batch-size warmup needs a positive token budget")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Device mesh shape over (data, fsdp, tensor); -1 takes the remaining devices."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+
+  def __post_init__(self):
+    sizes = (self.data, self.fsdp, self.tensor)
+    _check(sizes.count(-1) <= 1, self, "data", "at most one mesh axis may be -1")
+    for name in ("data", "fsdp", "tensor"):
+      _check(getattr(self, name) == -1 or getattr(self, name) > 0, self, name,
+             "a mesh axis size must be positive or -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """Where training batches come from."""
+  mixture: str = "synthetic"
+  seed: int = 0
+  mean_doc_len: int = 96   # synthetic documents: mean length in tokens
+
+  def __post_init__(self):
+    _check(self.mixture == "synthetic", self, "mixture",
+           "only 'synthetic' exists until the multilingual data pipeline lands")
+    _check(self.mean_doc_len > 1, self, "mean_doc_len", "it must be > 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """The loop: length, seeds, and how often to log, evaluate and checkpoint."""
+  train_steps: int = 200
+  seed: int = 0
+  log_every: int = 1
+  eval_every: int = 0          # 0: evaluate only at the end
+  eval_batches: int = 2
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  async_checkpoints: bool = True
+
+  def __post_init__(self):
+    _check(self.train_steps > 0, self, "train_steps", "it must be positive")
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+      _check(getattr(self, name) > 0, self, name, "it must be positive")
+    _check(self.eval_every >= 0, self, "eval_every", "it must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  model: ModelConfig = ModelConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  batch: BatchConfig = BatchConfig()
+  mesh: MeshConfig = MeshConfig()
+  data: DataConfig = DataConfig()
+  train: TrainConfig = TrainConfig()
+
+  def __post_init__(self):
+    _check(self.batch.seq_len <= self.model.max_len or self.model.position != "learned",
+           self.batch, "seq_len", f"learned positions need seq_len <= max_len={self.model.max_len}")
+
+  def to_dict(self):
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d):
+    def build(klass, values):
+      values = dict(values)
+      for f in dataclasses.fields(klass):
+        if isinstance(values.get(f.name), list):
+          values[f.name] = tuple(values[f.name])
+      return klass(**values)
+    hints = typing.get_type_hints(cls)
+    return cls(**{name: build(hints[name], d[name]) for name in d})

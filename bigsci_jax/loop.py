@@ -1,0 +1,179 @@
+"""The training loop: all I/O lives here (data, logging, evaluation, checkpoints).
+
+Device metrics are fetched one step late: step s's scalars are read after step
+s+1 has been dispatched, so the host never waits on the device for logging.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import numpy as np
+import tqdm
+
+from bigsci_jax import checkpoint, data, flops, sharding
+from bigsci_jax import step as steps
+from bigsci_jax.config import ConfigError, RunConfig
+from bigsci_jax.metrics import MetricsWriter
+from bigsci_jax.model import Transformer
+from bigsci_jax.optim import make_optimizer
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); the message says what to do."""
+
+
+def write_atomic(path, text):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def check_batch_fits_mesh(run: RunConfig, mesh):
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if run.batch.micro_batch_size % shards:
+    raise ConfigError(f"BatchConfig.micro_batch_size={run.batch.micro_batch_size} must be a multiple "
+                      f"of the mesh's data*fsdp={shards} so each batch shard gets whole sequences.")
+  if run.batch.micro_batch_size % jax.process_count():
+    raise ConfigError(f"BatchConfig.micro_batch_size={run.batch.micro_batch_size} must be a multiple "
+                      f"of the {jax.process_count()} processes.")
+
+
+def make_source(run: RunConfig, split="train"):
+  return data.SyntheticLM(run.model.vocab_size, run.batch.seq_len, seed=run.data.seed, split=split,
+                          mean_doc_len=run.data.mean_doc_len, prefix_lm=run.model.mask == "prefix",
+                          process_index=jax.process_index(), process_count=jax.process_count())
+
+
+class _Trainer:
+  """Holds what the loop needs between steps; `run()` is the loop."""
+
+  def __init__(self, run: RunConfig, model_dir, config_text, progress):
+    self.run, self.model_dir, self.progress = run, model_dir, progress
+    self.mesh = sharding.make_mesh(run.mesh)
+    check_batch_fits_mesh(run, self.mesh)
+    self.model = Transformer(run.model)
+    self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps)
+    self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
+                                                         run.batch.seq_len)
+    os.makedirs(model_dir, exist_ok=True)
+    self.ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"),
+                                        every=run.train.checkpoint_every,
+                                        keep=run.train.keep_checkpoints,
+                                        async_save=run.train.async_checkpoints)
+    self.source = make_source(run)
+    if jax.process_index() == 0:
+      if config_text:
+        write_atomic(os.path.join(model_dir, "config.gin"), config_text)
+      write_atomic(os.path.join(model_dir, "config.json"),
+                   json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
+    self.train_step = steps.make_train_step(self.model, self.tx, self.schedule, self.mesh,
+                                            self.shardings)
+    self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
+    self.batch_sharding = sharding.batch_sharding(self.mesh, 3, batch_axis=1)
+    self.flops_per_token = flops.flops_per_token(run.model, run.batch.seq_len)
+    peak = flops.peak_flops(jax.devices()[0].device_kind)
+    self.peak_total = peak * jax.device_count() if peak else None
+
+  def restore_or_init(self):
+    start = self.ckpts.latest_step()
+    if start is None:
+      return steps.init_state(self.model, self.tx, self.mesh, self.run.train.seed,
+                              self.run.batch.seq_len), 0
+    state, data_state = self.ckpts.restore(self.abstract, start)
+    self.source.set_state(data_state)
+    return state, start
+
+  def evaluate(self, params):
+    run = self.run
+    source = make_source(run, split="validation")
+    ce_total, weight_total = 0.0, 0.0
+    shard = sharding.batch_sharding(self.mesh, 2)
+    for _ in range(run.train.eval_batches):
+      host = source.take(run.batch.micro_batch_size)
+      batch = {k: jax.make_array_from_process_local_data(
+          shard, v, (run.batch.micro_batch_size,) + v.shape[1:]) for k, v in host.items()}
+      ce, weight = jax.device_get(self.eval_step(params, batch))
+      ce_total, weight_total = ce_total + float(ce), weight_total + float(weight)
+    return {"loss": ce_total / max(weight_total, 1.0)}
+
+  def run_loop(self):
+    run, cfg_batch = self.run, self.run.batch
+    state, start = self.restore_or_init()
+    writer = MetricsWriter(self.model_dir, resume_step=start)
+    tokens_seen = self.source.position * cfg_batch.seq_len
+    total = run.train.train_steps
+    bar = tqdm.tqdm(total=total, initial=start, disable=not self.progress or jax.process_index() != 0,
+                    dynamic_ncols=True, desc="train")
+    pending, last_time, summary = None, time.perf_counter(), {"step": start}
+
+    def flush(pending):
+      nonlocal last_time
+      step, metrics, rows, tokens = pending
+      values = jax.device_get(metrics)
+      now = time.perf_counter()
+      step_time, last_time = now - last_time, now
+      loss = float(values["loss"])
+      if not math.isfinite(loss):
+        self.ckpts.wait()
+        raise TrainingError(
+            f"the training loss became {loss} at step {step}; the last good checkpoint is step "
+            f"{self.ckpts.latest_step()} in {self.model_dir}: lower OptimizerConfig.learning_rate "
+            f"or set OptimizerConfig.clip_norm, then run again to resume from it.")
+      batch_tokens = rows * cfg_batch.seq_len
+      tokens_per_s = batch_tokens / step_time
+      flops_per_s = tokens_per_s * self.flops_per_token
+      row = {"loss": loss, "learning_rate": float(values["learning_rate"]),
+             "grad_norm": float(values["grad_norm"]), "batch_tokens": batch_tokens,
+             "tokens_seen": tokens, "flops_seen": tokens * self.flops_per_token,
+             "step_time_s": step_time, "tokens_per_s": tokens_per_s,
+             "mfu": flops_per_s / self.peak_total if self.peak_total else None}
+      if step % run.train.log_every == 0 or step == total:
+        writer.write(step, "train", row)
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      bar.update(1)
+      summary.update(step=step, loss=loss)
+
+    try:
+      for s in range(start, total):
+        rows = data.batch_size_at(cfg_batch, tokens_seen)
+        accumulation = rows // cfg_batch.micro_batch_size
+        host = data.split_micro_batches(self.source.take(rows), accumulation)
+        batch = data.to_global(host, self.batch_sharding, cfg_batch.micro_batch_size)
+        state, metrics = self.train_step(state, batch)
+        tokens_seen += rows * cfg_batch.seq_len
+        if pending is not None:
+          flush(pending)
+        pending = (s + 1, metrics, rows, tokens_seen)
+        done = s + 1
+        if run.train.eval_every and done % run.train.eval_every == 0 and done < total:
+          flush(pending)
+          pending = None
+          writer.write(done, "eval", self.evaluate(state.params))
+        self.ckpts.save(done, state, self.source.get_state(), run.to_dict())
+      if pending is not None:
+        flush(pending)
+      if start < total:
+        summary["eval_loss"] = self.evaluate(state.params)["loss"]
+        writer.write(total, "eval", {"loss": summary["eval_loss"]})
+      self.ckpts.save(int(jax.device_get(state.step)), state, self.source.get_state(),
+                      run.to_dict(), force=True)
+      self.ckpts.wait()
+    finally:
+      bar.close()
+      writer.close()
+      self.ckpts.close()
+    summary["state"] = state
+    return summary
+
+
+def train(run: RunConfig, model_dir, *, config_text="", progress=True):
+  """Train `run` in model_dir, resuming from its latest checkpoint if there is one.
+
+  Returns a summary dict: last `step`, its train `loss`, the final `eval_loss`
+  and the final train `state`.
+  """
+  return _Trainer(run, model_dir, config_text, progress).run_loop()

@@ -1,0 +1,228 @@
+"""Decoder-only and prefix-LM transformer in Flax linen.
+
+Dimension legend (suffixes on tensor names):
+  B batch   L length   D d_model   H query heads   G key/value heads
+  K head dim   F ffn hidden   V vocab
+
+Parameters carry logical axis names (`embed`, `mlp`, `heads`, `kv_heads`, `kv`,
+`vocab`, `layers`); sharding.py maps them to mesh axes. Activations are
+constrained only at block boundaries, through `sharding.constrain`.
+"""
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bigsci_jax import kernels
+from bigsci_jax.config import ModelConfig
+from bigsci_jax.sharding import constrain
+
+
+def compute_dtype(cfg: ModelConfig):
+  if cfg.dtype == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return jnp.dtype(cfg.dtype)
+
+
+def _init(cfg, axes, scale=1.0):
+  return nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std * scale), axes)
+
+
+def _zeros(axes):
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def _norm(cfg, name):
+  dtype, pdtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
+  scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                      scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                      scale_init=scale_init, bias_init=_zeros(("embed",)), name=name)
+
+
+def sinusoidal_BxLxD(positions_BxL, d_model):
+  """Vaswani et al.'s fixed encoding: sin on the first half, cos on the second."""
+  half = d_model // 2
+  inv_freq = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_BxLxh = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+  enc = jnp.concatenate([jnp.sin(angle_BxLxh), jnp.cos(angle_BxLxh)], axis=-1)
+  return jnp.pad(enc, ((0, 0), (0, 0), (0, d_model - 2 * half)))
+
+
+def rotary(x_BxLxNxK, positions_BxL, theta):
+  """RoFormer rotary embedding, rotating (first half, second half) pairs, in f32."""
+  half = x_BxLxNxK.shape[-1] // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_BxLx1xh = (positions_BxL[..., None].astype(jnp.float32) * inv_freq)[:, :, None, :]
+  cos, sin = jnp.cos(angle_BxLx1xh), jnp.sin(angle_BxLx1xh)
+  x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxLxNxK.dtype)
+
+
+class Linear(nn.Module):
+  """y = x . W + b, contracting x's trailing len(in_shape) axes with W's leading ones.
+
+  `axes` names the kernel's logical axes (in_shape + out_shape); the bias takes
+  the output ones. Residual output projections pass `init_scale` (GPT-2's
+  1 / sqrt(2 * num_layers)).
+  """
+  cfg: ModelConfig
+  in_shape: tuple
+  out_shape: tuple
+  axes: tuple
+  init_scale: float = 1.0
+
+  @nn.compact
+  def __call__(self, x):
+    cfg, dtype = self.cfg, compute_dtype(self.cfg)
+    kernel = self.param("kernel", _init(cfg, self.axes, self.init_scale),
+                        tuple(self.in_shape) + tuple(self.out_shape), jnp.dtype(cfg.param_dtype))
+    n_in = len(self.in_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+    if cfg.use_bias:
+      bias = self.param("bias", _zeros(self.axes[n_in:]), tuple(self.out_shape),
+                        jnp.dtype(cfg.param_dtype))
+      y = y + bias.astype(dtype)
+    return y
+
+
+class Attention(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL):
+    cfg = self.cfg
+    d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_BxLxHxK = Linear(cfg, (d,), (h, k), ("embed", "heads", "kv"), name="query")(x_BxLxD)
+    k_BxLxGxK = Linear(cfg, (d,), (g, k), ("embed", "kv_heads", "kv"), name="key")(x_BxLxD)
+    v_BxLxGxK = Linear(cfg, (d,), (g, k), ("embed", "kv_heads", "kv"), name="value")(x_BxLxD)
+    if cfg.position == "rotary":
+      q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+      k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+    out_BxLxHxK = kernels.attention(
+        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids=segment_ids_BxL,
+        prefix_mask=prefix_BxL if cfg.mask == "prefix" else None,
+        alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None,
+        causal=True, impl=cfg.attention_impl)
+    return Linear(cfg, (h, k), (d,), ("heads", "kv", "embed"), (2 * cfg.num_layers) ** -0.5,
+                  name="out")(out_BxLxHxK)
+
+
+class Mlp(nn.Module):
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    up = functools.partial(Linear, cfg, (cfg.d_model,), (cfg.d_ff,), ("embed", "mlp"))
+    if cfg.activation in ("geglu", "swiglu"):  # Shazeer 2020: two separate input kernels
+      gate = jax.nn.gelu if cfg.activation == "geglu" else jax.nn.silu
+      h_BxLxF = gate(up(name="wi_gate")(x_BxLxD)) * up(name="wi_up")(x_BxLxD)
+    elif cfg.activation == "relu2":  # So et al. 2021, Primer
+      h_BxLxF = jnp.square(jax.nn.relu(up(name="wi")(x_BxLxD)))
+    else:
+      h_BxLxF = jax.nn.gelu(up(name="wi")(x_BxLxD))
+    return Linear(cfg, (cfg.d_ff,), (cfg.d_model,), ("mlp", "embed"), (2 * cfg.num_layers) ** -0.5,
+                  name="wo")(h_BxLxF)
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic):
+    cfg = self.cfg
+    drop = nn.Dropout(cfg.dropout, broadcast_dims=(), deterministic=deterministic)
+    h = Attention(cfg, name="attention")(_norm(cfg, "attention_norm")(x_BxLxD),
+                                         positions_BxL, segment_ids_BxL, prefix_BxL)
+    x_BxLxD = x_BxLxD + drop(h)
+    h = Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
+    x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "act_embed"))
+    return x_BxLxD
+
+
+class ScannedBlock(nn.Module):
+  """A Block with the (carry, xs) -> (carry, ys) signature nn.scan needs."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic):
+    x_BxLxD = _block_class(self.cfg)(self.cfg, name="block")(
+        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic)
+    return x_BxLxD, None
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _block_class(cfg):
+  if cfg.remat == "none":
+    return Block
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5,))
+
+
+class Transformer(nn.Module):
+  """tokens [B, L] -> float32 logits [B, L, V].
+
+  positions: per-token position within its document (packing restarts it);
+  segment_ids: document id per token, 0 = padding; prefix: 1 on the
+  bidirectional prefix (used only when cfg.mask == 'prefix').
+  """
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prefix_BxL=None,
+               deterministic=True):
+    cfg = self.cfg
+    dtype = compute_dtype(cfg)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    x_BxLxD = embed(tokens_BxL)
+    if cfg.position == "learned":
+      pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                           embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")
+      x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
+    elif cfg.position == "sinusoidal":
+      x_BxLxD = x_BxLxD + sinusoidal_BxLxD(positions_BxL, cfg.d_model).astype(dtype)
+    # A zero-valued hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
+    x_BxLxD = self.perturb("input_embeddings", x_BxLxD)
+    if cfg.embedding_norm:
+      x_BxLxD = _norm(cfg, "embed_norm")(x_BxLxD)
+    x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
+    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+
+    if cfg.scan_layers:
+      stack = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+                      metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL,
+                                              deterministic)
+    else:
+      for i in range(cfg.num_layers):
+        x_BxLxD = _block_class(cfg)(cfg, name=f"layer_{i}")(
+            x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic)
+
+    x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
+    if cfg.tie_embeddings:
+      table_VxD = embed.embedding.astype(dtype)
+      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD,
+                                preferred_element_type=jnp.float32)
+    else:
+      head_DxV = self.param("head", _init(cfg, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
+                            jnp.dtype(cfg.param_dtype))
+      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(dtype), head_DxV.astype(dtype),
+                                preferred_element_type=jnp.float32)
+    return constrain(logits_BxLxV, ("batch", "length", "vocab"))

@@ -1,0 +1,57 @@
+"""optax AdamW with a weight-decay mask, global-norm clipping and the LR schedule."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from bigsci_jax.config import OptimizerConfig
+
+
+def learning_rate_schedule(cfg: OptimizerConfig, train_steps: int):
+  """step -> learning rate: linear warmup to the peak, then decay to a final fraction.
+
+  cosine / linear reach `final_lr_fraction * peak` at `decay_steps` (default: the
+  run's length) and stay there; inverse_sqrt decays as sqrt(warmup / step) and is
+  floored at the same fraction; constant stays at the peak.
+  """
+  peak, warmup = cfg.learning_rate, cfg.warmup_steps
+  total = cfg.decay_steps or train_steps
+  floor = cfg.final_lr_fraction * peak
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = peak * jnp.minimum(1.0, (step + 1.0) / max(warmup, 1))
+    frac = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+    if cfg.decay == "cosine":
+      decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    elif cfg.decay == "linear":
+      decayed = peak + (floor - peak) * frac
+    elif cfg.decay == "inverse_sqrt":
+      decayed = jnp.maximum(floor, peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, 1.0)))
+    else:
+      decayed = jnp.asarray(peak, jnp.float32)
+    return jnp.where(step < warmup, warm, decayed)
+
+  return schedule
+
+
+def decay_mask(params, no_decay):
+  """True for parameters that get weight decay: all but those whose name is listed."""
+  def decays(path, _):
+    # The last dict key names the parameter (boxed trees add attribute keys after it).
+    name = next(k.key for k in reversed(path) if isinstance(k, jax.tree_util.DictKey))
+    return name not in no_decay
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: OptimizerConfig, train_steps: int):
+  """Returns (optax transformation, schedule)."""
+  schedule = learning_rate_schedule(cfg, train_steps)
+  if cfg.optimizer == "sgd":
+    update = optax.sgd(schedule)
+  else:
+    update = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                         weight_decay=cfg.weight_decay,
+                         mask=lambda p: decay_mask(p, cfg.no_decay))
+  clip = optax.clip_by_global_norm(cfg.clip_norm) if cfg.clip_norm else optax.identity()
+  return optax.chain(clip, update), schedule

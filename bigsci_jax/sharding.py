@@ -1,0 +1,126 @@
+"""The device mesh and the one table that maps logical axis names to it.
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters,
+gradients and optimizer state sharded, ZeRO-3 style) and `tensor` (Megatron-style
+tensor parallelism over heads, MLP hidden units and the vocabulary).
+"""
+
+import contextlib
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from bigsci_jax.config import ConfigError, MeshConfig
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. Names not listed (kv, layers, position, length,
+# act_embed) are replicated. A dimension that a mesh axis does not divide is
+# replicated too (see `logical_to_sharding`).
+RULES = (
+    ("batch", ("data", "fsdp")),  # activations and input batches
+    ("embed", "fsdp"),            # parameters: sharded over fsdp, gathered per layer
+    ("vocab", "tensor"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple:
+  """Resolve -1 and check the mesh against the devices present."""
+  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise ConfigError(f"MeshConfig {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) "
+                        f"do not divide the {num_devices} devices present.")
+    sizes[sizes.index(-1)] = num_devices // known
+  total = int(np.prod(sizes))
+  if total > num_devices:
+    raise ConfigError(f"MeshConfig {dict(zip(MESH_AXES, sizes))} needs {total} devices but only "
+                      f"{num_devices} are present; make data*fsdp*tensor at most {num_devices}.")
+  return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else list(devices)
+  shape = mesh_shape(cfg, len(devices))
+  n = int(np.prod(shape))
+  if n == len(jax.devices()) and devices == jax.devices():
+    device_grid = mesh_utils.create_device_mesh(shape, devices)
+  else:
+    device_grid = np.asarray(devices[:n]).reshape(shape)
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _mesh_axes(name):
+  for logical, mesh_axes in RULES:
+    if logical == name:
+      return mesh_axes
+  return None
+
+
+def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
+  """One array's NamedSharding; an axis the mesh does not divide stays replicated."""
+  spec = []
+  for dim, name in zip(shape, tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))):
+    axes = _mesh_axes(name) if name is not None else None
+    if axes is not None:
+      size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes)]))
+      if dim % size:
+        axes = None
+    spec.append(axes)
+  return NamedSharding(mesh, P(*spec))
+
+
+def tree_shardings(logical_specs, abstract_tree, mesh: Mesh):
+  """Shardings for a pytree, from its logical PartitionSpecs and abstract arrays."""
+  return jax.tree.map(lambda spec, x: logical_to_sharding(spec, x.shape, mesh),
+                      logical_specs, abstract_tree,
+                      is_leaf=lambda x: isinstance(x, P))
+
+
+def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
+  spec = [None] * ndim
+  spec[batch_axis] = _mesh_axes("batch")
+  return NamedSharding(mesh, P(*spec))
+
+
+def constrain(x, logical_axes):
+  """Sharding constraint by logical names; a no-op outside `activate`."""
+  return nn.with_logical_constraint(x, logical_axes)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+  """Trace model code under this mesh and the logical rules."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield
+
+
+def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
+                                 multihost=False):
+  """Join a multi-process run; returns True when jax.distributed was initialised.
+
+  Explicit flags win; `multihost` (a TPU pod, where jax finds its peers itself),
+  a SLURM job of several tasks, or JAX_COORDINATOR_ADDRESS in the environment let
+  `jax.distributed.initialize()` detect the rest. On CPU, processes use gloo.
+  """
+  explicit = coordinator_address is not None
+  detected = (multihost or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+              or "JAX_COORDINATOR_ADDRESS" in os.environ)
+  if not (explicit or detected):
+    return False
+  if explicit and (num_processes is None or process_id is None):
+    raise ConfigError("--coordinator_address needs --num_processes and --process_id as well.")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if explicit:
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+  else:
+    jax.distributed.initialize()
+  return True

@@ -1,0 +1,35 @@
+"""Attention for every model path: `attention(q, k, v, ...)` (DESIGN.md, "Attention").
+
+Installed as `bigsci_jax.kernels`; imports nothing else from bigsci_jax, so it can
+be tested and benchmarked alone.
+"""
+
+from bigsci_jax.kernels import reference, xla
+from bigsci_jax.kernels.mask import visibility_BxTxS
+
+IMPLS = ("auto", "reference", "xla")
+
+
+def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
+              causal=True, sm_scale=None, impl="auto"):
+  """Multi-head attention with packed, causal and prefix-LM masks and ALiBi.
+
+  q: [B, T, H, K]; k, v: [B, T, G, K] with G dividing H (grouped-query).
+  segment_ids: int [B, T], 0 = padding (None: one segment per row).
+  prefix_mask: [B, T], 1 on each segment's bidirectional prefix (None: none).
+  alibi_slopes: [H] floats; adds -slope[h] * |i - j| to the logits.
+  A key j is visible to query i iff both are in the same non-zero segment and
+  (j <= i or both are in the prefix); a query that sees no key returns 0.
+  Returns [B, T, H, K] in q's dtype.
+  """
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl={impl!r} is not one of {', '.join(IMPLS)}.")
+  h, g = q.shape[2], k.shape[2]
+  if h % g:
+    raise ValueError(f"attention: {h} query heads are not a multiple of {g} key/value heads.")
+  fn = reference.attention if impl == "reference" else xla.attention
+  return fn(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask,
+            alibi_slopes=alibi_slopes, causal=causal, sm_scale=sm_scale)
+
+
+__all__ = ["attention", "visibility_BxTxS", "IMPLS"]
