@@ -226,3 +226,12 @@ class Transformer(nn.Module):
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(dtype), head_DxV.astype(dtype),
                                 preferred_element_type=jnp.float32)
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
+def init_params(model: Transformer, key, length=8):
+  """Unsharded float parameters as a plain pytree (tests, notebooks, small models).
+
+  Large models are initialised sharded by step.init_state instead.
+  """
+  tokens_1xL = jnp.zeros((1, length), jnp.int32)
+  return nn.meta.unbox(model.init({"params": key}, tokens_1xL)["params"])
