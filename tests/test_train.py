@@ -1,0 +1,115 @@
+"""train.py and the loop: gin files, bad input, the smoke run, metrics and TensorBoard."""
+
+import glob
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from bigsci_jax import flops
+from bigsci_jax import step as steps
+from bigsci_jax.config import MeshConfig
+from bigsci_jax.metrics import read_metrics
+from bigsci_jax.model import Transformer
+from bigsci_jax.optim import make_optimizer
+from bigsci_jax.sharding import make_mesh
+
+GIN = os.path.join(os.path.dirname(train.__file__), "gin")
+ALL_GIN = sorted(os.path.relpath(p, GIN) for p in glob.glob(os.path.join(GIN, "**", "*.gin"),
+                                                              recursive=True))
+
+
+@pytest.mark.parametrize("name", ALL_GIN)
+def test_every_gin_file_builds_its_config(name):
+  files = [name] if name.startswith("runs/") else ["runs/cpu_smoke.gin", name]
+  run, text = train.build_config(files, [])
+  assert "TrainConfig.train_steps" in text
+  if name.startswith("models/") and name != "models/tiny.gin":
+    assert run.model.num_layers > 2  # the size file overrode the smoke model
+  if name == "arch/alibi.gin":
+    assert run.model.position == "alibi" and len(run.model.alibi_slopes) == run.model.num_heads
+
+
+def test_macros_override_everywhere():
+  for run_file in ("runs/cpu_smoke.gin", "runs/gpu.gin", "runs/tpu_pod.gin"):
+    run, _ = train.build_config([run_file], ["TRAIN_STEPS=40", "BATCH_SIZE=256", "SEQ_LEN=64"])
+    assert (run.train.train_steps, run.batch.batch_size, run.batch.seq_len) == (40, 256, 64)
+
+
+def _param_count(model_file):
+  run, _ = train.build_config(["runs/cpu_smoke.gin", model_file], [])
+  return run, flops.param_counts(run.model).total
+
+
+def test_bloom_176b_abstract_state_without_memory():
+  run, counted = _param_count("models/bloom_176b.gin")
+  mesh = make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  tx, _ = make_optimizer(run.optimizer, 10)
+  state, _ = steps.abstract_state(Transformer(run.model), tx, mesh, run.batch.seq_len)
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
+  assert n == counted
+  assert abs(n - 176.2e9) / 176.2e9 < 0.01, n
+
+
+def test_size_ladder_parameter_counts():
+  for name, target, tol in (("1_3b", 1.3e9, 0.02), ("125m", 125e6, 0.03), ("350m", 350e6, 0.05),
+                            ("760m", 760e6, 0.05), ("6_7b", 6.7e9, 0.03), ("13b", 13e9, 0.03)):
+    _, n = _param_count(f"models/{name}.gin")
+    assert abs(n - target) / target < tol, (name, n)
+
+
+@pytest.mark.parametrize("binding, field, allowed", [
+    ("ModelConfig.position='fourier'", "ModelConfig.position", "'alibi'"),
+    ("ModelConfig.num_heads=3", "ModelConfig.num_heads", "divide d_model=128"),
+    ("MeshConfig.data=16", "MeshConfig", "only 8 are present"),
+    ("BatchConfig.micro_batch_size=5", "BatchConfig.micro_batch_size", "divide batch_size=16"),
+])
+def test_bad_gin_value_stops_with_one_sentence(tmp_path, capsys, binding, field, allowed):
+  model_dir = tmp_path / "run"
+  rc = train.main([f"--model_dir={model_dir}", f"--gin.{binding}", "--no_progress"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2
+  assert err[-1].startswith("error: ") and field in err[-1] and allowed in err[-1], err
+  assert not (model_dir / "checkpoints").exists()  # stopped before building anything
+
+
+def test_unknown_gin_parameter_is_reported(tmp_path, capsys):
+  rc = train.main([f"--model_dir={tmp_path}", "--gin.ModelConfig.positon='alibi'"])
+  assert rc == 2 and "positon" in capsys.readouterr().err
+
+
+def test_missing_gin_file_is_reported(tmp_path, capsys):
+  rc = train.main([f"--model_dir={tmp_path}", "--gin_file=runs/nope.gin"])
+  assert rc == 2 and "runs/nope.gin" in capsys.readouterr().err
+
+
+def test_cpu_smoke_run_learns_and_logs(tmp_path):
+  """The embedded default: loss falls >= 30% in 200 steps; metrics and TensorBoard written."""
+  model_dir = str(tmp_path / "smoke")
+  assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
+  rows = read_metrics(model_dir, "train")
+  assert [r["step"] for r in rows] == list(range(1, 201))
+  first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+  assert last <= 0.7 * first, (first, last)
+  keys = {"loss", "learning_rate", "grad_norm", "batch_tokens", "tokens_seen", "flops_seen",
+          "step_time_s", "tokens_per_s", "mfu"}
+  assert keys <= set(rows[-1])
+  assert rows[-1]["tokens_seen"] == 200 * 16 * 128 and rows[-1]["mfu"] is None  # CPU: no peak
+  run = json.load(open(os.path.join(model_dir, "config.json")))
+  assert run["train"]["train_steps"] == 200
+  evals = read_metrics(model_dir, "eval")
+  assert [r["step"] for r in evals] == [100, 200] and evals[-1]["loss"] < evals[0]["loss"]
+
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(model_dir)
+  events.Reload()
+  tb_loss = [e.value for e in events.Scalars("train/loss")]
+  np.testing.assert_allclose(tb_loss, [r["loss"] for r in rows], rtol=1e-6)
+
+  # Running again continues from the saved config and checkpoint: nothing left to do.
+  assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
+  assert len(read_metrics(model_dir, "train")) == 200
