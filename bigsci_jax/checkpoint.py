@@ -26,10 +26,11 @@ class Checkpoints:
   def latest_step(self):
     return self.manager.latest_step()
 
-  def save(self, step, state, data_state, config_dict, force=False):
-    """Starts an (async) save when `step` is due or `force`; returns True if started."""
-    if not force and step % self.every:
-      return False
+  def due(self, step):
+    return step % self.every == 0
+
+  def save(self, step, state, data_state, config_dict):
+    """Starts an (async) save of `step` unless it is already saved; True if started."""
     if step in self.manager.all_steps():
       return False
     args = ocp.args.Composite(state=ocp.args.StandardSave(state),

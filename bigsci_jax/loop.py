@@ -119,10 +119,12 @@ class _Trainer:
       loss = float(values["loss"])
       if not math.isfinite(loss):
         self.ckpts.wait()
+        last = self.ckpts.latest_step()
+        resume = (f"the last good checkpoint is step {last} in {self.model_dir}" if last is not None
+                  else "no checkpoint was saved yet")
         raise TrainingError(
-            f"the training loss became {loss} at step {step}; the last good checkpoint is step "
-            f"{self.ckpts.latest_step()} in {self.model_dir}: lower OptimizerConfig.learning_rate "
-            f"or set OptimizerConfig.clip_norm, then run again to resume from it.")
+            f"the training loss became {loss} at step {step} ({resume}): lower "
+            f"OptimizerConfig.learning_rate or set OptimizerConfig.clip_norm, then run again.")
       batch_tokens = rows * cfg_batch.seq_len
       tokens_per_s = batch_tokens / step_time
       flops_per_s = tokens_per_s * self.flops_per_token
@@ -149,18 +151,21 @@ class _Trainer:
           flush(pending)
         pending = (s + 1, metrics, rows, tokens_seen)
         done = s + 1
-        if run.train.eval_every and done % run.train.eval_every == 0 and done < total:
-          flush(pending)
+        eval_due = run.train.eval_every and done % run.train.eval_every == 0 and done < total
+        if eval_due or self.ckpts.due(done):
+          flush(pending)  # a state is evaluated or saved only once its loss is known finite
           pending = None
+        if eval_due:
           writer.write(done, "eval", self.evaluate(state.params))
-        self.ckpts.save(done, state, self.source.get_state(), run.to_dict())
+        if self.ckpts.due(done):
+          self.ckpts.save(done, state, self.source.get_state(), run.to_dict())
       if pending is not None:
         flush(pending)
       if start < total:
         summary["eval_loss"] = self.evaluate(state.params)["loss"]
         writer.write(total, "eval", {"loss": summary["eval_loss"]})
       self.ckpts.save(int(jax.device_get(state.step)), state, self.source.get_state(),
-                      run.to_dict(), force=True)
+                      run.to_dict())
       self.ckpts.wait()
     finally:
       bar.close()

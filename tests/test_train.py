@@ -11,7 +11,7 @@ import pytest
 import train
 from bigsci_jax import flops
 from bigsci_jax import step as steps
-from bigsci_jax.config import MeshConfig
+from bigsci_jax.config import MeshConfig, RunConfig
 from bigsci_jax.metrics import read_metrics
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
@@ -113,3 +113,20 @@ def test_cpu_smoke_run_learns_and_logs(tmp_path):
   # Running again continues from the saved config and checkpoint: nothing left to do.
   assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
   assert len(read_metrics(model_dir, "train")) == 200
+
+
+def test_run_config_round_trips_through_json():
+  run, _ = train.build_config(["runs/tpu_pod.gin", "models/bloom_176b.gin"], [])
+  assert RunConfig.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+
+
+def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
+  model_dir = tmp_path / "nan"
+  rc = train.main([f"--model_dir={model_dir}", "--no_progress", "--gin.TRAIN_STEPS=30",
+                   "--gin.OptimizerConfig.optimizer='sgd'", "--gin.OptimizerConfig.clip_norm=None",
+                   "--gin.OptimizerConfig.learning_rate=1e12", "--gin.OptimizerConfig.warmup_steps=0"])
+  err = capsys.readouterr().err.strip().splitlines()[-1]
+  assert rc == 2 and "the training loss became" in err and "learning_rate" in err, err
+  steps_logged = [r["step"] for r in read_metrics(str(model_dir), "train")]
+  assert steps_logged == list(range(1, len(steps_logged) + 1))  # no bad step was logged
+  assert os.listdir(model_dir / "checkpoints") == []  # the diverged state was never saved
