@@ -76,13 +76,17 @@ def _resolve(path):
 
 def build_config(gin_files, bindings, base_config_text=None):
   """Parse gin files and bindings; return (RunConfig, operative config text)."""
-  from bigsci_jax.config import RunConfig
+  from bigsci_jax.config import ConfigError, RunConfig
   registered = _configurables()
   gin.clear_config()
   gin.add_config_file_search_path(GIN_DIR)
-  if base_config_text:
-    gin.parse_config(base_config_text)
-  gin.parse_config_files_and_bindings([_resolve(f) for f in gin_files], bindings)
+  files = [_resolve(f) for f in gin_files]
+  try:
+    if base_config_text:
+      gin.parse_config(base_config_text)
+    gin.parse_config_files_and_bindings(files, bindings)
+  except (ValueError, SyntaxError) as e:  # unknown parameter, malformed binding or file
+    raise ConfigError(f"bad gin configuration: {str(e).splitlines()[0]}") from e
 
   def plain(cls):  # gin's subclass -> the library's own frozen dataclass
     configured = registered[cls]()
@@ -108,11 +112,6 @@ def main(argv):
                          progress=not flags.no_progress)
   except (ConfigError, FileNotFoundError, loop.TrainingError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-    return 2
-  except ValueError as e:  # gin's own errors: unknown parameter, malformed binding
-    if "gin" not in type(e).__module__ and "gin" not in str(e).lower() and "binding" not in str(e):
-      raise
-    print(f"error: bad gin configuration: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   summary.pop("state", None)
   print(json.dumps(summary))
