@@ -110,9 +110,13 @@ def test_cpu_smoke_run_learns_and_logs(tmp_path):
   tb_loss = [e.value for e in events.Scalars("train/loss")]
   np.testing.assert_allclose(tb_loss, [r["loss"] for r in rows], rtol=1e-6)
 
-  # Running again continues from the saved config and checkpoint: nothing left to do.
+  # Running again continues from the saved config and checkpoint: nothing left to do...
   assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
   assert len(read_metrics(model_dir, "train")) == 200
+  # ...unless a flag on top of the saved config.gin extends the run.
+  assert train.main([f"--model_dir={model_dir}", "--no_progress", "--gin.TRAIN_STEPS=205"]) == 0
+  assert [r["step"] for r in read_metrics(model_dir, "train")][-6:] == list(range(200, 206))
+  assert "TRAIN_STEPS = 205" in open(os.path.join(model_dir, "config.gin")).read()
 
 
 def test_run_config_round_trips_through_json():
