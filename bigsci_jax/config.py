@@ -242,6 +242,8 @@ class RunConfig:
   def __post_init__(self):
     _check(self.batch.seq_len <= self.model.max_len or self.model.position != "learned",
            self.batch, "seq_len", f"learned positions need seq_len <= max_len={self.model.max_len}")
+    _check(self.model.vocab_size >= 8 or self.data.mixture != "synthetic", self.model, "vocab_size",
+           "the synthetic source needs at least 8 tokens")
 
   def to_dict(self):
     return dataclasses.asdict(self)
