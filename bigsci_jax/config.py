@@ -15,18 +15,6 @@ class ConfigError(ValueError):
   """A configuration value is invalid; the message names the field."""
 
 
-def _check_choice(obj, name):
-  value = getattr(obj, name)
-  hint = typing.get_type_hints(type(obj))[name]
-  choices = typing.get_args(hint)
-  if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
-    choices = typing.get_args(choices[0]) + (None,)
-  if value not in choices:
-    allowed = ", ".join(repr(c) for c in choices)
-    raise ConfigError(f"{type(obj).__name__}.{name}={value!r} is not allowed; "
-                      f"choose one of {allowed}.")
-
-
 def _check(cond, obj, name, requirement):
   if not cond:
     raise ConfigError(f"{type(obj).__name__}.{name}={getattr(obj, name)!r} is invalid: "
@@ -34,11 +22,20 @@ def _check(cond, obj, name, requirement):
 
 
 def _check_literals(obj):
+  """Every Literal (or Optional[Literal]) field holds one of its choices."""
+  hints = typing.get_type_hints(type(obj))
   for f in dataclasses.fields(obj):
-    hint = typing.get_type_hints(type(obj))[f.name]
-    inner = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Union else hint
-    if typing.get_origin(inner) is Literal:
-      _check_choice(obj, f.name)
+    hint = hints[f.name]
+    optional = typing.get_origin(hint) is typing.Union
+    inner = typing.get_args(hint)[0] if optional else hint
+    if typing.get_origin(inner) is not Literal:
+      continue
+    choices = typing.get_args(inner) + ((None,) if optional else ())
+    value = getattr(obj, f.name)
+    if value not in choices:
+      allowed = ", ".join(repr(c) for c in choices)
+      raise ConfigError(f"{type(obj).__name__}.{f.name}={value!r} is not allowed; "
+                        f"choose one of {allowed}.")
 
 
 def default_alibi_slopes(num_heads):
