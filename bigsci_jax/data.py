@@ -137,9 +137,12 @@ class SyntheticLM:
 
 
 def to_global(host_batch, sharding, global_rows):
-  """Host numpy [A, local_m, L] features -> global jax.Arrays [A, m, L]."""
+  """Host numpy features -> global jax.Arrays; rows are the second-to-last axis.
+
+  [local_m, L] -> [m, L] for evaluation, [A, local_m, L] -> [A, m, L] for training.
+  """
   def one(x):
-    shape = (x.shape[0], global_rows) + x.shape[2:]
+    shape = x.shape[:-2] + (global_rows, x.shape[-1])
     return jax.make_array_from_process_local_data(sharding, x, shape)
   return {k: one(v) for k, v in host_batch.items()}
 

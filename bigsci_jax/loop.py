@@ -93,9 +93,8 @@ class _Trainer:
     ce_total, weight_total = 0.0, 0.0
     shard = sharding.batch_sharding(self.mesh, 2)
     for _ in range(run.train.eval_batches):
-      host = source.take(run.batch.micro_batch_size)
-      batch = {k: jax.make_array_from_process_local_data(
-          shard, v, (run.batch.micro_batch_size,) + v.shape[1:]) for k, v in host.items()}
+      batch = data.to_global(source.take(run.batch.micro_batch_size), shard,
+                             run.batch.micro_batch_size)
       ce, weight = jax.device_get(self.eval_step(params, batch))
       ce_total, weight_total = ce_total + float(ce), weight_total + float(weight)
     return {"loss": ce_total / max(weight_total, 1.0)}
