@@ -147,8 +147,26 @@ def test_cli_prints_json_with_intervals_and_prediction(tmp_path, capsys):
   runs = _isoflop_table([1e18 * 4 ** k for k in range(5)], noise=0.005)
   path = _write(tmp_path, ["params", "tokens", "loss", "budget"],
                 zip(runs.params, runs.tokens, runs.loss, runs.extra["budget"]))
+  out = tmp_path / "plots"
   assert scaling_main(["fit", "--approach", "2", "--runs", path, "--bootstrap", "50",
-                       "--compute", "1e21"]) == 0
+                       "--compute", "1e21", "--out", str(out)]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["a_ci"][0] <= result["a"] <= result["a_ci"][1]
   assert result["optimal"][0]["N"] == pytest.approx(result["k_n"] * 1e21 ** result["a"])
+  assert sorted(os.path.basename(p) for p in result["plots"]) == ["frontier_approach2.png",
+                                                                   "isoflop.png"]
+  for p in result["plots"]:
+    with open(p, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(p) > 10_000
+
+
+def test_approach3_optimum_matches_its_prefactors():
+  runs = _isoflop_table([1e18 * 4 ** k for k in range(4)])
+  result = fit.fit_approach3(runs)
+  for c in (1e19, 1e23):
+    opt = fit.optimum_approach3(result, c)
+    assert opt["N"] == pytest.approx(result["k_n"] * c ** result["a"], rel=1e-9)
+    assert opt["N"] * opt["D"] * 6 == pytest.approx(c, rel=1e-9)
+    # N* minimises L(N, C / 6N): nudging N either way raises the predicted loss.
+    loss = lambda n: result["E"] + result["A"] / n ** result["alpha"] + result["B"] / (c / 6 / n) ** result["beta"]
+    assert loss(opt["N"]) < min(loss(opt["N"] * 1.05), loss(opt["N"] / 1.05))

@@ -1,5 +1,5 @@
 """python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
-[--compute C ...]
+[--compute C ...] [--out DIR]
 
 Prints one line per fitted quantity and, as the last line, a JSON object with every
 fitted quantity and its bootstrap 95% interval `<name>_ci`.
@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from bigsci_jax.scaling import fit, table
+from bigsci_jax.scaling import fit, plots, table
 
 
 def fit_command(args):
@@ -30,6 +30,9 @@ def fit_command(args):
       predictions.append({"flops": c, "N": n, "D": point["k_d"] * c ** point["b"]})
   if predictions:
     result["optimal"] = predictions
+  if args.out:
+    ci = {k: v for k, v in result.items() if k.endswith("_ci")}
+    result["plots"] = plots.write_all(args.approach, runs, point, ci, args.out)
   for key, value in result.items():
     if isinstance(value, float):
       ci = result.get(f"{key}_ci")
@@ -48,6 +51,7 @@ def main(argv):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--compute", type=float, nargs="*", default=[],
                  help="FLOP budgets to predict the compute-optimal N*, D* (and L*) for")
+  p.add_argument("--out", default=None, help="folder for the PNG plots")
   p.add_argument("--irreducible", action="store_true", help="kaplan: fit an irreducible loss E too")
   args = parser.parse_args(argv)
   try:

@@ -71,10 +71,13 @@ def fit_approach3(runs: Runs, delta=1e-3, starts=None, keep=16):
     if best is None or res.fun < best.fun:
       best = res
   a, b, e, alpha, beta = best.x
-  return {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
-          "alpha": float(alpha), "beta": float(beta),
-          "a": float(beta / (alpha + beta)), "b": float(alpha / (alpha + beta)),
-          "huber_loss": float(best.fun), "_theta": best.x}
+  result = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
+            "alpha": float(alpha), "beta": float(beta),
+            "a": float(beta / (alpha + beta)), "b": float(alpha / (alpha + beta)),
+            "huber_loss": float(best.fun), "_theta": best.x}
+  one = optimum_approach3(result, 1.0)  # N* = k_n C^a, D* = k_d C^b under C = 6 N D
+  result.update(k_n=one["N"], k_d=one["D"])
+  return result
 
 
 def optimum_approach3(fit, flops, flops_per_param_token=6.0):
