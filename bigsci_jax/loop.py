@@ -151,12 +151,15 @@ class _Trainer:
         pending = (s + 1, metrics, rows, tokens_seen)
         done = s + 1
         eval_due = run.train.eval_every and done % run.train.eval_every == 0 and done < total
-        if eval_due or self.ckpts.due(done):
+        # The last step is saved after the final evaluation, so a saved final step
+        # always has its eval line.
+        save_due = self.ckpts.due(done) and done < total
+        if eval_due or save_due:
           flush(pending)  # a state is evaluated or saved only once its loss is known finite
           pending = None
         if eval_due:
           writer.write(done, "eval", self.evaluate(state.params))
-        if self.ckpts.due(done):
+        if save_due:
           self.ckpts.save(done, state, self.source.get_state(), run.to_dict())
       if pending is not None:
         flush(pending)

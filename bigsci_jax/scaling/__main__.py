@@ -1,15 +1,21 @@
-"""python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
-[--compute C ...] [--out DIR]
+"""Scaling-law sweeps and fits.
 
-Prints one line per fitted quantity and, as the last line, a JSON object with every
-fitted quantity and its bootstrap 95% interval `<name>_ci`.
+  python -m bigsci_jax.scaling plan --budgets 1e15 3e15 1e16 --out PLAN [--base model_dir/config.json]
+  python -m bigsci_jax.scaling run --plan PLAN          # trains every run, writes PLAN/runs.csv
+  python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
+      [--compute C ...] [--out DIR]
+
+Each command prints, as its last line, a JSON object; `fit` gives every fitted
+quantity with its bootstrap 95% interval `<name>_ci`.
 """
 
 import argparse
 import json
+import os
 import sys
 
-from bigsci_jax.scaling import fit, plots, table
+from bigsci_jax.config import ConfigError, RunConfig
+from bigsci_jax.scaling import fit, plan, plots, table
 
 
 def fit_command(args):
@@ -41,6 +47,30 @@ def fit_command(args):
   print(json.dumps(result))
 
 
+def plan_command(args):
+  base = RunConfig()
+  if args.base:
+    with open(args.base) as f:
+      base = RunConfig.from_dict(json.load(f))
+  spec = plan.PlanSpec(budgets=tuple(args.budgets), sizes_per_budget=args.sizes_per_budget,
+                       spread=args.spread, tokens_per_param=args.tokens_per_param,
+                       convention=args.convention,
+                       learning_rate=plan.HparamRule(args.learning_rate, args.lr_exponent),
+                       batch_size=plan.HparamRule(args.batch_size), b2=plan.HparamRule(args.b2))
+  rule = plan.ShapeRule(aspect=args.aspect, head_dim=args.head_dim, ffn_ratio=args.ffn_ratio)
+  runs = plan.make_plan(base, spec, rule)
+  plan.write_plan(runs, args.out)
+  for _, _, row in runs:
+    print(f"{row['run']:>24}  N={row['params']:.3g}  D={row['tokens']:.3g}  steps={row['train_steps']}")
+  print(json.dumps({"plan": os.path.join(args.out, "plan.csv"), "runs": len(runs)}))
+
+
+def run_command(args):
+  from bigsci_jax.scaling import sweep  # imports the training stack
+  rows = sweep.run_plan(args.plan, progress=not args.no_progress)
+  print(json.dumps({"runs_csv": os.path.join(args.plan, "runs.csv"), "runs": len(rows)}))
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m bigsci_jax.scaling", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -53,10 +83,29 @@ def main(argv):
                  help="FLOP budgets to predict the compute-optimal N*, D* (and L*) for")
   p.add_argument("--out", default=None, help="folder for the PNG plots")
   p.add_argument("--irreducible", action="store_true", help="kaplan: fit an irreducible loss E too")
+  p = commands.add_parser("plan", help="write a sweep plan: shapes, tokens, hyperparameters")
+  p.add_argument("--budgets", type=float, nargs="+", required=True, help="FLOP budgets")
+  p.add_argument("--out", required=True)
+  p.add_argument("--base", default=None, help="a RunConfig JSON (e.g. a model_dir's config.json)")
+  p.add_argument("--sizes_per_budget", type=int, default=4)
+  p.add_argument("--spread", type=float, default=4.0)
+  p.add_argument("--tokens_per_param", type=float, default=20.0)
+  p.add_argument("--convention", default="chinchilla", choices=("kaplan", "chinchilla", "porian"))
+  p.add_argument("--aspect", type=int, default=32)
+  p.add_argument("--head_dim", type=int, default=64)
+  p.add_argument("--ffn_ratio", type=float, default=4.0)
+  p.add_argument("--learning_rate", type=float, default=3e-3)
+  p.add_argument("--lr_exponent", type=float, default=0.0, help="lr = learning_rate * N^exponent")
+  p.add_argument("--batch_size", type=float, default=16)
+  p.add_argument("--b2", type=float, default=0.95)
+  p = commands.add_parser("run", help="train every run of a plan; resumable")
+  p.add_argument("--plan", required=True)
+  p.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
+  command = {"fit": fit_command, "plan": plan_command, "run": run_command}[args.command]
   try:
-    fit_command(args)
-  except table.TableError as e:
+    command(args)
+  except (table.TableError, ConfigError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -1,0 +1,91 @@
+"""Plan -> run -> fit -> plot, end to end on CPU with the synthetic source."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bigsci_jax.config import BatchConfig, DataConfig, MeshConfig, ModelConfig, RunConfig, TrainConfig
+from bigsci_jax.scaling import flops_per_token, plan
+from bigsci_jax.scaling.__main__ import main as scaling_main
+
+BASE = RunConfig(model=ModelConfig(vocab_size=256, max_len=512, dtype="float32"),
+                 batch=BatchConfig(batch_size=8, seq_len=64), mesh=MeshConfig(1, 1, 1),
+                 data=DataConfig(mean_doc_len=32), train=TrainConfig(eval_batches=2))
+
+
+def _base_file(tmp_path):
+  path = tmp_path / "base.json"
+  path.write_text(json.dumps(BASE.to_dict()))
+  return str(path)
+
+
+def _last_json(capsys):
+  return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def _sweep(tmp_path, capsys, budgets, sizes, aspect=32):
+  out = str(tmp_path / "plan")
+  assert scaling_main(["plan", "--budgets", *map(str, budgets), "--sizes_per_budget", str(sizes),
+                       "--spread", "3", "--head_dim", "16", "--aspect", str(aspect),
+                       "--batch_size", "8", "--out", out,
+                       "--base", _base_file(tmp_path)]) == 0
+  planned = _last_json(capsys)
+  assert scaling_main(["run", "--plan", out, "--no_progress"]) == 0
+  assert _last_json(capsys)["runs"] == planned["runs"]
+  with open(os.path.join(out, "runs.csv")) as f:
+    return out, list(csv.DictReader(f))
+
+
+def test_plan_budgets_are_spent_as_planned():
+  spec = plan.PlanSpec(budgets=(3e10, 1e11), sizes_per_budget=3, spread=3.0, batch_size=plan.HparamRule(8))
+  runs = plan.make_plan(BASE, spec, plan.ShapeRule(head_dim=16))
+  for _, run, row in runs:
+    spent = run.train.train_steps * run.batch.batch_size * 64 * flops_per_token(run.model, 64)
+    assert abs(spent - row["budget"]) / row["budget"] < 0.01  # rounding to whole steps only
+    assert run.optimizer.warmup_steps == min(run.train.train_steps // 2,
+                                             -(-row["params_non_embedding"] // (8 * 64)))
+  assert plan.to_gin(runs[0][1]).count("\n") == sum(len(vars(getattr(runs[0][1], p)))
+                                                    for p in vars(runs[0][1]))
+
+
+def test_tiny_sweep_runs_resumes_fits_and_plots(tmp_path, capsys):
+  out, rows = _sweep(tmp_path, capsys, (3e10, 1e11), 3)
+  assert len(rows) == 4 and all(np.isfinite(float(r["loss"])) for r in rows)
+  # More compute for the same model gives a lower loss.
+  by_model = {}
+  for r in rows:
+    by_model.setdefault(r["params"], []).append((float(r["budget"]), float(r["loss"])))
+  for points in by_model.values():
+    points.sort()
+    assert points[-1][1] < points[0][1]
+  # Running the plan again trains nothing: every run is already finished.
+  metrics = os.path.join(out, "runs", rows[0]["run"], "metrics.jsonl")
+  before = os.path.getmtime(metrics)
+  assert scaling_main(["run", "--plan", out, "--no_progress"]) == 0
+  assert os.path.getmtime(metrics) == before
+  capsys.readouterr()
+  assert scaling_main(["fit", "--approach", "3", "--runs", os.path.join(out, "runs.csv"),
+                       "--bootstrap", "20", "--out", os.path.join(out, "fit")]) == 0
+  result = _last_json(capsys)
+  assert {"E", "A", "B", "alpha", "beta", "a", "b", "a_ci"} <= set(result)
+  assert all(os.path.getsize(p) > 10_000 for p in result["plots"])
+
+
+def test_budget_too_small_for_the_smallest_model_is_one_sentence(tmp_path, capsys):
+  rc = scaling_main(["plan", "--budgets", "1e6", "--out", str(tmp_path / "p"),
+                     "--base", _base_file(tmp_path)])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and "raise the budget" in err, err
+
+
+@pytest.mark.slow
+def test_three_budget_sweep_with_three_sizes_each(tmp_path, capsys):
+  out, rows = _sweep(tmp_path, capsys, (3e10, 1e11, 3e11), 3, aspect=16)
+  assert len(rows) >= 8  # neighbouring targets can round to the same shape
+  capsys.readouterr()
+  rc = scaling_main(["fit", "--approach", "3", "--runs", os.path.join(out, "runs.csv"),
+                     "--bootstrap", "50", "--out", os.path.join(out, "fit"), "--compute", "1e12"])
+  assert rc == 0 and _last_json(capsys)["optimal"][0]["N"] > 0
