@@ -71,6 +71,10 @@ def test_tiny_sweep_runs_resumes_fits_and_plots(tmp_path, capsys):
                        "--bootstrap", "20", "--out", os.path.join(out, "fit")]) == 0
   result = _last_json(capsys)
   assert {"E", "A", "B", "alpha", "beta", "a", "b", "a_ci"} <= set(result)
+  # Porian et al.'s first cause: the same runs under Kaplan's count (non-embedding N,
+  # no head FLOPs) and Porian's give different exponents, and both are reported.
+  assert set(result["counting"]) == {"kaplan", "chinchilla", "porian"}
+  assert abs(result["counting"]["kaplan"]["a"] - result["counting"]["porian"]["a"]) > 0.01
   assert all(os.path.getsize(p) > 10_000 for p in result["plots"])
 
 

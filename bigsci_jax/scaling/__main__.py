@@ -27,6 +27,10 @@ def fit_command(args):
   result.update({k: v for k, v in point.items() if not k.startswith("_")})
   if args.bootstrap:
     result.update(fit.bootstrap(fitter, runs, point, samples=args.bootstrap, seed=args.seed, **kwargs))
+  if args.approach in ("1", "2", "3"):
+    counting = fit.by_counting(fitter, runs)
+    if counting:  # the same runs under each FLOP / parameter count (Porian et al. 2024)
+      result["counting"] = counting
   predictions = []
   for c in args.compute:
     if args.approach == "3":
@@ -44,6 +48,8 @@ def fit_command(args):
       ci = result.get(f"{key}_ci")
       band = f"  [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else ""
       print(f"{key:>14} = {value:.4g}{band}")
+  for convention, values in result.get("counting", {}).items():
+    print(f"{'counting ' + convention:>20}: " + ", ".join(f"{k} = {v:.4g}" for k, v in values.items()))
   print(json.dumps(result))
 
 

@@ -216,6 +216,32 @@ def fit_kaplan(runs: Runs, irreducible=False):
           "C_c": law_c["coefficient"] ** (1 / law_c["exponent"]), "E_C": law_c["E"]}
 
 
+# ---- FLOP counting conventions (Porian et al.'s first cause) -----------------------------
+
+
+def recounted(runs: Runs, convention):
+  """The runs with C (and, for kaplan, N = non-embedding parameters) counted as
+  `convention` counts them, from the table's `flops_<convention>` column; None
+  when the table has no such column (`scaling run` writes all three)."""
+  flops_column = runs.extra.get(f"flops_{convention}")
+  if flops_column is None:
+    return None
+  params = runs.extra.get("params_non_embedding") if convention == "kaplan" else None
+  return Runs(runs.params if params is None else params, runs.tokens, runs.loss, flops_column,
+              runs.extra, runs.source)
+
+
+def by_counting(fitter, runs: Runs, keys=("a", "b")):
+  """{convention: {key: value}} for every FLOP count the table carries."""
+  results = {}
+  for convention in ("kaplan", "chinchilla", "porian"):
+    variant = recounted(runs, convention)
+    if variant is not None:
+      fitted = fitter(variant)
+      results[convention] = {k: fitted[k] for k in keys}
+  return results
+
+
 # ---- bootstrap ---------------------------------------------------------------------------
 
 FITTERS = {"1": fit_approach1, "2": fit_approach2, "3": fit_approach3, "kaplan": fit_kaplan}

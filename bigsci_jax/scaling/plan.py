@@ -106,8 +106,8 @@ def make_plan(base: RunConfig, spec: PlanSpec, rule: ShapeRule):
       counts, tokens = flops.param_counts(model), steps * batch * seq
       row = dict(run=name, budget=budget, params=counts.total, params_non_embedding=n,
                  tokens=tokens, flops=tokens * per_token,
-                 flops_kaplan=tokens * flops.flops_per_token(model, seq, "kaplan"),
-                 flops_porian=tokens * flops.flops_per_token(model, seq, "porian"),
+                 **{f"flops_{c}": tokens * flops.flops_per_token(model, seq, c)
+                    for c in flops.CONVENTIONS},
                  num_layers=model.num_layers,
                  d_model=model.d_model, num_heads=model.num_heads, d_ff=model.d_ff,
                  batch_size=batch, train_steps=steps, learning_rate=lr, warmup_steps=warmup,

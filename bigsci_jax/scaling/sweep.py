@@ -12,7 +12,7 @@ from bigsci_jax.config import RunConfig
 from bigsci_jax.metrics import read_metrics
 
 RESULT_COLUMNS = ("run", "budget", "params", "params_non_embedding", "tokens", "flops",
-                  "flops_kaplan", "flops_porian", "loss")
+                  "flops_kaplan", "flops_chinchilla", "flops_porian", "loss")
 
 
 def _final_eval_loss(model_dir, train_steps):

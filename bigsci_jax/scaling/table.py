@@ -46,6 +46,13 @@ def _number(text, column, line, source):
   return value
 
 
+def _all_numbers(values):
+  try:
+    return all(math.isfinite(float(v)) for v in values)
+  except (TypeError, ValueError):
+    return False
+
+
 def from_rows(rows, source="<table>"):
   """Validate a list of dicts (strings or numbers) into Runs."""
   if not rows:
@@ -68,7 +75,7 @@ def from_rows(rows, source="<table>"):
             raise TableError(f"{source}, line {line}: column '{c}' is {value:g}; it must be "
                              f"positive.")
       columns[c].append(value)
-  arrays = {c: (np.asarray(v, float) if c in NUMERIC else np.asarray(v, str))
+  arrays = {c: (np.asarray(v, float) if c in NUMERIC or _all_numbers(v) else np.asarray(v, str))
             for c, v in columns.items()}
   params, loss = arrays.pop("params"), arrays.pop("loss")
   flops = arrays.pop("flops", np.full(len(loss), math.nan))
