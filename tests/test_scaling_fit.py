@@ -170,3 +170,62 @@ def test_approach3_optimum_matches_its_prefactors():
     # N* minimises L(N, C / 6N): nudging N either way raises the predicted loss.
     loss = lambda n: result["E"] + result["A"] / n ** result["alpha"] + result["B"] / (c / 6 / n) ** result["beta"]
     assert loss(opt["N"]) < min(loss(opt["N"] * 1.05), loss(opt["N"] / 1.05))
+
+
+def test_hyperparameter_laws_are_recovered_and_feed_the_plan(tmp_path, capsys):
+  rows = []
+  for n in (1e6, 4e6, 1.6e7, 6.4e7, 2.56e8):
+    lr_opt, batch_opt = 0.3 * n ** -0.25, 2.0 * n ** 0.3
+    for lr in lr_opt * np.exp(np.linspace(-1.2, 1.2, 7) + 0.1):
+      for batch in batch_opt * np.exp(np.linspace(-1.0, 1.0, 5) - 0.05):
+        loss = 3.0 * n ** -0.05 + 0.02 * np.log(lr / lr_opt) ** 2 + 0.01 * np.log(batch / batch_opt) ** 2
+        rows.append([n, 1e9, loss, lr, batch])
+  path = _write(tmp_path, ["params", "tokens", "loss", "learning_rate", "batch_size"], rows)
+  laws = str(tmp_path / "laws.json")
+  assert scaling_main(["fit-hparams", "--runs", path, "--out", laws]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["learning_rate"]["exponent"] == pytest.approx(-0.25, abs=0.02)
+  assert result["batch_size"]["exponent"] == pytest.approx(0.3, abs=0.02)
+  assert result["learning_rate"]["coefficient"] == pytest.approx(0.3, rel=0.1)
+
+  from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, RunConfig
+  base = tmp_path / "base.json"
+  base.write_text(json.dumps(RunConfig(model=ModelConfig(vocab_size=256, dtype="float32"),
+                                       batch=BatchConfig(batch_size=8, seq_len=64, micro_batch_size=1),
+                                       mesh=MeshConfig(1, 1, 1)).to_dict()))
+  out = tmp_path / "plan"
+  assert scaling_main(["plan", "--budgets", "1e11", "--head_dim", "16", "--out", str(out),
+                       "--base", str(base), "--hparams", laws]) == 0
+  with open(out / "plan.csv") as f:
+    planned = list(csv.DictReader(f))
+  for row in planned:
+    n = float(row["params_non_embedding"])
+    expected_lr = result["learning_rate"]["coefficient"] * n ** result["learning_rate"]["exponent"]
+    assert float(row["learning_rate"]) == pytest.approx(expected_lr, rel=1e-6)
+    expected_batch = result["batch_size"]["coefficient"] * n ** result["batch_size"]["exponent"]
+    assert int(row["batch_size"]) == max(1, round(expected_batch))
+
+
+def test_fit_hparams_needs_its_columns(tmp_path, capsys):
+  path = _write(tmp_path, ["params", "tokens", "loss"], [[1e6, 1e9, 3.0]])
+  assert scaling_main(["fit-hparams", "--runs", path]) == 2
+  assert "no 'learning_rate' column" in capsys.readouterr().err
+
+
+def test_per_language_fits_tell_languages_apart(tmp_path, capsys):
+  rng = np.random.default_rng(3)
+  rows = []
+  for lang, alpha in (("en", 0.34), ("fr", 0.25)):
+    law = {**TRUE, "alpha": alpha}
+    n = np.exp(rng.uniform(np.log(7e7), np.log(1.6e10), 150))
+    d = np.exp(rng.uniform(np.log(5e9), np.log(5e11), 150))
+    loss = _law(n, d, law) * np.exp(0.005 * rng.standard_normal(150))
+    rows += [[a, b, c, lang] for a, b, c in zip(n, d, loss)]
+  path = _write(tmp_path, ["params", "tokens", "loss", "lang"], rows)
+  assert scaling_main(["fit", "--approach", "3", "--runs", path, "--by", "lang", "--bootstrap", "30",
+                       "--out", str(tmp_path / "plots")]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  en, fr = result["groups"]["en"], result["groups"]["fr"]
+  assert en["alpha"] == pytest.approx(0.34, abs=0.03) and fr["alpha"] == pytest.approx(0.25, abs=0.03)
+  assert en["alpha_ci"][0] > fr["alpha_ci"][1]  # the intervals separate the two languages
+  assert os.path.getsize(result["plots"][0]) > 10_000

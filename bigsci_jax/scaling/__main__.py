@@ -3,7 +3,8 @@
   python -m bigsci_jax.scaling plan --budgets 1e15 3e15 1e16 --out PLAN [--base model_dir/config.json]
   python -m bigsci_jax.scaling run --plan PLAN          # trains every run, writes PLAN/runs.csv
   python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
-      [--compute C ...] [--out DIR]
+      [--compute C ...] [--out DIR] [--by lang]
+  python -m bigsci_jax.scaling fit-hparams --runs SWEEP.csv --out LAWS.json   # for plan --hparams
 
 Each command prints, as its last line, a JSON object; `fit` gives every fitted
 quantity with its bootstrap 95% interval `<name>_ci`.
@@ -18,10 +19,33 @@ from bigsci_jax.config import ConfigError, RunConfig
 from bigsci_jax.scaling import fit, plan, plots, table
 
 
+def fit_by_group(args, runs, fitter, kwargs):
+  """One fit per value of the --by column (e.g. per language), with intervals and a chart."""
+  if args.by not in runs.extra:
+    raise table.TableError(f"{runs.source} has no '{args.by}' column to group the fits by.")
+  groups = {}
+  for value in sorted(set(runs.extra[args.by].tolist())):
+    part = runs.take(runs.extra[args.by] == value)
+    point = fitter(part, **kwargs)
+    fitted = {k: v for k, v in point.items() if isinstance(v, float)}
+    if args.bootstrap:
+      fitted.update(fit.bootstrap(fitter, part, point, samples=args.bootstrap, seed=args.seed, **kwargs))
+    groups[str(value)] = fitted
+  result = {"approach": args.approach, "runs": len(runs), "by": args.by, "groups": groups}
+  if args.out:
+    result["plots"] = plots.group_exponents(groups, args.by, args.out)
+  for value, fitted in groups.items():
+    print(f"{value:>12}: " + ", ".join(f"{k} = {v:.4g}" for k, v in fitted.items()
+                                       if not k.endswith("_ci")))
+  print(json.dumps(result))
+
+
 def fit_command(args):
   runs = table.read_csv(args.runs)
   fitter = fit.FITTERS[args.approach]
   kwargs = {"irreducible": args.irreducible} if args.approach == "kaplan" else {}
+  if args.by:
+    return fit_by_group(args, runs, fitter, kwargs)
   point = fitter(runs, **kwargs)
   result = {"approach": args.approach, "runs": len(runs)}
   result.update({k: v for k, v in point.items() if not k.startswith("_")})
@@ -58,17 +82,39 @@ def plan_command(args):
   if args.base:
     with open(args.base) as f:
       base = RunConfig.from_dict(json.load(f))
+  learning_rate, batch_size = _hparam_rules(args)
   spec = plan.PlanSpec(budgets=tuple(args.budgets), sizes_per_budget=args.sizes_per_budget,
                        spread=args.spread, tokens_per_param=args.tokens_per_param,
-                       convention=args.convention,
-                       learning_rate=plan.HparamRule(args.learning_rate, args.lr_exponent),
-                       batch_size=plan.HparamRule(args.batch_size), b2=plan.HparamRule(args.b2))
+                       convention=args.convention, learning_rate=learning_rate,
+                       batch_size=batch_size, b2=plan.HparamRule(args.b2))
   rule = plan.ShapeRule(aspect=args.aspect, head_dim=args.head_dim, ffn_ratio=args.ffn_ratio)
   runs = plan.make_plan(base, spec, rule)
   plan.write_plan(runs, args.out)
   for _, _, row in runs:
     print(f"{row['run']:>24}  N={row['params']:.3g}  D={row['tokens']:.3g}  steps={row['train_steps']}")
   print(json.dumps({"plan": os.path.join(args.out, "plan.csv"), "runs": len(runs)}))
+
+
+def fit_hparams_command(args):
+  from bigsci_jax.scaling import hparams
+  result = hparams.fit_hparams(table.read_csv(args.runs))
+  for key in ("learning_rate", "batch_size"):
+    law = result[key]
+    print(f"{key:>14} = {law['coefficient']:.4g} * N^{law['exponent']:.4f}  (r2 {law['r2']:.3f})")
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  print(json.dumps(result))
+
+
+def _hparam_rules(args):
+  """learning-rate and batch-size rules: from a fit-hparams JSON, else the flags."""
+  if not args.hparams:
+    return plan.HparamRule(args.learning_rate, args.lr_exponent), plan.HparamRule(args.batch_size)
+  with open(args.hparams) as f:
+    laws = json.load(f)
+  return tuple(plan.HparamRule(laws[k]["coefficient"], laws[k]["exponent"])
+               for k in ("learning_rate", "batch_size"))
 
 
 def run_command(args):
@@ -88,6 +134,7 @@ def main(argv):
   p.add_argument("--compute", type=float, nargs="*", default=[],
                  help="FLOP budgets to predict the compute-optimal N*, D* (and L*) for")
   p.add_argument("--out", default=None, help="folder for the PNG plots")
+  p.add_argument("--by", default=None, help="fit each value of this column apart, e.g. lang")
   p.add_argument("--irreducible", action="store_true", help="kaplan: fit an irreducible loss E too")
   p = commands.add_parser("plan", help="write a sweep plan: shapes, tokens, hyperparameters")
   p.add_argument("--budgets", type=float, nargs="+", required=True, help="FLOP budgets")
@@ -104,11 +151,17 @@ def main(argv):
   p.add_argument("--lr_exponent", type=float, default=0.0, help="lr = learning_rate * N^exponent")
   p.add_argument("--batch_size", type=float, default=16)
   p.add_argument("--b2", type=float, default=0.95)
+  p.add_argument("--hparams", default=None,
+                 help="a fit-hparams JSON: learning rate and batch size as power laws in N")
+  p = commands.add_parser("fit-hparams", help="optimal LR and batch size as power laws in N")
+  p.add_argument("--runs", required=True, help="CSV: params, loss, learning_rate, batch_size")
+  p.add_argument("--out", default=None, help="write the laws here (for plan --hparams)")
   p = commands.add_parser("run", help="train every run of a plan; resumable")
   p.add_argument("--plan", required=True)
   p.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
-  command = {"fit": fit_command, "plan": plan_command, "run": run_command}[args.command]
+  command = {"fit": fit_command, "plan": plan_command, "run": run_command,
+             "fit-hparams": fit_hparams_command}[args.command]
   try:
     command(args)
   except (table.TableError, ConfigError, FileNotFoundError) as e:

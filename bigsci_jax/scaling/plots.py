@@ -82,6 +82,34 @@ def residuals(runs: Runs, result, path):
   plt.close(fig)
 
 
+EXPONENTS = ("alpha", "beta", "a", "alpha_N", "alpha_C")
+
+
+def group_exponents(groups, by, out_dir):
+  """Bar chart of each group's exponents with their intervals ("how languages scale")."""
+  plt = _pyplot()
+  keys = [k for k in EXPONENTS if all(k in g for g in groups.values())]
+  names = list(groups)
+  fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names) * len(keys)), 4))
+  width = 0.8 / max(len(keys), 1)
+  for i, key in enumerate(keys):
+    values = np.array([groups[n][key] for n in names])
+    x = np.arange(len(names)) + i * width
+    errors = None
+    if all(f"{key}_ci" in groups[n] for n in names):
+      ci = np.array([groups[n][f"{key}_ci"] for n in names])
+      errors = np.abs(np.stack([values - ci[:, 0], ci[:, 1] - values]))
+    ax.bar(x, values, width, yerr=errors, capsize=3, label=key)
+  ax.set_xticks(np.arange(len(names)) + width * (len(keys) - 1) / 2, names)
+  ax.set(xlabel=by, ylabel="exponent", title=f"scaling exponents by {by}")
+  ax.legend(fontsize=7)
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"exponents_by_{by}.png")
+  _save(fig, path)
+  plt.close(fig)
+  return [path]
+
+
 def write_all(approach, runs, result, ci, out_dir):
   """The plots that belong to `approach`; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
