@@ -174,9 +174,13 @@ def fit_approach1(runs: Runs, points=100):
     better = inside & (loss < best_loss)
     best_loss[better], best_n[better], best_d[better] = loss[better], runs.params[rows[0]], tokens[better]
   found = np.isfinite(best_loss)
+  # Where the smallest or largest model wins, the true optimum may lie outside the
+  # sizes trained: those FLOP counts would flatten the frontier.
+  sizes = [runs.params[rows[0]] for rows in curves]
+  found &= (best_n > min(sizes)) & (best_n < max(sizes))
   if len(np.unique(best_n[found])) < 2:
-    raise TableError(f"{runs.source}: one model is best at every FLOP count; approach 1 needs "
-                     f"curves whose envelope changes model.")
+    raise TableError(f"{runs.source}: fewer than 2 models other than the smallest and largest "
+                     f"are ever best; approach 1 needs sizes on both sides of the optimum.")
   a, k_n, r2_n = power_law(grid[found], best_n[found])
   b, k_d, r2_d = power_law(grid[found], best_d[found])
   return {"a": a, "b": b, "k_n": k_n, "k_d": k_d, "r2_n": r2_n, "r2_d": r2_d}
