@@ -1,0 +1,133 @@
+"""The embedded multilingual corpus: the Debian Administrator's Handbook.
+
+Debian's `debian-handbook` package installs the same book in 26 locales as HTML
+under /usr/share/doc/debian-handbook/html/<locale>/. Only some locales are really
+translated; a paragraph identical to an en-US paragraph is untranslated and is
+dropped from non-English languages, so the language list follows from the data.
+Code listings (<pre>) are skipped. One document = one HTML page (a section), in
+the chapter the book's table of contents puts it.
+
+Pure Python (no TensorFlow): the TFDS builder and the tests read it.
+"""
+
+import html.parser
+import os
+import re
+
+HANDBOOK_HTML = "/usr/share/doc/debian-handbook/html"
+ENGLISH = "en-US"
+_BLOCKS = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "td", "th", "title"}
+_SKIP = {"pre", "script", "style", "head"}
+_SPACES = re.compile(r"\s+")
+
+
+class CorpusError(ValueError):
+  """The corpus cannot be read; the message says what is missing and what to do."""
+
+
+def handbook_root(root=None):
+  """The folder holding <locale>/index.html, or one sentence on how to get it."""
+  root = root or os.environ.get("BIGSCI_HANDBOOK_HTML", HANDBOOK_HTML)
+  if not os.path.isfile(os.path.join(root, ENGLISH, "index.html")):
+    raise CorpusError(
+        f"the Debian Administrator's Handbook was not found at {root} (no {ENGLISH}/index.html): "
+        f"install it with `apt-get install -y debian-handbook`, or set BIGSCI_HANDBOOK_HTML to a "
+        f"folder of <locale>/index.html pages.")
+  return root
+
+
+def locales(root):
+  return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "index.html")))
+
+
+class _Toc(html.parser.HTMLParser):
+  """Chapters in book order: [(chapter_file, [page files])] from index.html's TOC."""
+
+  def __init__(self):
+    super().__init__()
+    self.chapters, self._kind = [], None
+
+  def handle_starttag(self, tag, attrs):
+    attrs = dict(attrs)
+    if tag == "span":
+      self._kind = attrs.get("class")
+    elif tag == "a" and self._kind and "href" in attrs:
+      page = attrs["href"].split("#")[0]
+      if self._kind in ("chapter", "preface", "appendix"):
+        self.chapters.append((page, [page]))
+      elif self._kind == "section" and self.chapters and page not in self.chapters[-1][1]:
+        self.chapters[-1][1].append(page)
+
+
+class _Text(html.parser.HTMLParser):
+  """Block-level text of a page, one string per paragraph, without code listings."""
+
+  def __init__(self):
+    super().__init__(convert_charrefs=True)
+    self.blocks, self._parts, self._skip = [], [], 0
+
+  def _close_block(self):
+    text = _SPACES.sub(" ", "".join(self._parts)).strip()
+    if text:
+      self.blocks.append(text)
+    self._parts = []
+
+  def handle_starttag(self, tag, attrs):
+    if tag in _SKIP:
+      self._skip += 1
+    elif tag in _BLOCKS:
+      self._close_block()
+
+  def handle_endtag(self, tag):
+    if tag in _SKIP:
+      self._skip = max(0, self._skip - 1)
+    elif tag in _BLOCKS:
+      self._close_block()
+
+  def handle_data(self, data):
+    if not self._skip:
+      self._parts.append(data)
+
+
+def chapters(root, locale):
+  toc = _Toc()
+  with open(os.path.join(root, locale, "index.html"), encoding="utf-8") as f:
+    toc.feed(f.read())
+  return toc.chapters
+
+
+def paragraphs(path):
+  parser = _Text()
+  with open(path, encoding="utf-8") as f:
+    parser.feed(f.read())
+  parser.close()
+  return parser.blocks
+
+
+def lang_code(locale, all_locales):
+  """'fr-FR' -> 'fr'; the full locale ('zh_tw') where two locales share a language."""
+  language = locale.split("-")[0].lower()
+  if sum(1 for other in all_locales if other.split("-")[0].lower() == language) > 1:
+    return locale.lower().replace("-", "_")
+  return language
+
+
+def documents(root, locale, english_paragraphs=frozenset(), chapter_filter=None):
+  """Yield {'text', 'lang', 'chapter'} per page; for a non-English locale, paragraphs
+  found verbatim in `english_paragraphs` (untranslated) are left out."""
+  lang = lang_code(locale, locales(root))
+  for chapter, pages in chapters(root, locale):
+    if chapter_filter is not None and chapter not in chapter_filter:
+      continue
+    for page in pages:
+      path = os.path.join(root, locale, page)
+      if not os.path.isfile(path):
+        continue
+      kept = [p for p in paragraphs(path) if locale == ENGLISH or p not in english_paragraphs]
+      if kept:
+        yield {"text": "\n".join(kept), "lang": lang, "chapter": chapter.removesuffix(".html")}
+
+
+def english_paragraphs(root, chapter_filter=None):
+  return frozenset(p for doc in documents(root, ENGLISH, chapter_filter=chapter_filter)
+                   for p in doc["text"].split("\n"))
