@@ -16,8 +16,9 @@ import re
 
 HANDBOOK_HTML = "/usr/share/doc/debian-handbook/html"
 ENGLISH = "en-US"
-_BLOCKS = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "td", "th", "title"}
+_BLOCKS = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "td", "th", "div"}
 _SKIP = {"pre", "script", "style", "head"}
+_CONTENT = {"chapter", "section", "preface", "appendix"}
 _SPACES = re.compile(r"\s+")
 
 
@@ -60,11 +61,17 @@ class _Toc(html.parser.HTMLParser):
 
 
 class _Text(html.parser.HTMLParser):
-  """Block-level text of a page, one string per paragraph, without code listings."""
+  """Block-level text of a page's body, one string per paragraph.
+
+  Text counts only inside the page's content (the first chapter / section / preface
+  / appendix <div>), so banners and navigation are left out, as
+  are the in-page table of contents and code listings (<pre>).
+  """
 
   def __init__(self):
     super().__init__(convert_charrefs=True)
-    self.blocks, self._parts, self._skip = [], [], 0
+    self.blocks, self._parts, self._pre = [], [], 0
+    self._depth, self._content_at, self._toc_at = 0, None, None
 
   def _close_block(self):
     text = _SPACES.sub(" ", "".join(self._parts)).strip()
@@ -73,19 +80,34 @@ class _Text(html.parser.HTMLParser):
     self._parts = []
 
   def handle_starttag(self, tag, attrs):
+    if tag == "div":
+      self._depth += 1
+      attrs = dict(attrs)
+      classes = (attrs.get("class") or "").split()
+      if self._content_at is None and ("lang" in attrs or _CONTENT & set(classes)):
+        self._content_at = self._depth
+      elif self._toc_at is None and "toc" in classes:
+        self._toc_at = self._depth
     if tag in _SKIP:
-      self._skip += 1
+      self._pre += 1
     elif tag in _BLOCKS:
       self._close_block()
 
   def handle_endtag(self, tag):
     if tag in _SKIP:
-      self._skip = max(0, self._skip - 1)
+      self._pre = max(0, self._pre - 1)
     elif tag in _BLOCKS:
       self._close_block()
+    if tag == "div":
+      if self._toc_at == self._depth:
+        self._toc_at = None
+      if self._content_at == self._depth:
+        self._close_block()
+        self._content_at = None
+      self._depth -= 1
 
   def handle_data(self, data):
-    if not self._skip:
+    if self._content_at is not None and self._toc_at is None and not self._pre:
       self._parts.append(data)
 
 
@@ -131,3 +153,16 @@ def documents(root, locale, english_paragraphs=frozenset(), chapter_filter=None)
 def english_paragraphs(root, chapter_filter=None):
   return frozenset(p for doc in documents(root, ENGLISH, chapter_filter=chapter_filter)
                    for p in doc["text"].split("\n"))
+
+
+def translated_locales(root, min_bytes=500_000):
+  """en-US plus every locale with at least `min_bytes` of translated text (UTF-8):
+  the language list follows from how much of the book each locale translated."""
+  english = english_paragraphs(root)
+  kept = [ENGLISH]
+  for locale in locales(root):
+    if locale != ENGLISH:
+      size = sum(len(d["text"].encode()) for d in documents(root, locale, english))
+      if size >= min_bytes:
+        kept.append(locale)
+  return kept

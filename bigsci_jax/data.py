@@ -150,3 +150,15 @@ def to_global(host_batch, sharding, global_rows):
 def split_micro_batches(host_batch, accumulation_steps):
   """[n, L] -> [A, n / A, L]: the leading axis is scanned by the train step."""
   return {k: v.reshape((accumulation_steps, -1) + v.shape[1:]) for k, v in host_batch.items()}
+
+
+def temperature_rates(sizes, alpha):
+  """Sampling rate per language proportional to n_lang^alpha (mT5, XLM-R: alpha = 0.3).
+
+  alpha = 1 samples in proportion to the data; alpha = 0 uniformly.
+  """
+  if not sizes or any(n <= 0 for n in sizes.values()):
+    raise ValueError(f"temperature_rates needs positive sizes, got {sizes}.")
+  weights = {lang: float(n) ** alpha for lang, n in sizes.items()}
+  total = sum(weights.values())
+  return {lang: w / total for lang, w in weights.items()}
