@@ -1,0 +1,79 @@
+"""seqio Tasks and the temperature-sampled mixture over real handbook slices."""
+
+import collections
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+tf = pytest.importorskip("tensorflow")
+tf.config.set_visible_devices([], "GPU")
+seqio = pytest.importorskip("seqio")
+
+from bigsci_jax import corpus, data, vocab  # noqa: E402
+from bigsci_jax import handbook_dataset as hd  # noqa: E402
+from bigsci_jax.tasks import handbook  # noqa: E402
+
+LOCALES = (("en-US", "en"), ("fr-FR", "fr"), ("ja-JP", "ja"))
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+  root = corpus.handbook_root()
+  book = [c for c, _ in corpus.chapters(root, corpus.ENGLISH)]
+  chapters = (book[0], book[3], book[7], book[10])
+  data_dir = str(tmp_path_factory.mktemp("tfds"))
+  english = corpus.english_paragraphs(root, set(chapters))
+  configs, texts = {}, {}
+  for locale, lang in LOCALES:
+    configs[lang] = hd.HandbookConfig(name=f"{lang}_slice", locale=locale, chapters=chapters)
+    hd.Handbook(config=configs[lang], data_dir=data_dir).download_and_prepare()
+    texts[lang] = [d["text"] for d in corpus.documents(root, locale, english, set(chapters))]
+  vocab_path = vocab.train(texts, str(tmp_path_factory.mktemp("vocab")),
+                           vocab.VocabConfig(vocab_size=2000, sample_chars=200_000))
+  return data_dir, vocab_path, configs, texts
+
+
+@pytest.mark.parametrize("alpha", [0.3, 1.0])
+def test_mixture_shares_follow_the_temperature_rates(prepared, alpha):
+  data_dir, vocab_path, configs, texts = prepared
+  sizes = {lang: sum(map(len, docs)) for lang, docs in texts.items()}
+  name = handbook.register(data_dir, vocab_path, sizes, alpha=alpha, builder_configs=configs)
+  train_docs = {}
+  for lang in sizes:
+    builder = hd.Handbook(config=configs[lang], data_dir=data_dir)
+    for x in builder.as_dataset(split="train").as_numpy_iterator():
+      train_docs[x["text"]] = lang
+  mixture = seqio.get_mixture_or_task(name)
+  dataset = mixture.get_dataset({"targets": 64}, split="train", shuffle=True, num_epochs=None,
+                                seed=1, copy_pretokenized=True)
+  counts = collections.Counter()
+  for x in dataset.take(10_000).as_numpy_iterator():
+    counts[train_docs[x["targets_pretokenized"]]] += 1
+  expected = data.temperature_rates(sizes, alpha)
+  for lang in sizes:
+    assert abs(counts[lang] / 10_000 - expected[lang]) < 0.02, (lang, counts, expected)
+
+
+def test_temperature_rates():
+  rates = data.temperature_rates({"en": 100.0, "fr": 25.0}, 0.5)
+  assert rates["en"] == pytest.approx(2 / 3) and rates["fr"] == pytest.approx(1 / 3)
+  assert data.temperature_rates({"en": 100.0, "fr": 25.0}, 0.0)["fr"] == pytest.approx(0.5)
+  with pytest.raises(ValueError):
+    data.temperature_rates({"en": 0.0}, 0.3)
+
+
+def test_prefix_lm_split_reassembles_the_document(prepared):
+  data_dir, vocab_path, configs, texts = prepared
+  sizes = {lang: 1.0 for lang in texts}
+  handbook.register(data_dir, vocab_path, sizes, prefix_lm=True, builder_configs=configs)
+  task = seqio.get_mixture_or_task(handbook.task_name("fr", prefix_lm=True))
+  vocabulary = seqio.SentencePieceVocabulary(vocab_path)
+  cuts = []
+  for x in task.get_dataset(None, split="validation", shuffle=False, seed=3).as_numpy_iterator():
+    inputs, targets = list(x["inputs"]), list(x["targets"])
+    assert targets[-1] == 1 and 1 not in inputs            # EOS closes the targets only
+    assert vocabulary.decode(inputs + targets[:-1]) == x["targets_pretokenized"].decode()
+    cuts.append(len(inputs) / (len(inputs) + len(targets) - 1))
+  assert len(cuts) >= 2 and np.std(cuts) > 0.05           # the split point varies
