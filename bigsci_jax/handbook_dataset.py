@@ -9,6 +9,7 @@ Imports TensorFlow Datasets: only the data pipeline and tasks/ import this modul
 """
 
 import dataclasses
+import functools
 
 import tensorflow_datasets as tfds
 
@@ -77,3 +78,14 @@ class Handbook(tfds.core.GeneratorBasedBuilder):
     locale = self.builder_config.locale
     for i, doc in enumerate(corpus.documents(root, locale, english, chapter_filter=chapters)):
       yield f"{doc['chapter']}/{i}", doc
+
+
+@functools.cache
+def slice_builder(name, chapters):
+  """A TFDS dataset `name` (snake_case) with the same per-locale configs over only
+  `chapters` (chapter pages): a few seconds to prepare, for tests and quick runs."""
+  class_name = "".join(part.capitalize() for part in name.split("_"))
+  configs = [dataclasses.replace(c, chapters=tuple(chapters)) for c in _configs()]
+  builder = type(class_name, (Handbook,), {"BUILDER_CONFIGS": configs, "__module__": __name__})
+  assert builder.name == name, (builder.name, name)
+  return builder

@@ -50,19 +50,14 @@ def _rekey_text(dataset):
   return dataset.map(lambda x: {"targets": x["text"]}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
-def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False, builder_configs=None):
-  """Register one Task per language of `sizes` ({lang: size}) and the mixture whose
-  rates are proportional to size^alpha. Returns the mixture name.
-
-  `builder_configs` ({lang: HandbookConfig}) overrides the TFDS config per language
-  (tests use book slices).
-  """
+def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False, dataset="handbook"):
+  """Register one Task per language of `sizes` ({lang: size}) over TFDS
+  `<dataset>/<lang>` in data_dir, and the mixture whose rates are proportional to
+  size^alpha. Returns the mixture name."""
   vocabulary = seqio.SentencePieceVocabulary(vocab_path)
   rates = temperature_rates(sizes, alpha)
   for lang in sizes:
-    kwargs = {"config": builder_configs[lang]} if builder_configs else None
-    tfds_name = "handbook:1.0.0" if builder_configs else f"handbook/{lang}:1.0.0"
-    source = seqio.TfdsDataSource(tfds_name, tfds_data_dir=data_dir, tfds_builder_kwargs=kwargs)
+    source = seqio.TfdsDataSource(f"{dataset}/{lang}:1.0.0", tfds_data_dir=data_dir)
     _add(task_name(lang, prefix_lm), source, vocabulary, prefix_lm)
   name = MIXTURE + ("_prefix" if prefix_lm else "")
   if name in seqio.MixtureRegistry.names():

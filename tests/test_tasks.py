@@ -10,6 +10,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 tf = pytest.importorskip("tensorflow")
 tf.config.set_visible_devices([], "GPU")
 seqio = pytest.importorskip("seqio")
+tfds = pytest.importorskip("tensorflow_datasets")
 
 from bigsci_jax import corpus, data, vocab  # noqa: E402
 from bigsci_jax import handbook_dataset as hd  # noqa: E402
@@ -25,24 +26,24 @@ def prepared(tmp_path_factory):
   chapters = (book[0], book[3], book[7], book[10])
   data_dir = str(tmp_path_factory.mktemp("tfds"))
   english = corpus.english_paragraphs(root, set(chapters))
-  configs, texts = {}, {}
+  dataset = hd.slice_builder("handbook_tasks_slice", chapters).name
+  texts = {}
   for locale, lang in LOCALES:
-    configs[lang] = hd.HandbookConfig(name=f"{lang}_slice", locale=locale, chapters=chapters)
-    hd.Handbook(config=configs[lang], data_dir=data_dir).download_and_prepare()
+    tfds.builder(f"{dataset}/{lang}", data_dir=data_dir).download_and_prepare()
     texts[lang] = [d["text"] for d in corpus.documents(root, locale, english, set(chapters))]
   vocab_path = vocab.train(texts, str(tmp_path_factory.mktemp("vocab")),
                            vocab.VocabConfig(vocab_size=2000, sample_chars=200_000))
-  return data_dir, vocab_path, configs, texts
+  return data_dir, vocab_path, dataset, texts
 
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
 def test_mixture_shares_follow_the_temperature_rates(prepared, alpha):
-  data_dir, vocab_path, configs, texts = prepared
+  data_dir, vocab_path, dataset, texts = prepared
   sizes = {lang: sum(map(len, docs)) for lang, docs in texts.items()}
-  name = handbook.register(data_dir, vocab_path, sizes, alpha=alpha, builder_configs=configs)
+  name = handbook.register(data_dir, vocab_path, sizes, alpha=alpha, dataset=dataset)
   train_docs = {}
   for lang in sizes:
-    builder = hd.Handbook(config=configs[lang], data_dir=data_dir)
+    builder = tfds.builder(f"{dataset}/{lang}", data_dir=data_dir)
     for x in builder.as_dataset(split="train").as_numpy_iterator():
       train_docs[x["text"]] = lang
   mixture = seqio.get_mixture_or_task(name)
@@ -65,9 +66,9 @@ def test_temperature_rates():
 
 
 def test_prefix_lm_split_reassembles_the_document(prepared):
-  data_dir, vocab_path, configs, texts = prepared
+  data_dir, vocab_path, dataset, texts = prepared
   sizes = {lang: 1.0 for lang in texts}
-  handbook.register(data_dir, vocab_path, sizes, prefix_lm=True, builder_configs=configs)
+  handbook.register(data_dir, vocab_path, sizes, prefix_lm=True, dataset=dataset)
   task = seqio.get_mixture_or_task(handbook.task_name("fr", prefix_lm=True))
   vocabulary = seqio.SentencePieceVocabulary(vocab_path)
   cuts = []
@@ -77,3 +78,18 @@ def test_prefix_lm_split_reassembles_the_document(prepared):
     assert vocabulary.decode(inputs + targets[:-1]) == x["targets_pretokenized"].decode()
     cuts.append(len(inputs) / (len(inputs) + len(targets) - 1))
   assert len(cuts) >= 2 and np.std(cuts) > 0.05           # the split point varies
+
+
+def test_two_process_shards_are_disjoint_and_cover_the_data(prepared):
+  data_dir, vocab_path, dataset, texts = prepared
+  handbook.register(data_dir, vocab_path, {lang: 1.0 for lang in texts}, dataset=dataset)
+  task = seqio.get_mixture_or_task(handbook.task_name("ja"))
+
+  def documents(shard_info=None):
+    ds = task.get_dataset(None, split="test", shuffle=False, num_epochs=1, shard_info=shard_info)
+    return [x["targets_pretokenized"] for x in ds.as_numpy_iterator()]
+
+  everything = documents()
+  shards = [documents(seqio.ShardInfo(index=i, num_shards=2)) for i in range(2)]
+  assert all(shards) and not set(shards[0]) & set(shards[1])
+  assert sorted(shards[0] + shards[1]) == sorted(everything)
