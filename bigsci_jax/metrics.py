@@ -72,3 +72,13 @@ class MetricsWriter:
     if self.enabled:
       self.file.close()
       self.tb.close()
+
+
+def bits_per_byte(nll_nats, utf8_bytes):
+  """Tokenizer-independent loss: summed token NLL (nats) / (ln 2 * UTF-8 bytes of the text).
+
+  Comparable across vocabularies and languages, where per-token loss is not.
+  """
+  if utf8_bytes <= 0:
+    raise ValueError(f"bits_per_byte needs a positive byte count, got {utf8_bytes}.")
+  return nll_nats / (math.log(2) * utf8_bytes)
