@@ -6,10 +6,16 @@ the corpus first (bigsci_jax.vocab) and the TFDS data prepared in a data dir.
 
   from bigsci_jax.tasks import handbook
   mixture = handbook.register(data_dir, vocab_path, {"en": 1.0e6, "fr": 0.7e6}, alpha=0.3)
+  handbook.register_language("sw", vocab_path, text_dir="/data/swahili")  # a new language
 """
+
+import glob
+import os
 
 import seqio
 import tensorflow as tf
+
+from bigsci_jax.corpus import CorpusError
 
 from bigsci_jax import handbook_dataset  # noqa: F401  (registers the TFDS builder)
 from bigsci_jax.data import temperature_rates
@@ -47,7 +53,50 @@ def _add(name, source, vocabulary, prefix_lm):
 
 
 def _rekey_text(dataset):
-  return dataset.map(lambda x: {"targets": x["text"]}, num_parallel_calls=tf.data.AUTOTUNE)
+  def rekey(x):
+    return {"targets": x["text"] if isinstance(x, dict) else x}  # text files yield plain lines
+  return dataset.map(rekey, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _text_files(text_dir):
+  """{split: [files]} of a folder of UTF-8 text (one document per line): <dir>/<split>/*.txt,
+  or <dir>/*.txt for train only; every file is checked to decode as UTF-8."""
+  splits = {s: sorted(glob.glob(os.path.join(text_dir, s, "*.txt")))
+            for s in ("train", "validation", "test")}
+  if not any(splits.values()):
+    splits = {"train": sorted(glob.glob(os.path.join(text_dir, "*.txt")))}
+  splits = {s: files for s, files in splits.items() if files}
+  if not splits:
+    raise CorpusError(f"the folder {text_dir} holds no .txt files; put UTF-8 text, one document "
+                      f"per line, in {text_dir}/*.txt or {text_dir}/<split>/*.txt.")
+  for path in (f for files in splits.values() for f in files):
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise CorpusError(f"{path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
+  return splits
+
+
+def register_language(lang, vocab_path, *, text_dir=None, tfds_name=None, data_dir=None,
+                      prefix_lm=False):
+  """Add the Task `handbook_<lang>` from a folder of UTF-8 text files (one document per
+  line) or from a TFDS dataset with a `text` feature; returns the task name.
+
+    register_language("sw", vocab_path, text_dir="/data/swahili")
+    register_language("de", vocab_path, tfds_name="wiki40b/de:1.3.0", data_dir="gs://...")
+  """
+  if (text_dir is None) == (tfds_name is None):
+    raise ValueError("register_language needs exactly one of text_dir and tfds_name.")
+  if text_dir is not None:
+    source = seqio.TextLineDataSource(_text_files(text_dir))
+  else:
+    source = seqio.TfdsDataSource(tfds_name, tfds_data_dir=data_dir)
+  vocabulary = seqio.SentencePieceVocabulary(vocab_path)
+  name = task_name(lang, prefix_lm)
+  _add(name, source, vocabulary, prefix_lm)
+  return name
 
 
 def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False, dataset="handbook"):

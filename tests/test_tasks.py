@@ -93,3 +93,26 @@ def test_two_process_shards_are_disjoint_and_cover_the_data(prepared):
   shards = [documents(seqio.ShardInfo(index=i, num_shards=2)) for i in range(2)]
   assert all(shards) and not set(shards[0]) & set(shards[1])
   assert sorted(shards[0] + shards[1]) == sorted(everything)
+
+
+def test_a_new_language_from_a_text_folder(prepared, tmp_path):
+  _, vocab_path, _, _ = prepared
+  folder = tmp_path / "swahili"
+  (folder / "train").mkdir(parents=True)
+  lines = ["Habari ya asubuhi, rafiki yangu.", "Kompyuta hii inatumia Debian."]
+  (folder / "train" / "part0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  name = handbook.register_language("sw", vocab_path, text_dir=str(folder))
+  task = seqio.get_mixture_or_task(name)
+  vocabulary = seqio.SentencePieceVocabulary(vocab_path)
+  got = [vocabulary.decode(list(x["targets"][:-1]))
+         for x in task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator()]
+  assert got == lines
+
+
+def test_text_folder_errors_name_the_problem(prepared, tmp_path):
+  _, vocab_path, _, _ = prepared
+  with pytest.raises(corpus.CorpusError, match="holds no .txt files"):
+    handbook.register_language("xx", vocab_path, text_dir=str(tmp_path))
+  (tmp_path / "bad.txt").write_bytes(b"ok line\n\xff\xfe broken\n")
+  with pytest.raises(corpus.CorpusError, match=r"bad.txt is not valid UTF-8 \(byte 8\)"):
+    handbook.register_language("xx", vocab_path, text_dir=str(tmp_path))
