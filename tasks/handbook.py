@@ -39,10 +39,31 @@ def random_prefix(x, seed):
   return {**x, "inputs": tokens[:cut], "targets": tokens[cut:]}
 
 
+def split_to_length(dataset, sequence_length=None):
+  """Cut each document's tokens into chunks that fit the targets length (with EOS),
+  so long documents are used whole instead of trimmed; `*_pretokenized` text is
+  kept on every chunk. Without a sequence length (inspection), documents stay whole."""
+  if not sequence_length or not sequence_length.get("targets"):
+    return dataset
+  size = sequence_length["targets"] - 1
+
+  def chunks(x):
+    tokens = x["targets"]
+    length = tf.size(tokens)
+    full, rest = length // size, length % size
+    row_lengths = tf.concat([tf.fill([full], size), tf.reshape(rest, [1])[:tf.minimum(rest, 1)]], 0)
+    count = tf.size(row_lengths)
+    out = {"targets": tf.RaggedTensor.from_row_lengths(tokens, row_lengths)}
+    out.update({k: tf.repeat(v[None], count) for k, v in x.items() if k.endswith("_pretokenized")})
+    return tf.data.Dataset.from_tensor_slices(out)
+
+  return dataset.flat_map(chunks)
+
+
 def _add(name, source, vocabulary, prefix_lm):
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
-  preprocessors = [_rekey_text, seqio.preprocessors.tokenize]
+  preprocessors = [_rekey_text, seqio.preprocessors.tokenize, split_to_length]
   features = {"targets": seqio.Feature(vocabulary, add_eos=True)}
   if prefix_lm:
     preprocessors.append(random_prefix)

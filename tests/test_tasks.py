@@ -116,3 +116,40 @@ def test_text_folder_errors_name_the_problem(prepared, tmp_path):
   (tmp_path / "bad.txt").write_bytes(b"ok line\n\xff\xfe broken\n")
   with pytest.raises(corpus.CorpusError, match=r"bad.txt is not valid UTF-8 \(byte 8\)"):
     handbook.register_language("xx", vocab_path, text_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_packed_rows_resume_exactly_and_mark_prefixes(prepared, prefix_lm):
+  from bigsci_jax.pipeline import SeqioSource
+  data_dir, vocab_path, dataset, texts = prepared
+  name = handbook.register(data_dir, vocab_path, {l: 1.0 for l in texts}, prefix_lm=prefix_lm,
+                           dataset=dataset)
+  straight = SeqioSource(name, 64, prefix_lm=prefix_lm, seed=5)
+  batches = [straight.take(4) for _ in range(5)]
+  resumed = SeqioSource(name, 64, prefix_lm=prefix_lm, seed=5)
+  resumed.set_state({"rows": 12})  # as restored from a checkpoint after three batches
+  for expected in batches[3:]:
+    got = resumed.take(4)
+    for key in expected:
+      np.testing.assert_array_equal(got[key], expected[key])
+  b = batches[0]
+  segments = b["decoder_segment_ids"]
+  assert segments.shape == (4, 64)
+  # Long pages are cut into length-sized chunks, short tails packed together: rows are full.
+  all_segments = np.concatenate([x["decoder_segment_ids"] for x in batches])
+  assert (all_segments > 0).mean() > 0.9
+  assert all_segments.max() >= (2 if prefix_lm else 1)  # prefix LM: chunks of half a row
+  if prefix_lm:
+    # The prefix is exactly the inputs of each segment: no loss there, loss after it.
+    prefix = b["decoder_causal_attention"].astype(bool)
+    assert prefix.any() and not (b["decoder_loss_weights"][prefix[:, :]] > 0).all()
+    for row in range(4):
+      for seg in np.unique(segments[row][segments[row] > 0]):
+        where = np.where(segments[row] == seg)[0]
+        p = prefix[row, where]
+        n_prefix = int(p.sum())
+        assert p[:n_prefix].all() and not p[n_prefix:].any()        # a contiguous head
+        assert (b["decoder_loss_weights"][row, where[:n_prefix - 1]] == 0).all()
+        assert (b["decoder_loss_weights"][row, where[n_prefix:]] == 1).all()
+  else:
+    assert not b["decoder_causal_attention"].any()
