@@ -12,9 +12,9 @@ Imports TensorFlow (kept off accelerators) and seqio: only the data path uses it
 """
 
 import numpy as np
+import seqio
 import tensorflow as tf
 
-import seqio
 from bigsci_jax.data import FEATURES
 
 tf.config.set_visible_devices([], "GPU")
