@@ -103,10 +103,6 @@ def accumulate_gradients(params, batch_AxMxL, model, rng=None):
   return grads, weight, ce
 
 
-def global_norm(tree):
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
-
-
 def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule):
   """One optimizer update from A accumulated micro-batches. Pure."""
   rng = None
@@ -117,7 +113,7 @@ def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule):
   grads = jax.tree.map(lambda g: g / denom, grad_sums)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": ce_sum / denom, "grad_norm": global_norm(grads),
+  metrics = {"loss": ce_sum / denom, "grad_norm": optax.tree.norm(grads),
              "learning_rate": schedule(state.step), "loss_weight": weight}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -29,6 +29,16 @@ def power_law(x, y, weights=None):
   return float(slope), float(np.exp(intercept)), float(r2)
 
 
+def parabola_minimum(x, y):
+  """(x*, y*) at the vertex of the least-squares parabola through (x, y), or None when
+  the parabola opens downward (no interior minimum)."""
+  p = np.polyfit(x, y, 2)
+  if p[0] <= 0:
+    return None
+  x_min = -p[1] / (2 * p[0])
+  return float(x_min), float(np.polyval(p, x_min))
+
+
 # ---- approach 3: L(N, D) = E + A / N^alpha + B / D^beta --------------------------------
 
 
@@ -126,15 +136,13 @@ def fit_approach2(runs: Runs, min_sizes=3, neighbours=2):
     log_n, log_d, loss = np.log(runs.params[rows]), np.log(runs.tokens[rows]), runs.loss[rows]
     if len(np.unique(log_n)) < 3:
       continue  # a bootstrap resample can repeat sizes: no parabola through two points
-    pn = np.polyfit(log_n, loss, 2)
-    pd = np.polyfit(log_d, loss, 2)
-    if pn[0] <= 0 or pd[0] <= 0:
+    best_n, best_d = parabola_minimum(log_n, loss), parabola_minimum(log_d, loss)
+    if best_n is None or best_d is None:
       continue  # no interior minimum: the budget's sizes do not bracket the optimum
-    x_n, x_d = -pn[1] / (2 * pn[0]), -pd[1] / (2 * pd[0])
     c_star.append(float(np.exp(np.mean(np.log(runs.flops[rows])))))
-    n_star.append(float(np.exp(x_n)))
-    d_star.append(float(np.exp(x_d)))
-    l_star.append(float(np.polyval(pn, x_n)))
+    n_star.append(float(np.exp(best_n[0])))
+    d_star.append(float(np.exp(best_d[0])))
+    l_star.append(best_n[1])
   if len(c_star) < 2:
     raise TableError(f"{runs.source}: fewer than 2 budgets have a loss minimum inside their "
                      f"range of sizes; add sizes on both sides of each budget's optimum.")

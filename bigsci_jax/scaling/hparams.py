@@ -4,7 +4,7 @@ in N, in the form `plan` consumes (`HparamRule`)."""
 
 import numpy as np
 
-from bigsci_jax.scaling.fit import power_law
+from bigsci_jax.scaling.fit import parabola_minimum, power_law
 from bigsci_jax.scaling.table import Runs, TableError
 
 
@@ -16,11 +16,10 @@ def _vertex(values, losses):
   best = int(np.argmin(losses))
   if len(values) < 3 or best in (0, len(values) - 1):
     return float(values[best])
-  x = np.log(values[best - 1:best + 2])
-  p = np.polyfit(x, losses[best - 1:best + 2], 2)
-  if p[0] <= 0:
+  vertex = parabola_minimum(np.log(values[best - 1:best + 2]), losses[best - 1:best + 2])
+  if vertex is None:
     return float(values[best])
-  return float(np.exp(np.clip(-p[1] / (2 * p[0]), np.log(values[0]), np.log(values[-1]))))
+  return float(np.exp(np.clip(vertex[0], np.log(values[0]), np.log(values[-1]))))
 
 
 def fit_hparams(runs: Runs):

@@ -74,8 +74,8 @@ def make_plan(base: RunConfig, spec: PlanSpec, rule: ShapeRule):
   candidates = []
   for shape in rule.shapes():
     model = _model(base, shape)
-    candidates.append((flops.param_counts(model).non_embedding, model))
-  sizes = np.array([n for n, _ in candidates], float)
+    candidates.append((flops.param_counts(model), model))
+  sizes = np.array([counts.non_embedding for counts, _ in candidates], float)
   plan = []
   for budget in spec.budgets:
     n0 = math.sqrt(budget / (6 * spec.tokens_per_param))
@@ -83,7 +83,8 @@ def make_plan(base: RunConfig, spec: PlanSpec, rule: ShapeRule):
                                       spec.sizes_per_budget))
     picked = sorted({int(np.argmin(np.abs(np.log(sizes) - np.log(t)))) for t in targets})
     for index in picked:
-      n, model = candidates[index]
+      counts, model = candidates[index]
+      n = counts.non_embedding
       per_token = flops.flops_per_token(model, seq, spec.convention)
       tokens = budget / per_token
       batch = max(micro, micro * round(spec.batch_size(n) / micro))
@@ -103,7 +104,7 @@ def make_plan(base: RunConfig, spec: PlanSpec, rule: ShapeRule):
                                         b2=spec.b2(n), decay_steps=None),
           train=dataclasses.replace(base.train, train_steps=steps,
                                     checkpoint_every=max(1, steps // 2), eval_every=0))
-      counts, tokens = flops.param_counts(model), steps * batch * seq
+      tokens = steps * batch * seq
       row = dict(run=name, budget=budget, params=counts.total, params_non_embedding=n,
                  tokens=tokens, flops=tokens * per_token,
                  **{f"flops_{c}": tokens * flops.flops_per_token(model, seq, c)
