@@ -104,16 +104,21 @@ def main(argv):
   gin_files = flags.gin_file or ([] if base else [DEFAULT_GIN])
   from bigsci_jax import loop, sharding
   from bigsci_jax.config import ConfigError
+  from bigsci_jax.corpus import CorpusError
   try:
     run, config_text = build_config(gin_files, flags.gin_bindings, base)
     sharding.maybe_initialize_distributed(flags.coordinator_address, flags.num_processes,
                                           flags.process_id, flags.multihost)
     summary = loop.train(run, model_dir, config_text=config_text,
                          progress=not flags.no_progress)
-  except (ConfigError, FileNotFoundError, loop.TrainingError) as e:
+  except (ConfigError, CorpusError, FileNotFoundError, loop.TrainingError) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   summary.pop("state", None)
+  languages = sorted(k.split("/", 1)[1] for k in summary if k.startswith("bpb/"))
+  if languages:
+    print("validation bits per UTF-8 byte: " + ", ".join(
+        f"{lang} {summary['bpb/' + lang]:.3f}" for lang in languages) + f"; all {summary['bpb']:.3f}")
   print(json.dumps(summary))
   return 0
 

@@ -197,15 +197,44 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """Where training batches come from."""
+  """Where training and evaluation batches come from.
+
+  `mixture` is 'synthetic' (no files), '<corpus>_multilingual' (every language of
+  `languages`, sampled with rates proportional to train-split bytes ** alpha) or
+  '<corpus>_<lang>' (one language). The corpus 'handbook' is the embedded Debian
+  Handbook, prepared on first use; any other corpus is a TFDS dataset per language
+  named by `tfds_pattern` (e.g. 'wiki40b/{lang}:1.3.0').
+  """
   mixture: str = "synthetic"
   seed: int = 0
-  mean_doc_len: int = 96   # synthetic documents: mean length in tokens
+  mean_doc_len: int = 96       # synthetic documents: mean length in tokens
+  languages: tuple = ()        # (): every really translated handbook language
+  alpha: float = 0.3           # mixture temperature (mT5: 0.3)
+  tfds_pattern: str = ""       # corpora other than 'handbook': TFDS name with {lang}
+  data_dir: str = ""           # TFDS data dir; '': $BIGSCI_DATA_DIR or ~/.cache/bigsci_jax
+  vocab_size: int = 8192       # SentencePiece vocabulary trained on the mixture
+  vocab_path: str = ""         # use this SentencePiece model instead of training one
+  loss_on_prefix: bool = False  # prefix LM: also train on the bidirectional prefix
 
   def __post_init__(self):
-    _check(self.mixture == "synthetic", self, "mixture",
-           "only 'synthetic' exists until the multilingual data pipeline lands")
+    object.__setattr__(self, "languages", tuple(self.languages))
+    corpus, _, which = self.mixture.partition("_")
+    _check(self.mixture == "synthetic" or (corpus and which), self, "mixture",
+           "use 'synthetic', '<corpus>_multilingual' or '<corpus>_<lang>', e.g. "
+           "'handbook_multilingual' or 'handbook_fr'")
     _check(self.mean_doc_len > 1, self, "mean_doc_len", "it must be > 1")
+    _check(self.alpha >= 0, self, "alpha", "it must be >= 0 (0: uniform over languages)")
+    _check(self.vocab_size >= 260, self, "vocab_size",
+           "SentencePiece with byte fallback needs at least 256 byte pieces plus specials")
+    _check(corpus in ("synthetic", "handbook") or "{lang}" in self.tfds_pattern, self,
+           "tfds_pattern", f"the corpus {corpus!r} is not the embedded handbook, so name its TFDS "
+           f"datasets with a {{lang}} placeholder, e.g. '{corpus}/{{lang}}:1.3.0'")
+    _check(corpus in ("synthetic", "handbook") or which != "multilingual" or self.languages,
+           self, "languages", f"list the languages of the {corpus!r} corpus to mix")
+
+  @property
+  def corpus(self):
+    return self.mixture.partition("_")[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +244,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 1
   eval_every: int = 0          # 0: evaluate only at the end
-  eval_batches: int = 2
+  eval_batches: int = 2        # micro-batches per language; 0: the whole validation split
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
@@ -225,6 +254,7 @@ class TrainConfig:
     for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
       _check(getattr(self, name) > 0, self, name, "it must be positive")
     _check(self.eval_every >= 0, self, "eval_every", "it must be >= 0")
+    _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,6 +271,11 @@ class RunConfig:
            self.batch, "seq_len", f"learned positions need seq_len <= max_len={self.model.max_len}")
     _check(self.model.vocab_size >= 8 or self.data.mixture != "synthetic", self.model, "vocab_size",
            "the synthetic source needs at least 8 tokens")
+    _check(self.data.mixture == "synthetic" or self.data.vocab_path
+           or self.model.vocab_size >= self.data.vocab_size, self.model, "vocab_size",
+           f"it must hold DataConfig.vocab_size={self.data.vocab_size} SentencePiece pieces")
+    _check(self.train.eval_batches > 0 or self.data.mixture != "synthetic", self.train,
+           "eval_batches", "synthetic data has no end, so evaluate a fixed number (> 0) of batches")
 
   def to_dict(self):
     return dataclasses.asdict(self)

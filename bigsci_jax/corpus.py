@@ -153,16 +153,3 @@ def documents(root, locale, english_paragraphs=frozenset(), chapter_filter=None)
 def english_paragraphs(root, chapter_filter=None):
   return frozenset(p for doc in documents(root, ENGLISH, chapter_filter=chapter_filter)
                    for p in doc["text"].split("\n"))
-
-
-def translated_locales(root, min_bytes=500_000):
-  """en-US plus every locale with at least `min_bytes` of translated text (UTF-8):
-  the language list follows from how much of the book each locale translated."""
-  english = english_paragraphs(root)
-  kept = [ENGLISH]
-  for locale in locales(root):
-    if locale != ENGLISH:
-      size = sum(len(d["text"].encode()) for d in documents(root, locale, english))
-      if size >= min_bytes:
-        kept.append(locale)
-  return kept

@@ -12,11 +12,12 @@ import time
 import jax
 import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 
 from bigsci_jax import checkpoint, data, flops, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import ConfigError, RunConfig
-from bigsci_jax.metrics import MetricsWriter
+from bigsci_jax.metrics import MetricsWriter, bits_per_byte
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
 
@@ -42,10 +43,49 @@ def check_batch_fits_mesh(run: RunConfig, mesh):
                       f"of the {jax.process_count()} processes.")
 
 
-def make_source(run: RunConfig, split="train"):
-  return data.SyntheticLM(run.model.vocab_size, run.batch.seq_len, seed=run.data.seed, split=split,
-                          mean_doc_len=run.data.mean_doc_len, prefix_lm=run.model.mask == "prefix",
-                          process_index=jax.process_index(), process_count=jax.process_count())
+def make_data(run: RunConfig):
+  """(train source, {eval set: this process's host rows}, token_bytes [vocab] or None).
+
+  Synthetic data has one unnamed eval set; a corpus has one per language and a
+  vocabulary whose pieces' byte lengths give bits per byte. Only a corpus imports
+  the data pipeline (seqio, TensorFlow).
+  """
+  if run.data.mixture != "synthetic":
+    from bigsci_jax import pipeline
+    return pipeline.open_corpus(run)
+
+  def synthetic(split):
+    return data.SyntheticLM(run.model.vocab_size, run.batch.seq_len, seed=run.data.seed,
+                            split=split, mean_doc_len=run.data.mean_doc_len,
+                            prefix_lm=run.model.mask == "prefix",
+                            process_index=jax.process_index(), process_count=jax.process_count())
+  rows = run.batch.micro_batch_size * run.train.eval_batches
+  return synthetic("train"), {"": synthetic("validation").take(rows)}, None
+
+
+def _global_max_sum(value):
+  """(max, sum) of a per-process number over all processes."""
+  if jax.process_count() == 1:
+    return value, value
+  values = multihost_utils.process_allgather(np.asarray(value))
+  return values.max().item(), values.sum().item()
+
+
+def eval_micro_batches(rows, local_micro, token_bytes):
+  """Host rows -> (list of [local_micro, L] micro-batches, global UTF-8 bytes of their
+  weighted targets or None). Every process gets the same number of micro-batches;
+  padding rows are all zero (segment 0, weight 0) and count for nothing."""
+  count = len(rows["decoder_target_tokens"])
+  batches, _ = _global_max_sum(-(-count // local_micro))
+  pad = batches * local_micro - count
+  padded = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in rows.items()}
+  size = None
+  if token_bytes is not None:
+    local = int((token_bytes[padded["decoder_target_tokens"]]
+                 * (padded["decoder_loss_weights"] > 0)).sum())
+    _, size = _global_max_sum(local)
+  return [{k: v[i * local_micro:(i + 1) * local_micro] for k, v in padded.items()}
+          for i in range(batches)], size
 
 
 class _Trainer:
@@ -64,7 +104,14 @@ class _Trainer:
                                         every=run.train.checkpoint_every,
                                         keep=run.train.keep_checkpoints,
                                         async_save=run.train.async_checkpoints)
-    self.source = make_source(run)
+    self.source, eval_rows, token_bytes = make_data(run)
+    local_micro = run.batch.micro_batch_size // jax.process_count()
+    self.eval_sets = {name: eval_micro_batches(rows, local_micro, token_bytes)
+                      for name, rows in eval_rows.items()}
+    empty = [name for name, (batches, _) in self.eval_sets.items() if not batches]
+    if empty:
+      raise TrainingError(f"the validation split of {', '.join(empty)} is empty: evaluate on "
+                          f"other languages (DataConfig.languages) or give them validation text.")
     if jax.process_index() == 0:
       if config_text:
         write_atomic(os.path.join(model_dir, "config.gin"), config_text)
@@ -88,16 +135,25 @@ class _Trainer:
     return state, start
 
   def evaluate(self, params):
-    run = self.run
-    source = make_source(run, split="validation")
-    ce_total, weight_total = 0.0, 0.0
+    """Eval-line metrics: `loss` over every eval set's target tokens; per language
+    `loss/<lang>` and `bpb/<lang>`, and `bpb` over all their bytes."""
     shard = sharding.batch_sharding(self.mesh, 2)
-    for _ in range(run.train.eval_batches):
-      batch = data.to_global(source.take(run.batch.micro_batch_size), shard,
-                             run.batch.micro_batch_size)
-      ce, weight = jax.device_get(self.eval_step(params, batch))
-      ce_total, weight_total = ce_total + float(ce), weight_total + float(weight)
-    return {"loss": ce_total / max(weight_total, 1.0)}
+    micro = self.run.batch.micro_batch_size
+    out, ce_all, weight_all, bytes_all = {}, 0.0, 0.0, 0
+    for name, (batches, size) in self.eval_sets.items():
+      ce_total, weight_total = 0.0, 0.0
+      for host in batches:
+        ce, weight = jax.device_get(self.eval_step(params, data.to_global(host, shard, micro)))
+        ce_total, weight_total = ce_total + float(ce), weight_total + float(weight)
+      ce_all, weight_all = ce_all + ce_total, weight_all + weight_total
+      if name:
+        out[f"loss/{name}"] = ce_total / max(weight_total, 1.0)
+        out[f"bpb/{name}"] = bits_per_byte(ce_total, size)
+        bytes_all += size
+    out["loss"] = ce_all / max(weight_all, 1.0)
+    if bytes_all:
+      out["bpb"] = bits_per_byte(ce_all, bytes_all)
+    return dict(sorted(out.items()))
 
   def run_loop(self):
     run, cfg_batch = self.run, self.run.batch
@@ -164,8 +220,10 @@ class _Trainer:
       if pending is not None:
         flush(pending)
       if start < total:
-        summary["eval_loss"] = self.evaluate(state.params)["loss"]
-        writer.write(total, "eval", {"loss": summary["eval_loss"]})
+        final = self.evaluate(state.params)
+        writer.write(total, "eval", final)
+        summary["eval_loss"] = final["loss"]
+        summary.update({k: v for k, v in final.items() if k.startswith("bpb")})
       self.ckpts.save(int(jax.device_get(state.step)), state, self.source.get_state(),
                       run.to_dict())
       self.ckpts.wait()

@@ -5,6 +5,10 @@ unk) and character coverage 0.9995, trained on a temperature-sampled sample of
 each language's text so small languages are not drowned out. The cache key is a
 hash of the sample and the settings; the model is written to a temporary name
 and renamed, so an interrupted training leaves no half-written model.
+
+No dummy-prefix space and identity normalisation: the pieces of a text spell
+exactly its bytes, so `token_bytes` turns token counts into UTF-8 byte counts
+(for bits per byte) without decoding.
 """
 
 import dataclasses
@@ -17,6 +21,7 @@ import numpy as np
 from bigsci_jax.data import temperature_rates
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2  # seqio's conventions
+_FORMAT = 2  # bump when the trainer's settings change: part of the cache key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +33,10 @@ class VocabConfig:
   seed: int = 0
 
 
-def training_sample(texts_by_lang, cfg: VocabConfig):
-  """Lines of text, each language contributing rate_l * sample_chars characters."""
-  sizes = {lang: sum(len(t) for t in texts) for lang, texts in texts_by_lang.items()}
+def training_sample(texts_by_lang, cfg: VocabConfig, sizes=None):
+  """Lines of text, each language contributing rate_l * sample_chars characters; the
+  rates follow `sizes` ({lang: corpus size}), by default the texts' own lengths."""
+  sizes = sizes or {lang: sum(len(t) for t in texts) for lang, texts in texts_by_lang.items()}
   rates = temperature_rates(sizes, cfg.alpha)
   rng = np.random.default_rng(cfg.seed)
   lines = []
@@ -45,14 +51,23 @@ def training_sample(texts_by_lang, cfg: VocabConfig):
   return lines
 
 
-def train(texts_by_lang, cache_dir, cfg: VocabConfig = VocabConfig()):
-  """Path of a SentencePiece model for these texts (trained now, or from the cache)."""
+def train(texts_by_lang, cache_dir, cfg: VocabConfig = VocabConfig(), *, sizes=None,
+          cached_only=False):
+  """Path of a SentencePiece model for these texts (trained now, or from the cache).
+
+  With cached_only, a model not in the cache is an error instead of being trained
+  (processes other than the one that trains it)."""
   import sentencepiece as spm
-  lines = training_sample(texts_by_lang, cfg)
-  key = hashlib.sha256(repr(dataclasses.astuple(cfg)).encode() + "\n".join(lines).encode())
+  lines = training_sample(texts_by_lang, cfg, sizes)
+  key = hashlib.sha256(repr((_FORMAT, dataclasses.astuple(cfg))).encode()
+                       + "\n".join(lines).encode())
   path = os.path.join(cache_dir, f"spm_{cfg.vocab_size}_{key.hexdigest()[:16]}.model")
   if os.path.exists(path):
     return path
+  if cached_only:
+    raise FileNotFoundError(f"the vocabulary {path} trained by process 0 is not visible here: put "
+                            f"DataConfig.data_dir on a filesystem every process shares, or set "
+                            f"DataConfig.vocab_path to a SentencePiece model they can all read.")
   os.makedirs(cache_dir, exist_ok=True)
   model = io.BytesIO()
   spm.set_random_generator_seed(cfg.seed)
@@ -61,10 +76,25 @@ def train(texts_by_lang, cache_dir, cfg: VocabConfig = VocabConfig()):
       vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage, byte_fallback=True,
       pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, num_threads=os.cpu_count() or 1,
       input_sentence_size=len(lines), shuffle_input_sentence=False,
-      normalization_rule_name="identity", remove_extra_whitespaces=False,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
       split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
     f.write(model.getvalue())
   os.replace(tmp, path)
   return path
+
+
+def token_bytes(model_proto):
+  """int64 [vocab]: the UTF-8 bytes each piece spells (byte pieces 1, control pieces 0),
+  so sum(token_bytes[ids]) is the byte length of the text `ids` encode; model_proto
+  is the serialized SentencePiece model (a .model file's bytes)."""
+  import sentencepiece as spm
+  sp = spm.SentencePieceProcessor(model_proto=model_proto)
+  lengths = np.zeros(sp.get_piece_size(), np.int64)
+  for i in range(sp.get_piece_size()):
+    if sp.is_byte(i):
+      lengths[i] = 1
+    elif not (sp.is_control(i) or sp.is_unknown(i)):
+      lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+  return lengths

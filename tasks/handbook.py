@@ -1,30 +1,42 @@
-"""seqio Tasks over the TFDS `handbook` dataset, one per language, and the
-temperature-sampled multilingual mixture.
+"""seqio Tasks over a per-language TFDS corpus (the embedded `handbook`, or e.g.
+wiki40b), one per language, and the temperature-sampled multilingual mixture.
 
-Registration is a call, not an import side effect: the vocabulary is trained on
-the corpus first (bigsci_jax.vocab) and the TFDS data prepared in a data dir.
+Registration is a call, not an import side effect. `prepare` does everything a
+run needs on first use: prepares the TFDS data in a data dir, trains (or finds)
+the SentencePiece vocabulary, registers the Tasks and the mixture.
 
   from bigsci_jax.tasks import handbook
-  mixture = handbook.register(data_dir, vocab_path, {"en": 1.0e6, "fr": 0.7e6}, alpha=0.3)
-  handbook.register_language("sw", vocab_path, text_dir="/data/swahili")  # a new language
+  prepared = handbook.prepare(DataConfig(mixture="handbook_multilingual"))
+  handbook.register_language("sw", prepared.vocab_path, text_dir="/data/swahili")  # a new language
 """
 
+import dataclasses
 import glob
 import os
 
 import seqio
 import tensorflow as tf
 
-from bigsci_jax.corpus import CorpusError
+import tensorflow_datasets as tfds
 
+from bigsci_jax import corpus as handbook_corpus
 from bigsci_jax import handbook_dataset  # noqa: F401  (registers the TFDS builder)
+from bigsci_jax import vocab
+from bigsci_jax.corpus import CorpusError
 from bigsci_jax.data import temperature_rates
 
-MIXTURE = "handbook_multilingual"
+HANDBOOK_PATTERN = "handbook/{lang}:1.0.0"
+# A handbook language counts as translated when its train split holds this many TFDS
+# record bytes (~0.8 of 500 kB of text: the train split is 8 chapters in 10).
+MIN_TRAIN_BYTES = 400_000
 
 
-def task_name(lang, prefix_lm=False):
-  return f"handbook_{lang}" + ("_prefix" if prefix_lm else "")
+def task_name(lang, prefix_lm=False, corpus="handbook"):
+  return f"{corpus}_{lang.replace('-', '_')}" + ("_prefix" if prefix_lm else "")
+
+
+def mixture_name(prefix_lm=False, corpus="handbook"):
+  return f"{corpus}_multilingual" + ("_prefix" if prefix_lm else "")
 
 
 @seqio.map_over_dataset(num_seeds=1)
@@ -60,10 +72,11 @@ def split_to_length(dataset, sequence_length=None):
   return dataset.flat_map(chunks)
 
 
-def _add(name, source, vocabulary, prefix_lm):
+def _add(name, source, vocabulary, prefix_lm, clean=None):
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)
-  preprocessors = [_rekey_text, seqio.preprocessors.tokenize, split_to_length]
+  preprocessors = [_rekey_text] + ([clean] if clean else []) + [seqio.preprocessors.tokenize,
+                                                                 split_to_length]
   features = {"targets": seqio.Feature(vocabulary, add_eos=True)}
   if prefix_lm:
     preprocessors.append(random_prefix)
@@ -77,6 +90,22 @@ def _rekey_text(dataset):
   def rekey(x):
     return {"targets": x["text"] if isinstance(x, dict) else x}  # text files yield plain lines
   return dataset.map(rekey, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+_WIKI40B_MARKERS = r"_START_(ARTICLE|SECTION|PARAGRAPH)_\n"
+
+
+def clean_wiki40b(dataset):
+  """wiki40b marks structure inline (`_START_ARTICLE_\n`, `_NEWLINE_`); keep only the text."""
+  def clean(x):
+    text = tf.strings.regex_replace(x["targets"], _WIKI40B_MARKERS, "")
+    text = tf.strings.regex_replace(text, "_NEWLINE_", "\n")
+    return {**x, "targets": tf.strings.strip(text)}
+  return dataset.map(clean, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _cleaner(pattern):
+  return clean_wiki40b if pattern.startswith("wiki40b") else None
 
 
 def _text_files(text_dir):
@@ -120,17 +149,115 @@ def register_language(lang, vocab_path, *, text_dir=None, tfds_name=None, data_d
   return name
 
 
-def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False, dataset="handbook"):
-  """Register one Task per language of `sizes` ({lang: size}) over TFDS
-  `<dataset>/<lang>` in data_dir, and the mixture whose rates are proportional to
-  size^alpha. Returns the mixture name."""
+def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False,
+             pattern=HANDBOOK_PATTERN, corpus="handbook"):
+  """Register one Task per language of `sizes` ({lang: size}) over the TFDS dataset
+  `pattern.format(lang=lang)` in data_dir, and the mixture whose rates are
+  proportional to size^alpha. Returns the mixture name."""
   vocabulary = seqio.SentencePieceVocabulary(vocab_path)
   rates = temperature_rates(sizes, alpha)
   for lang in sizes:
-    source = seqio.TfdsDataSource(f"{dataset}/{lang}:1.0.0", tfds_data_dir=data_dir)
-    _add(task_name(lang, prefix_lm), source, vocabulary, prefix_lm)
-  name = MIXTURE + ("_prefix" if prefix_lm else "")
+    source = seqio.TfdsDataSource(pattern.format(lang=lang), tfds_data_dir=data_dir)
+    _add(task_name(lang, prefix_lm, corpus), source, vocabulary, prefix_lm, _cleaner(pattern))
+  name = mixture_name(prefix_lm, corpus)
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, [(task_name(l, prefix_lm), rates[l]) for l in sizes])
+  seqio.MixtureRegistry.add(name, [(task_name(l, prefix_lm, corpus), rates[l]) for l in sizes])
   return name
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """What `prepare` made ready: train on `mixture`, evaluate each of `tasks`."""
+  mixture: str
+  tasks: dict        # {lang: task name}
+  vocab_path: str
+  sizes: dict        # {lang: train-split bytes}, what the mixture rates follow
+
+
+def default_data_dir():
+  return os.environ.get("BIGSCI_DATA_DIR") or os.path.join(
+      os.path.expanduser("~"), ".cache", "bigsci_jax")
+
+
+def _builder(name, data_dir, prepare):
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except (tfds.core.registered.DatasetNotFoundError, ValueError) as e:
+    raise CorpusError(f"the TFDS dataset {name} does not exist ({str(e).splitlines()[0][:120]}): "
+                      f"check DataConfig.tfds_pattern and DataConfig.languages.") from None
+  if prepare:
+    builder.download_and_prepare()
+  return builder
+
+
+def handbook_languages(data_dir, dataset="handbook"):
+  """The handbook languages really translated: train split >= MIN_TRAIN_BYTES once the
+  paragraphs identical to en-US are gone (each config is prepared once, ~0.6 s)."""
+  configs = tfds.builder_cls(dataset).BUILDER_CONFIGS
+  return tuple(c.name for c in configs
+               if _builder(f"{dataset}/{c.name}", data_dir, True).info.splits["train"].num_bytes
+               >= MIN_TRAIN_BYTES)
+
+
+def _check_handbook_languages(languages, dataset):
+  known = [c.name for c in tfds.builder_cls(dataset).BUILDER_CONFIGS]
+  for lang in languages:
+    if lang not in known:
+      raise CorpusError(
+          f"unknown language {lang!r}: the handbook has {', '.join(known)}; add another language "
+          f"with bigsci_jax.tasks.handbook.register_language (a folder of text or a TFDS dataset).")
+
+
+def _train_texts(builder, max_chars):
+  texts, chars = [], 0
+  for x in builder.as_dataset(split="train", shuffle_files=False).as_numpy_iterator():
+    texts.append(x["text"].decode("utf-8"))
+    chars += len(texts[-1])
+    if chars >= max_chars:
+      break
+  return texts
+
+
+def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
+  """Prepare the TFDS data and the vocabulary for `data_cfg` (a config.DataConfig) and
+  register its Tasks and mixture; everything is cached in the data dir, so later
+  calls only read. `primary=False` (processes other than 0) never trains the
+  vocabulary: it must already be visible. `dataset` swaps the handbook's TFDS
+  builder (tests prepare a few chapters)."""
+  corpus, which = data_cfg.corpus, data_cfg.mixture.partition("_")[2]
+  data_dir = data_cfg.data_dir or default_data_dir()
+  if corpus == "handbook":
+    handbook_corpus.handbook_root()  # one sentence on how to install it when it is absent
+    pattern = f"{dataset}/{{lang}}:1.0.0"
+    languages = (data_cfg.languages or (handbook_languages(data_dir, dataset)
+                                        if which == "multilingual" else (which,)))
+    _check_handbook_languages(languages, dataset)
+  else:
+    pattern = data_cfg.tfds_pattern
+    languages = data_cfg.languages if which == "multilingual" else (which,)
+  builders = {lang: _builder(pattern.format(lang=lang), data_dir, corpus == "handbook")
+              for lang in languages}
+  sizes = {lang: float(b.info.splits["train"].num_bytes) for lang, b in builders.items()}
+  vocab_path = data_cfg.vocab_path
+  if not vocab_path:
+    cfg = vocab.VocabConfig(vocab_size=data_cfg.vocab_size, alpha=data_cfg.alpha,
+                            seed=data_cfg.seed)
+    if "://" in data_dir:
+      raise CorpusError(f"a vocabulary cannot be trained into {data_dir}: set "
+                        f"DataConfig.vocab_path to a SentencePiece model for this corpus.")
+    texts = {lang: _train_texts(b, cfg.sample_chars) for lang, b in builders.items()}
+    vocab_path = vocab.train(texts, os.path.join(data_dir, "vocab"), cfg, sizes=sizes,
+                             cached_only=not primary)
+  elif not tf.io.gfile.exists(vocab_path):
+    raise CorpusError(f"DataConfig.vocab_path={vocab_path} does not exist: point it at a "
+                      f"SentencePiece .model file, or leave it empty to train one on the corpus.")
+  if which == "multilingual":
+    mixture = register(data_dir, vocab_path, sizes, data_cfg.alpha, prefix_lm, pattern, corpus)
+  else:
+    vocabulary = seqio.SentencePieceVocabulary(vocab_path)
+    source = seqio.TfdsDataSource(pattern.format(lang=which), tfds_data_dir=data_dir)
+    mixture = task_name(which, prefix_lm, corpus)
+    _add(mixture, source, vocabulary, prefix_lm, _cleaner(pattern))
+  return Prepared(mixture=mixture, vocab_path=vocab_path, sizes=sizes,
+                  tasks={lang: task_name(lang, prefix_lm, corpus) for lang in languages})

@@ -13,3 +13,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:
   sys.path.insert(0, REPO)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def handbook_data_dir(tmp_path_factory):
+  """One TFDS data dir for the session: tests that prepare handbook data share its cache."""
+  return str(tmp_path_factory.mktemp("handbook_data"))

@@ -11,7 +11,8 @@ import numpy as np
 import train
 from bigsci_jax.metrics import read_metrics
 
-FLAGS = ["--no_progress", "--gin.TRAIN_STEPS=4", "--gin.TrainConfig.checkpoint_every=2",
+FLAGS = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=256",
+         "--gin.TrainConfig.eval_batches=2", "--gin.TRAIN_STEPS=4", "--gin.TrainConfig.checkpoint_every=2",
          "--gin.TrainConfig.eval_every=0", "--gin.MeshConfig.data=2", "--gin.MeshConfig.fsdp=4"]
 
 

@@ -33,17 +33,17 @@ def prepared(tmp_path_factory):
     texts[lang] = [d["text"] for d in corpus.documents(root, locale, english, set(chapters))]
   vocab_path = vocab.train(texts, str(tmp_path_factory.mktemp("vocab")),
                            vocab.VocabConfig(vocab_size=2000, sample_chars=200_000))
-  return data_dir, vocab_path, dataset, texts
+  return data_dir, vocab_path, f"{dataset}/{{lang}}:1.0.0", texts
 
 
 @pytest.mark.parametrize("alpha", [0.3, 1.0])
 def test_mixture_shares_follow_the_temperature_rates(prepared, alpha):
-  data_dir, vocab_path, dataset, texts = prepared
+  data_dir, vocab_path, pattern, texts = prepared
   sizes = {lang: sum(map(len, docs)) for lang, docs in texts.items()}
-  name = handbook.register(data_dir, vocab_path, sizes, alpha=alpha, dataset=dataset)
+  name = handbook.register(data_dir, vocab_path, sizes, alpha=alpha, pattern=pattern)
   train_docs = {}
   for lang in sizes:
-    builder = tfds.builder(f"{dataset}/{lang}", data_dir=data_dir)
+    builder = tfds.builder(pattern.format(lang=lang), data_dir=data_dir)
     for x in builder.as_dataset(split="train").as_numpy_iterator():
       train_docs[x["text"]] = lang
   mixture = seqio.get_mixture_or_task(name)
@@ -66,9 +66,9 @@ def test_temperature_rates():
 
 
 def test_prefix_lm_split_reassembles_the_document(prepared):
-  data_dir, vocab_path, dataset, texts = prepared
+  data_dir, vocab_path, pattern, texts = prepared
   sizes = {lang: 1.0 for lang in texts}
-  handbook.register(data_dir, vocab_path, sizes, prefix_lm=True, dataset=dataset)
+  handbook.register(data_dir, vocab_path, sizes, prefix_lm=True, pattern=pattern)
   task = seqio.get_mixture_or_task(handbook.task_name("fr", prefix_lm=True))
   vocabulary = seqio.SentencePieceVocabulary(vocab_path)
   cuts = []
@@ -81,8 +81,8 @@ def test_prefix_lm_split_reassembles_the_document(prepared):
 
 
 def test_two_process_shards_are_disjoint_and_cover_the_data(prepared):
-  data_dir, vocab_path, dataset, texts = prepared
-  handbook.register(data_dir, vocab_path, {lang: 1.0 for lang in texts}, dataset=dataset)
+  data_dir, vocab_path, pattern, texts = prepared
+  handbook.register(data_dir, vocab_path, {lang: 1.0 for lang in texts}, pattern=pattern)
   task = seqio.get_mixture_or_task(handbook.task_name("ja"))
 
   def documents(shard_info=None):
@@ -121,9 +121,9 @@ def test_text_folder_errors_name_the_problem(prepared, tmp_path):
 @pytest.mark.parametrize("prefix_lm", [False, True])
 def test_packed_rows_resume_exactly_and_mark_prefixes(prepared, prefix_lm):
   from bigsci_jax.pipeline import SeqioSource
-  data_dir, vocab_path, dataset, texts = prepared
+  data_dir, vocab_path, pattern, texts = prepared
   name = handbook.register(data_dir, vocab_path, {l: 1.0 for l in texts}, prefix_lm=prefix_lm,
-                           dataset=dataset)
+                           pattern=pattern)
   straight = SeqioSource(name, 64, prefix_lm=prefix_lm, seed=5)
   batches = [straight.take(4) for _ in range(5)]
   resumed = SeqioSource(name, 64, prefix_lm=prefix_lm, seed=5)

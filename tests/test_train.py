@@ -87,10 +87,16 @@ def test_missing_gin_file_is_reported(tmp_path, capsys):
   assert rc == 2 and "runs/nope.gin" in capsys.readouterr().err
 
 
+SYNTHETIC_SMOKE = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=256",
+                   "--gin.TRAIN_STEPS=200", "--gin.TrainConfig.eval_every=100",
+                   "--gin.TrainConfig.eval_batches=2"]
+
+
 def test_cpu_smoke_run_learns_and_logs(tmp_path):
-  """The embedded default: loss falls >= 30% in 200 steps; metrics and TensorBoard written."""
+  """The CPU smoke run on synthetic data: loss falls >= 30% in 200 steps; metrics and
+  TensorBoard written; running again continues the saved run."""
   model_dir = str(tmp_path / "smoke")
-  assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
+  assert train.main([f"--model_dir={model_dir}"] + SYNTHETIC_SMOKE) == 0
   rows = read_metrics(model_dir, "train")
   assert [r["step"] for r in rows] == list(range(1, 201))
   first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
@@ -113,6 +119,7 @@ def test_cpu_smoke_run_learns_and_logs(tmp_path):
   # Running again continues from the saved config and checkpoint: nothing left to do...
   assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
   assert len(read_metrics(model_dir, "train")) == 200
+  assert json.load(open(os.path.join(model_dir, "config.json")))["data"]["mixture"] == "synthetic"
   # ...unless a flag on top of the saved config.gin extends the run.
   assert train.main([f"--model_dir={model_dir}", "--no_progress", "--gin.TRAIN_STEPS=205"]) == 0
   assert [r["step"] for r in read_metrics(model_dir, "train")][-6:] == list(range(200, 206))
@@ -126,7 +133,7 @@ def test_run_config_round_trips_through_json():
 
 def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
   model_dir = tmp_path / "nan"
-  rc = train.main([f"--model_dir={model_dir}", "--no_progress", "--gin.TRAIN_STEPS=30",
+  rc = train.main([f"--model_dir={model_dir}", *SYNTHETIC_SMOKE, "--gin.TRAIN_STEPS=30",
                    "--gin.OptimizerConfig.optimizer='sgd'", "--gin.OptimizerConfig.clip_norm=None",
                    "--gin.OptimizerConfig.learning_rate=1e12", "--gin.OptimizerConfig.warmup_steps=0"])
   err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,5 +1,8 @@
 """Run a plan: train each run in turn (resuming interrupted ones, skipping finished
-ones) and collect the final evaluation losses into `runs.csv`."""
+ones) and collect the final evaluation losses into `runs.csv`, and, when the runs
+evaluate per language, one row per run and language into `runs_by_lang.csv`
+(`loss` = that language's loss in nats per token, plus its `bpb`), for
+`scaling fit --by lang`."""
 
 import csv
 import json
@@ -15,29 +18,42 @@ RESULT_COLUMNS = ("run", "budget", "params", "params_non_embedding", "tokens", "
                   "flops_kaplan", "flops_chinchilla", "flops_porian", "loss")
 
 
-def _final_eval_loss(model_dir, train_steps):
+LANG_COLUMNS = RESULT_COLUMNS + ("lang", "bpb")
+
+
+def _final_eval(model_dir, train_steps):
   rows = [r for r in read_metrics(model_dir, "eval") if r["step"] == train_steps]
-  return rows[-1]["loss"] if rows else None
+  return rows[-1] if rows else None
+
+
+def _write_csv(path, columns, rows):
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+  os.replace(tmp, path)
 
 
 def run_plan(plan_dir, progress=True):
   """Train every run of plan_dir; returns the rows written to plan_dir/runs.csv."""
   with open(os.path.join(plan_dir, "plan.csv"), newline="") as f:
     plan = list(csv.DictReader(f))
-  results = []
+  results, by_lang = [], []
   for row in tqdm.tqdm(plan, desc="sweep", disable=not progress):
     with open(os.path.join(plan_dir, "configs", f"{row['run']}.json")) as f:
       run = RunConfig.from_dict(json.load(f))
     model_dir = os.path.join(plan_dir, "runs", row["run"])
-    loss = _final_eval_loss(model_dir, run.train.train_steps)
-    if loss is None:  # not finished: train, resuming from a checkpoint if there is one
+    final = _final_eval(model_dir, run.train.train_steps)
+    if final is None:  # not finished: train, resuming from a checkpoint if there is one
       loop.train(run, model_dir, progress=False)
-      loss = _final_eval_loss(model_dir, run.train.train_steps)
-    results.append({**{k: row[k] for k in RESULT_COLUMNS if k in row}, "loss": loss})
-  tmp = os.path.join(plan_dir, "runs.csv.tmp")
-  with open(tmp, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
-    writer.writeheader()
-    writer.writerows(results)
-  os.replace(tmp, os.path.join(plan_dir, "runs.csv"))
+      final = _final_eval(model_dir, run.train.train_steps)
+    planned = {k: row[k] for k in RESULT_COLUMNS if k in row}
+    results.append({**planned, "loss": final["loss"]})
+    for key in sorted(k for k in final if k.startswith("loss/")):
+      lang = key.split("/", 1)[1]
+      by_lang.append({**planned, "lang": lang, "loss": final[key], "bpb": final[f"bpb/{lang}"]})
+  _write_csv(os.path.join(plan_dir, "runs.csv"), RESULT_COLUMNS, results)
+  if by_lang:
+    _write_csv(os.path.join(plan_dir, "runs_by_lang.csv"), LANG_COLUMNS, by_lang)
   return results

@@ -1,0 +1,142 @@
+"""The real corpus end to end: which languages are translated, the vocabulary's byte
+accounting, and training on the handbook mixture with per-language evaluation."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+tf = pytest.importorskip("tensorflow")
+tf.config.set_visible_devices([], "GPU")
+tfds = pytest.importorskip("tensorflow_datasets")
+
+import train  # noqa: E402
+from bigsci_jax import loop, vocab  # noqa: E402
+from bigsci_jax.config import (BatchConfig, DataConfig, ModelConfig, OptimizerConfig,  # noqa: E402
+                               RunConfig, TrainConfig)
+from bigsci_jax.corpus import CorpusError  # noqa: E402
+from bigsci_jax.metrics import read_metrics  # noqa: E402
+from bigsci_jax.tasks import handbook  # noqa: E402
+
+LANGS = ("en", "fr", "ja")
+
+
+def _docs(data_dir, lang, split):
+  builder = tfds.builder(f"handbook/{lang}", data_dir=data_dir)
+  return [x["text"].decode() for x in builder.as_dataset(split=split).as_numpy_iterator()]
+
+
+def _run(data_dir, prefix_lm=False, steps=4):
+  return RunConfig(
+      model=ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=4096,
+                        max_len=64, dtype="float32", mask="prefix" if prefix_lm else "causal"),
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=1),
+      batch=BatchConfig(batch_size=8, seq_len=64),
+      data=DataConfig(mixture="handbook_multilingual", languages=LANGS, data_dir=data_dir,
+                      vocab_size=4000),
+      train=TrainConfig(train_steps=steps, checkpoint_every=2, eval_batches=0, eval_every=0))
+
+
+def test_fourteen_languages_are_really_translated(handbook_data_dir):
+  langs = handbook.handbook_languages(handbook_data_dir)
+  assert len(langs) == 14 and "zh_cn" in langs, langs
+  assert not {"da", "sv", "zh_tw"} & set(langs)  # mostly untranslated English
+
+
+def test_vocabulary_round_trips_and_spells_bytes_in_every_language(handbook_data_dir):
+  import sentencepiece as spm
+  prepared = handbook.prepare(DataConfig(mixture="handbook_multilingual",
+                                         data_dir=handbook_data_dir, vocab_size=4000))
+  assert len(prepared.tasks) == 14
+  assert handbook.prepare(DataConfig(mixture="handbook_multilingual", data_dir=handbook_data_dir,
+                                     vocab_size=4000)).vocab_path == prepared.vocab_path  # cached
+  sp = spm.SentencePieceProcessor(model_file=prepared.vocab_path)
+  lengths = vocab.token_bytes(open(prepared.vocab_path, "rb").read())
+  assert sp.pad_id() == 0 and sp.eos_id() == 1 and lengths[1] == 0
+  for lang in prepared.tasks:
+    for text in _docs(handbook_data_dir, lang, "validation")[:3]:
+      ids = sp.encode(text)
+      assert sp.decode(ids) == text, lang
+      assert lengths[ids].sum() == len(text.encode()), lang
+  unseen = "unseen: 🦜 ǅ"  # byte fallback
+  assert sp.decode(sp.encode(unseen)) == unseen
+  assert lengths[sp.encode(unseen)].sum() == len(unseen.encode())
+
+
+def test_vocabulary_sample_follows_the_temperature(handbook_data_dir):
+  handbook.prepare(DataConfig(mixture="handbook_fr", data_dir=handbook_data_dir, vocab_size=4000))
+  texts = {lang: _docs(handbook_data_dir, lang, "train") for lang in ("en", "fr")}
+  french_paragraphs = {p for d in texts["fr"] for p in d.split("\n")}
+  for alpha, sizes, low, high in ((0.0, None, 0.4, 0.6), (1.0, {"en": 9.0, "fr": 1.0}, 0.05, 0.15)):
+    sample = vocab.training_sample(texts, vocab.VocabConfig(alpha=alpha, sample_chars=50_000),
+                                   sizes)
+    french = sum(len(line) for line in sample if line in french_paragraphs)
+    assert low < french / sum(map(len, sample)) < high, alpha
+
+
+def test_unknown_language_and_missing_corpus_are_one_sentence(handbook_data_dir, monkeypatch):
+  with pytest.raises(CorpusError, match=r"unknown language 'xx'.*register_language"):
+    handbook.prepare(DataConfig(mixture="handbook_xx", data_dir=handbook_data_dir))
+  with pytest.raises(CorpusError, match=r"unknown language 'klingon'"):
+    handbook.prepare(DataConfig(mixture="handbook_multilingual", languages=("en", "klingon"),
+                                data_dir=handbook_data_dir))
+  monkeypatch.setenv("BIGSCI_HANDBOOK_HTML", "/nonexistent")
+  with pytest.raises(CorpusError, match="apt-get install -y debian-handbook"):
+    handbook.prepare(DataConfig(mixture="handbook_en", data_dir=handbook_data_dir))
+
+
+def test_bits_per_byte_counts_every_byte_of_the_validation_split(handbook_data_dir):
+  """The byte total behind bpb/<lang> is the UTF-8 length of that language's whole
+  validation split, read straight from TFDS."""
+  run = _run(handbook_data_dir)
+  _, evals, token_bytes = loop.make_data(run)
+  assert set(evals) == set(LANGS)
+  for lang in LANGS:
+    batches, size = loop.eval_micro_batches(evals[lang], run.batch.micro_batch_size, token_bytes)
+    assert size == sum(len(d.encode()) for d in _docs(handbook_data_dir, lang, "validation"))
+    assert all(b["decoder_target_tokens"].shape == (8, 64) for b in batches)
+
+
+def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, tmp_path):
+  run = _run(handbook_data_dir, prefix_lm=True)
+  straight = loop.train(run, str(tmp_path / "straight"), progress=False)
+  resumed_dir = str(tmp_path / "resumed")
+  loop.train(dataclasses.replace(run, train=dataclasses.replace(run.train, train_steps=2)),
+             resumed_dir, progress=False)
+  resumed = loop.train(run, resumed_dir, progress=False)
+  train_lines = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "straight"), "train")]
+  assert [(r["step"], r["loss"]) for r in read_metrics(resumed_dir, "train")] == train_lines
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+               jax.device_get(straight["state"].params))
+
+  final = read_metrics(str(tmp_path / "straight"), "eval")[-1]
+  losses = [final[f"loss/{lang}"] for lang in LANGS]
+  assert min(losses) < final["loss"] < max(losses)  # pooled over the languages' tokens
+  for lang in LANGS:
+    assert 0 < final[f"bpb/{lang}"] == straight[f"bpb/{lang}"]
+  from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+  events = EventAccumulator(str(tmp_path / "straight"))
+  events.Reload()
+  assert [e.value for e in events.Scalars("eval/bpb/ja")] == pytest.approx([final["bpb/ja"]])
+
+
+def test_default_command_prints_bits_per_byte_per_language(handbook_data_dir, tmp_path, capsys):
+  """`python train.py` as the README runs it, shortened to 3 languages and 150 steps."""
+  model_dir = str(tmp_path / "default")
+  rc = train.main([f"--model_dir={model_dir}", "--no_progress", "--gin.TRAIN_STEPS=150",
+                   f"--gin.DataConfig.data_dir='{handbook_data_dir}'",
+                   "--gin.DataConfig.languages=['en', 'fr', 'ja']",
+                   "--gin.DataConfig.vocab_size=4000", "--gin.TrainConfig.eval_every=75"])
+  assert rc == 0
+  out = capsys.readouterr().out.splitlines()
+  assert out[-2].startswith("validation bits per UTF-8 byte: en ")
+  rows = read_metrics(model_dir, "train")
+  first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
+  assert last <= 0.75 * first, (first, last)
+  evals = read_metrics(model_dir, "eval")
+  assert [r["step"] for r in evals] == [75, 150]
+  for lang in LANGS:
+    assert evals[1][f"bpb/{lang}"] < evals[0][f"bpb/{lang}"], lang
