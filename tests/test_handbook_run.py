@@ -77,7 +77,8 @@ def test_vocabulary_sample_follows_the_temperature(handbook_data_dir):
     assert low < french / sum(map(len, sample)) < high, alpha
 
 
-def test_unknown_language_and_missing_corpus_are_one_sentence(handbook_data_dir, monkeypatch):
+def test_unknown_language_and_missing_corpus_are_one_sentence(handbook_data_dir, monkeypatch,
+                                                               tmp_path):
   with pytest.raises(CorpusError, match=r"unknown language 'xx'.*register_language"):
     handbook.prepare(DataConfig(mixture="handbook_xx", data_dir=handbook_data_dir))
   with pytest.raises(CorpusError, match=r"unknown language 'klingon'"):
@@ -85,7 +86,8 @@ def test_unknown_language_and_missing_corpus_are_one_sentence(handbook_data_dir,
                                 data_dir=handbook_data_dir))
   monkeypatch.setenv("BIGSCI_HANDBOOK_HTML", "/nonexistent")
   with pytest.raises(CorpusError, match="apt-get install -y debian-handbook"):
-    handbook.prepare(DataConfig(mixture="handbook_en", data_dir=handbook_data_dir))
+    handbook.prepare(DataConfig(mixture="handbook_en", data_dir=str(tmp_path / "data")))
+  assert not (tmp_path / "data").exists()  # nothing half-prepared
 
 
 def test_bits_per_byte_counts_every_byte_of_the_validation_split(handbook_data_dir):
@@ -140,3 +142,13 @@ def test_default_command_prints_bits_per_byte_per_language(handbook_data_dir, tm
   assert [r["step"] for r in evals] == [75, 150]
   for lang in LANGS:
     assert evals[1][f"bpb/{lang}"] < evals[0][f"bpb/{lang}"], lang
+
+
+def test_train_py_without_the_corpus_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv("BIGSCI_HANDBOOK_HTML", str(tmp_path / "no_handbook"))
+  rc = train.main([f"--model_dir={tmp_path / 'run'}", "--no_progress",
+                   f"--gin.DataConfig.data_dir='{tmp_path / 'data'}'"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and err[-1].startswith("error: the Debian Administrator's Handbook was not found")
+  assert "apt-get install -y debian-handbook" in err[-1]
+  assert not (tmp_path / "run" / "config.gin").exists()

@@ -135,6 +135,10 @@ def _write(tmp_path, header, rows):
     (["params", "tokens", "loss"], [[1e6, 1e9, -3.0]], "3", "column 'loss' is -3; it must be positive"),
     (["params", "tokens", "loss", "budget"], [[1e6, 1e9, 3.0, 6e15], [2e6, 5e8, 2.9, 6e15]], "2",
      "has 2 model size(s); approach 2 needs at least 3 per budget"),
+    # Bigger models worse at every data size (tiny data-starved runs): no law, no complex optimum.
+    (["params", "tokens", "loss"], [[n, d, 5.0 + 0.3 * k - 0.2 * j] for k, n in enumerate((6e4, 2e5))
+                                    for j, d in enumerate((2e4, 6e4, 2e5))], "3",
+     "so loss does not fall with both model size and data"),
 ])
 def test_bad_tables_stop_with_one_sentence(tmp_path, capsys, header, rows, approach, message):
   path = _write(tmp_path, header, rows)

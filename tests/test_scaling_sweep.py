@@ -1,4 +1,4 @@
-"""Plan -> run -> fit -> plot, end to end on CPU with the synthetic source."""
+"""Plan -> run -> fit -> plot, end to end on CPU with the synthetic source and the handbook."""
 
 import csv
 import json
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bigsci_jax.config import BatchConfig, DataConfig, MeshConfig, ModelConfig, RunConfig, TrainConfig
+from bigsci_jax.metrics import read_metrics
 from bigsci_jax.scaling import flops_per_token, plan
 from bigsci_jax.scaling.__main__ import main as scaling_main
 
@@ -61,6 +62,15 @@ def test_tiny_sweep_runs_resumes_fits_and_plots(tmp_path, capsys):
   for points in by_model.values():
     points.sort()
     assert points[-1][1] < points[0][1]
+  # curves.csv: every logged step, its FLOP columns following the tokens seen.
+  with open(os.path.join(out, "curves.csv")) as f:
+    curves = list(csv.DictReader(f))
+  for r in rows:
+    mine = [c for c in curves if c["run"] == r["run"]]
+    assert [int(c["step"]) for c in mine] == list(range(1, len(mine) + 1))
+    for key in ("tokens", "flops", "flops_kaplan", "flops_porian"):
+      assert float(mine[-1][key]) == pytest.approx(float(r[key]), rel=1e-3), key
+    assert float(mine[0]["flops"]) == pytest.approx(float(r["flops"]) / len(mine), rel=1e-3)
   # Running the plan again trains nothing: every run is already finished.
   metrics = os.path.join(out, "runs", rows[0]["run"], "metrics.jsonl")
   before = os.path.getmtime(metrics)
@@ -93,3 +103,52 @@ def test_three_budget_sweep_with_three_sizes_each(tmp_path, capsys):
   rc = scaling_main(["fit", "--approach", "3", "--runs", os.path.join(out, "runs.csv"),
                      "--bootstrap", "50", "--out", os.path.join(out, "fit"), "--compute", "1e12"])
   assert rc == 0 and _last_json(capsys)["optimal"][0]["N"] > 0
+
+
+def _handbook_base(tmp_path, data_dir):
+  base = RunConfig(model=ModelConfig(vocab_size=1024, max_len=512, dtype="float32"),
+                   batch=BatchConfig(batch_size=8, seq_len=64), mesh=MeshConfig(1, 1, 1),
+                   data=DataConfig(mixture="handbook_multilingual", languages=("en", "fr"),
+                                   data_dir=data_dir, vocab_size=1000),
+                   train=TrainConfig(eval_batches=2))
+  path = tmp_path / "handbook_base.json"
+  path.write_text(json.dumps(base.to_dict()))
+  return str(path)
+
+
+def _per_language_sweep(tmp_path, capsys, data_dir, budgets, sizes):
+  pytest.importorskip("seqio")
+  out = str(tmp_path / "plan")
+  assert scaling_main(["plan", "--budgets", *map(str, budgets), "--sizes_per_budget", str(sizes),
+                       "--spread", "3", "--head_dim", "16", "--batch_size", "8", "--out", out,
+                       "--base", _handbook_base(tmp_path, data_dir)]) == 0
+  capsys.readouterr()
+  assert scaling_main(["run", "--plan", out, "--no_progress"]) == 0
+  by_lang_csv = _last_json(capsys)["runs_by_lang_csv"]
+  with open(by_lang_csv) as f:
+    by_lang = list(csv.DictReader(f))
+  with open(os.path.join(out, "runs.csv")) as f:
+    runs = list(csv.DictReader(f))
+  assert sorted((r["run"], r["lang"]) for r in by_lang) == sorted(
+      (r["run"], lang) for r in runs for lang in ("en", "fr"))
+  for r in by_lang:  # each row is that run's final per-language evaluation
+    final = read_metrics(os.path.join(out, "runs", r["run"]), "eval")[-1]
+    assert float(r["loss"]) == pytest.approx(final[f"loss/{r['lang']}"])
+    assert float(r["bpb"]) == pytest.approx(final[f"bpb/{r['lang']}"]) and float(r["bpb"]) > 0
+  return out, by_lang_csv
+
+
+def test_sweep_on_the_handbook_writes_per_language_rows(tmp_path, capsys, handbook_data_dir):
+  _per_language_sweep(tmp_path, capsys, handbook_data_dir, (3e10,), 2)
+
+
+@pytest.mark.slow
+def test_per_language_laws_from_a_handbook_sweep(tmp_path, capsys, handbook_data_dir):
+  out, by_lang_csv = _per_language_sweep(tmp_path, capsys, handbook_data_dir,
+                                         (1e11, 3e11, 1e12), 3)
+  assert scaling_main(["fit", "--approach", "3", "--runs", by_lang_csv, "--by", "lang",
+                       "--bootstrap", "20", "--out", os.path.join(out, "fit")]) == 0
+  result = _last_json(capsys)
+  assert set(result["groups"]) == {"en", "fr"}
+  assert all(g["alpha"] > 0 and g["beta"] > 0 for g in result["groups"].values())
+  assert os.path.getsize(result["plots"][0]) > 10_000

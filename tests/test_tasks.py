@@ -151,5 +151,9 @@ def test_packed_rows_resume_exactly_and_mark_prefixes(prepared, prefix_lm):
         assert p[:n_prefix].all() and not p[n_prefix:].any()        # a contiguous head
         assert (b["decoder_loss_weights"][row, where[:n_prefix - 1]] == 0).all()
         assert (b["decoder_loss_weights"][row, where[n_prefix:]] == 1).all()
+    # DataConfig.loss_on_prefix: the same rows, with loss on every real token.
+    on_prefix = SeqioSource(name, 64, prefix_lm=True, loss_on_prefix=True, seed=5).take(4)
+    np.testing.assert_array_equal(on_prefix["decoder_target_tokens"], b["decoder_target_tokens"])
+    np.testing.assert_array_equal(on_prefix["decoder_loss_weights"], segments > 0)
   else:
     assert not b["decoder_causal_attention"].any()

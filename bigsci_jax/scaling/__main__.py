@@ -2,7 +2,7 @@
 
   python -m bigsci_jax.scaling plan --budgets 1e15 3e15 1e16 --out PLAN [--base model_dir/config.json]
   python -m bigsci_jax.scaling run --plan PLAN          # trains every run, writes PLAN/runs.csv
-                                                        # (and runs_by_lang.csv per language)
+                                                        # (+ runs_by_lang.csv, curves.csv)
   python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
       [--compute C ...] [--out DIR] [--by lang]
   python -m bigsci_jax.scaling fit-hparams --runs SWEEP.csv --out LAWS.json   # for plan --hparams
@@ -121,7 +121,8 @@ def _hparam_rules(args):
 def run_command(args):
   from bigsci_jax.scaling import sweep  # imports the training stack
   rows = sweep.run_plan(args.plan, progress=not args.no_progress)
-  result = {"runs_csv": os.path.join(args.plan, "runs.csv"), "runs": len(rows)}
+  result = {"runs_csv": os.path.join(args.plan, "runs.csv"), "runs": len(rows),
+            "curves_csv": os.path.join(args.plan, "curves.csv")}
   by_lang = os.path.join(args.plan, "runs_by_lang.csv")
   if os.path.exists(by_lang):
     result["runs_by_lang_csv"] = by_lang

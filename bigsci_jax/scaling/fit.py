@@ -81,6 +81,10 @@ def fit_approach3(runs: Runs, delta=1e-3, starts=None, keep=16):
     if best is None or res.fun < best.fun:
       best = res
   a, b, e, alpha, beta = best.x
+  if alpha <= 0 or beta <= 0:
+    raise TableError(f"{runs.source}: the best L(N, D) fit has alpha={alpha:.3g}, beta={beta:.3g}, "
+                     f"so loss does not fall with both model size and data in these runs; add runs "
+                     f"over a wider range of sizes and budgets.")
   result = {"E": float(np.exp(e)), "A": float(np.exp(a)), "B": float(np.exp(b)),
             "alpha": float(alpha), "beta": float(beta),
             "a": float(beta / (alpha + beta)), "b": float(alpha / (alpha + beta)),
@@ -280,6 +284,9 @@ def bootstrap(fitter, runs: Runs, point, samples=200, seed=0, **kwargs):
     except TableError:
       continue
     draws.append([fit[k] for k in keys])
+  if not draws:
+    raise TableError(f"{runs.source}: no bootstrap resample of these {len(runs)} runs could be "
+                     f"fitted; add runs, or pass --bootstrap 0.")
   draws = np.asarray(draws)
   return {f"{k}_ci": [float(np.percentile(draws[:, i], 2.5)), float(np.percentile(draws[:, i], 97.5))]
           for i, k in enumerate(keys)}

@@ -2,7 +2,8 @@
 ones) and collect the final evaluation losses into `runs.csv`, and, when the runs
 evaluate per language, one row per run and language into `runs_by_lang.csv`
 (`loss` = that language's loss in nats per token, plus its `bpb`), for
-`scaling fit --by lang`."""
+`scaling fit --by lang`; every logged training step goes into `curves.csv`
+(tokens and FLOPs seen so far, train loss), for `scaling fit --approach 1`."""
 
 import csv
 import json
@@ -19,6 +20,19 @@ RESULT_COLUMNS = ("run", "budget", "params", "params_non_embedding", "tokens", "
 
 
 LANG_COLUMNS = RESULT_COLUMNS + ("lang", "bpb")
+CURVE_COLUMNS = RESULT_COLUMNS + ("step",)
+_FLOPS = ("flops", "flops_kaplan", "flops_chinchilla", "flops_porian")
+
+
+def _curve(model_dir, planned):
+  """The run's training curve as rows: FLOP columns scaled from the plan's by tokens seen."""
+  rows = []
+  for line in read_metrics(model_dir, "train"):
+    share = line["tokens_seen"] / float(planned["tokens"])
+    rows.append({**planned, "tokens": line["tokens_seen"], "loss": line["loss"],
+                 "step": line["step"],
+                 **{k: float(planned[k]) * share for k in _FLOPS if k in planned}})
+  return rows
 
 
 def _final_eval(model_dir, train_steps):
@@ -39,7 +53,7 @@ def run_plan(plan_dir, progress=True):
   """Train every run of plan_dir; returns the rows written to plan_dir/runs.csv."""
   with open(os.path.join(plan_dir, "plan.csv"), newline="") as f:
     plan = list(csv.DictReader(f))
-  results, by_lang = [], []
+  results, by_lang, curves = [], [], []
   for row in tqdm.tqdm(plan, desc="sweep", disable=not progress):
     with open(os.path.join(plan_dir, "configs", f"{row['run']}.json")) as f:
       run = RunConfig.from_dict(json.load(f))
@@ -50,10 +64,12 @@ def run_plan(plan_dir, progress=True):
       final = _final_eval(model_dir, run.train.train_steps)
     planned = {k: row[k] for k in RESULT_COLUMNS if k in row}
     results.append({**planned, "loss": final["loss"]})
+    curves += _curve(model_dir, planned)
     for key in sorted(k for k in final if k.startswith("loss/")):
       lang = key.split("/", 1)[1]
       by_lang.append({**planned, "lang": lang, "loss": final[key], "bpb": final[f"bpb/{lang}"]})
   _write_csv(os.path.join(plan_dir, "runs.csv"), RESULT_COLUMNS, results)
+  _write_csv(os.path.join(plan_dir, "curves.csv"), CURVE_COLUMNS, curves)
   if by_lang:
     _write_csv(os.path.join(plan_dir, "runs_by_lang.csv"), LANG_COLUMNS, by_lang)
   return results
