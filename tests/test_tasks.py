@@ -157,3 +157,10 @@ def test_packed_rows_resume_exactly_and_mark_prefixes(prepared, prefix_lm):
     np.testing.assert_array_equal(on_prefix["decoder_loss_weights"], segments > 0)
   else:
     assert not b["decoder_causal_attention"].any()
+
+
+def test_wiki40b_structure_markers_are_stripped():
+  raw = "\n_START_ARTICLE_\nDebian\n_START_SECTION_\nHistory\n_START_PARAGRAPH_\nOne._NEWLINE_Two."
+  dataset = tf.data.Dataset.from_tensor_slices({"targets": [raw]})
+  assert [x["targets"].decode() for x in handbook.clean_wiki40b(dataset).as_numpy_iterator()] == [
+      "Debian\nHistory\nOne.\nTwo."]
