@@ -128,10 +128,16 @@ class OptimizerConfig:
   weight_decay: float = 0.1
   no_decay: tuple = ("bias", "scale", "embedding")  # parameter names never decayed
   clip_norm: Optional[float] = 1.0
+  # After a growth stage (Shen et al. 2022): from step rewarm_start the LR re-warms
+  # linearly over rewarm_steps to the schedule's value there; 0: no re-warm.
+  rewarm_start: int = 0
+  rewarm_steps: int = 0
 
   def __post_init__(self):
     _check_literals(self)
     _check(self.learning_rate > 0, self, "learning_rate", "it must be positive")
+    _check(self.rewarm_start >= 0, self, "rewarm_start", "it must be >= 0")
+    _check(self.rewarm_steps >= 0, self, "rewarm_steps", "it must be >= 0")
     _check(self.warmup_steps >= 0, self, "warmup_steps", "it must be >= 0")
     _check(0.0 <= self.final_lr_fraction <= 1.0, self, "final_lr_fraction", "it must be in [0, 1]")
     _check(0.0 <= self.b1 < 1.0, self, "b1", "it must be in [0, 1)")

@@ -12,7 +12,9 @@ def learning_rate_schedule(cfg: OptimizerConfig, train_steps: int):
 
   cosine / linear reach `final_lr_fraction * peak` at `decay_steps` (default: the
   run's length) and stay there; inverse_sqrt decays as sqrt(warmup / step) and is
-  floored at the same fraction; constant stays at the peak.
+  floored at the same fraction; constant stays at the peak. With rewarm_steps = W
+  (a run continued after growth from step R = rewarm_start), steps R <= t < R + W
+  get (t - R) / W * f(R + W) instead of f(t).
   """
   peak, warmup = cfg.learning_rate, cfg.warmup_steps
   total = cfg.decay_steps or train_steps
@@ -32,7 +34,16 @@ def learning_rate_schedule(cfg: OptimizerConfig, train_steps: int):
       decayed = jnp.asarray(peak, jnp.float32)
     return jnp.where(step < warmup, warm, decayed)
 
-  return schedule
+  if not cfg.rewarm_steps:
+    return schedule
+  start, length = cfg.rewarm_start, cfg.rewarm_steps
+
+  def rewarmed(step):
+    step = jnp.asarray(step, jnp.float32)
+    ramp = (step - start) / length * schedule(start + length)
+    return jnp.where((step >= start) & (step < start + length), ramp, schedule(step))
+
+  return rewarmed
 
 
 def decay_mask(params, no_decay):

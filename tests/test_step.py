@@ -85,6 +85,17 @@ def test_schedule_shapes():
   assert float(const(99)) == pytest.approx(peak)
 
 
+def test_rewarm_after_growth_matches_the_issue_test_vector():
+  """Shen et al. 2022 staged training: warmup 3000, linear decay to 0 at 250,000, the
+  step counter jumped to R = 3319, LR re-warmed over W_r = 200 steps."""
+  f = learning_rate_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=3000, decay="linear",
+                                             final_lr_fraction=0.0, rewarm_start=3319,
+                                             rewarm_steps=200), 250_000)
+  expected = {3319: 0.0, 3419: 0.498949, 3518: 0.992909, 3519: 0.997899, 4519: 0.993850}
+  for step, value in expected.items():
+    assert float(f(step)) == pytest.approx(value, abs=1e-6), step
+
+
 def test_weight_decay_skips_norms_biases_and_embeddings():
   params = init_params(Transformer(CFG), jax.random.key(0))
   mask = decay_mask(params, OptimizerConfig().no_decay)
