@@ -68,6 +68,7 @@ class ModelConfig:
   mask: Literal["causal", "prefix"] = "causal"
   position: Literal["learned", "sinusoidal", "rotary", "alibi", "none"] = "learned"
   rope_theta: float = 10000.0
+  sinusoid_tiles: int = 1  # sinusoidal table built at d_model / tiles and repeated (width growth)
   alibi_slopes: Optional[tuple] = None  # None: default_alibi_slopes(num_heads)
   activation: Literal["gelu", "geglu", "swiglu", "relu2"] = "gelu"
   norm: Literal["layernorm", "rmsnorm"] = "layernorm"
@@ -100,6 +101,8 @@ class ModelConfig:
     if self.d_ff is None:
       object.__setattr__(self, "d_ff", 4 * self.d_model)
     _check(self.d_ff > 0, self, "d_ff", "it must be positive")
+    _check(self.sinusoid_tiles > 0 and self.d_model % self.sinusoid_tiles == 0, self,
+           "sinusoid_tiles", f"it must divide d_model={self.d_model}")
     if self.position == "rotary":
       _check(self.head_dim % 2 == 0, self, "head_dim", "rotary positions need an even head_dim")
     if self.alibi_slopes is None:

@@ -196,7 +196,8 @@ class Transformer(nn.Module):
                            embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")
       x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
     elif cfg.position == "sinusoidal":
-      x_BxLxD = x_BxLxD + sinusoidal_BxLxD(positions_BxL, cfg.d_model).astype(dtype)
+      enc_BxLxD = sinusoidal_BxLxD(positions_BxL, cfg.d_model // cfg.sinusoid_tiles)
+      x_BxLxD = x_BxLxD + jnp.tile(enc_BxLxD, (1, 1, cfg.sinusoid_tiles)).astype(dtype)
     # A zero-valued hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
     x_BxLxD = self.perturb("input_embeddings", x_BxLxD)
     if cfg.embedding_norm:

@@ -1,0 +1,152 @@
+"""Growth operators: the grown model computes the same function, and keeps training
+like the small one."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bigsci_jax import flops, growth, sharding
+from bigsci_jax import step as steps
+from bigsci_jax.config import MeshConfig, ModelConfig, OptimizerConfig
+from bigsci_jax.data import SyntheticLM
+from bigsci_jax.model import Transformer, init_params
+from bigsci_jax.optim import make_optimizer
+
+BASE = ModelConfig(num_layers=2, d_model=16, num_heads=2, d_ff=32, vocab_size=64, max_len=32,
+                   dtype="float32", init_std=0.2)
+WIDTH_CASES = [  # every position option, tied and untied, both norms, every activation
+    dict(tie_embeddings=False, norm="rmsnorm", activation="swiglu"),
+    dict(position="alibi", embedding_norm=True, activation="geglu"),
+    dict(position="rotary", num_heads=4, num_kv_heads=2, head_dim=4, activation="relu2"),
+    dict(position="sinusoidal", use_bias=False, scan_layers=False),
+    dict(position="none", mask="prefix", tie_embeddings=False),
+]
+
+
+def _batch(cfg, rows=4, length=16, seed=0):
+  source = SyntheticLM(cfg.vocab_size, length, seed=seed, mean_doc_len=6, prefix_lm=cfg.mask == "prefix")
+  return source.take(rows)
+
+
+@functools.cache
+def _jitted(cfg):
+  model = Transformer(cfg)
+
+  def logits(params, batch):
+    return model.apply({"params": params}, **steps.model_inputs(cfg, batch))
+
+  def loss(params, batch):
+    weight, ce = steps.loss_sums(params, batch, model)[1]
+    return ce / weight
+
+  return jax.jit(logits), jax.jit(loss)
+
+
+def _logits(cfg, params, batch):
+  return _jitted(cfg)[0](params, batch)
+
+
+def _loss(cfg, params, batch):
+  return float(_jitted(cfg)[1](params, batch))
+
+
+def _trained(cfg, n=5, opt=OptimizerConfig(learning_rate=1e-2, weight_decay=0.0)):
+  """A TrainState after n AdamW steps on synthetic batches."""
+  model = Transformer(cfg)
+  tx, schedule = make_optimizer(opt, 100)
+  mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  state = jax.device_get(steps.init_state(model, tx, mesh, 0, 16))
+  train_step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, schedule=schedule))
+  for i in range(n):
+    batch = {k: v[None] for k, v in _batch(cfg, seed=100 + i).items()}
+    state, _ = train_step(state, batch)
+  return state, tx
+
+
+@pytest.mark.parametrize("overrides", WIDTH_CASES, ids=lambda o: ",".join(o) or "default")
+def test_width_growth_keeps_logits_and_loss(overrides):
+  cfg = dataclasses.replace(BASE, **overrides)
+  batch = _batch(cfg)
+  with jax.default_matmul_precision("highest"):
+    axes = growth.logical_axes(cfg)
+    fresh = jax.jit(lambda key: init_params(Transformer(cfg), key, 16))(jax.random.key(1))
+    for params in (fresh, _trained(cfg)[0].params):
+      wide = jax.jit(lambda p: growth.widen_params(p, axes))(params)
+      target = growth.grown_config(cfg, "width")
+      small_logits, wide_logits = _logits(cfg, params, batch), _logits(target, wide, batch)
+      assert wide_logits.shape == small_logits.shape
+      assert float(jnp.abs(wide_logits - small_logits).max()) <= 1e-4
+      assert abs(_loss(cfg, params, batch) - _loss(target, wide, batch)) <= 1e-5
+  small, big = flops.param_counts(cfg), flops.param_counts(target)
+  assert big.non_embedding == 4 * small.non_embedding - _vector_params(cfg) * 2
+  assert big.embedding == 2 * small.embedding
+
+
+def _vector_params(cfg):
+  """Parameters along a single widened axis (biases, norms): x2 rather than x4."""
+  params = jax.eval_shape(lambda key: init_params(Transformer(cfg), key), jax.random.key(0))
+  axes = growth.logical_axes(cfg)
+  leaves = zip(jax.tree.leaves(params), jax.tree.leaves(axes, is_leaf=growth._is_axes))
+  return sum(x.size for x, ax in leaves
+             if sum(a in growth.WIDE_AXES for a in ax) == 1 and "vocab" not in ax
+             and "position" not in ax)
+
+
+@pytest.mark.parametrize("mode", ["interleave", "append"])
+@pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=False, norm="rmsnorm",
+                                                    activation="swiglu", position="alibi")],
+                         ids=["scanned", "unrolled"])
+def test_depth_growth_is_an_exact_identity(mode, overrides):
+  cfg = dataclasses.replace(BASE, **overrides)
+  batch = _batch(cfg)
+  state, _ = _trained(cfg)
+  deep = growth.deepen(state.params, cfg, mode, new_layer=growth._identity_layer)
+  target = growth.grown_config(cfg, "depth")
+  assert abs(_loss(cfg, state.params, batch) - _loss(target, deep, batch)) <= 1e-6
+
+  # The old layers' gradients are unchanged at the first step.
+  def grads(c, p):
+    return jax.jit(jax.grad(lambda q: steps.loss_sums(q, batch, Transformer(c))[0]))(p)
+  small_g, deep_g = grads(cfg, state.params), grads(target, deep)
+  old = [i for i, (_, new) in enumerate(growth._order(cfg.num_layers, mode)) if not new]
+  if cfg.scan_layers:
+    for a, b in zip(jax.tree.leaves(small_g["layers"]), jax.tree.leaves(deep_g["layers"])):
+      np.testing.assert_allclose(b[np.array(old)], a, atol=1e-6, rtol=1e-5)
+  else:
+    for i, j in enumerate(old):
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5),
+                   small_g[f"layer_{i}"], deep_g[f"layer_{j}"])
+
+  # Control: plain layer copying (the released code's operator) changes the loss.
+  copied = growth.deepen(state.params, cfg, mode, new_layer=lambda path, x: x)
+  assert abs(_loss(cfg, state.params, batch) - _loss(target, copied, batch)) > 1e-3
+
+
+def test_grown_state_moments_and_counters():
+  cfg = BASE
+  state, _ = _trained(cfg)
+  wide, target = growth.grow_state(state, cfg, "width", step=3)
+  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(
+      s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+  wide_adam = [s for s in jax.tree.leaves(wide.opt_state, is_leaf=lambda s: isinstance(
+      s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
+  assert int(wide_adam.count) == int(adam.count) == 5 and int(wide.step) == 3
+  kernel = adam.mu["layers"]["block"]["mlp"]["wi"]["kernel"]          # [layers, D, F]
+  wide_kernel = wide_adam.nu["layers"]["block"]["mlp"]["wi"]["kernel"]
+  d, f = kernel.shape[1:]
+  np.testing.assert_allclose(wide_adam.mu["layers"]["block"]["mlp"]["wi"]["kernel"][:, d:, f:],
+                             kernel / 2)
+  np.testing.assert_allclose(wide_kernel[:, :d, :f],
+                             adam.nu["layers"]["block"]["mlp"]["wi"]["kernel"] / 4)
+  assert not np.any(wide_kernel[:, :d, f:])
+  np.testing.assert_allclose(wide_adam.mu["final_norm"]["scale"][d:], adam.mu["final_norm"]["scale"])
+  schedule_counts = [int(s.count) for s in jax.tree.leaves(
+      wide.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+      if isinstance(s, optax.ScaleByScheduleState)]
+  assert schedule_counts == [3]
+  assert target.d_model == 2 * cfg.d_model and target.head_dim == cfg.head_dim
