@@ -79,8 +79,9 @@ class ModelConfig:
   z_loss: float = 0.0
   dropout: float = 0.0
   init_std: float = 0.02
-  dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPU/TPU, f32 on CPU
-  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  # auto: bf16 on GPU/TPU, f32 on CPU; float64 only for exactness tests (jax_enable_x64)
+  dtype: Literal["auto", "float32", "bfloat16", "float64"] = "auto"
+  param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
   scan_layers: bool = True
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
   attention_impl: Literal["auto", "reference", "xla"] = "auto"

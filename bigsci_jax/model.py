@@ -17,10 +17,12 @@ import jax.numpy as jnp
 
 from bigsci_jax import kernels
 from bigsci_jax.config import ModelConfig
+from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.sharding import constrain
 
 
 def compute_dtype(cfg: ModelConfig):
+  """The activations' dtype: float64 only for exactness tests (needs jax_enable_x64)."""
   if cfg.dtype == "auto":
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
   return jnp.dtype(cfg.dtype)
@@ -220,12 +222,12 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       table_VxD = embed.embedding.astype(dtype)
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD,
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=softmax_dtype(dtype))
     else:
       head_DxV = self.param("head", _init(cfg, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
                             jnp.dtype(cfg.param_dtype))
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(dtype), head_DxV.astype(dtype),
-                                preferred_element_type=jnp.float32)
+                                preferred_element_type=softmax_dtype(dtype))
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))
 
 

@@ -17,6 +17,7 @@ from flax import struct
 
 from bigsci_jax import sharding
 from bigsci_jax.config import ModelConfig
+from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.model import Transformer
 
 
@@ -67,8 +68,9 @@ def model_inputs(model_cfg: ModelConfig, batch):
 
 
 def token_losses(logits_BxLxV, targets_BxL, z_loss):
-  """Per-token cross-entropy and z-loss (PaLM: z_loss * logsumexp^2), in f32."""
-  logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+  """Per-token cross-entropy and z-loss (PaLM: z_loss * logsumexp^2), in f32 (f64 for
+  float64 logits)."""
+  logits_BxLxV = logits_BxLxV.astype(softmax_dtype(logits_BxLxV.dtype))
   lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
   target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
   return lse_BxL - target_logit_BxL, z_loss * jnp.square(lse_BxL)

@@ -6,6 +6,12 @@ Shapes: B batch, T query length, S key length (T == S for self-attention).
 import jax.numpy as jnp
 
 
+def softmax_dtype(dtype):
+  """float32 for bf16 / f32 inputs (logits, softmax and losses never go below it);
+  float64 for float64 inputs (exactness tests under jax_enable_x64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def visibility_BxTxS(segment_ids_BxT=None, prefix_BxT=None, *, causal=True,
                      length=None):
   """Boolean mask: key j is visible to query i.

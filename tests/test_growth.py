@@ -150,3 +150,82 @@ def test_grown_state_moments_and_counters():
       if isinstance(s, optax.ScaleByScheduleState)]
   assert schedule_counts == [3]
   assert target.d_model == 2 * cfg.d_model and target.head_dim == cfg.head_dim
+
+
+def _float64_run(cfg, opt, state, batches, mask=None):
+  """Losses of plain AdamW steps on `batches`; updates multiplied by `mask` (a
+  parameter-shaped tree) when given."""
+  model = Transformer(cfg)
+  tx, _ = make_optimizer(opt, 1000)
+
+  @jax.jit
+  def one(params, opt_state, batch):
+    (_, (weight, ce)), grads = jax.value_and_grad(steps.loss_sums, has_aux=True)(
+        params, batch, model)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    if mask is not None:
+      updates = jax.tree.map(jnp.multiply, updates, mask)
+    return optax.apply_updates(params, updates), opt_state, ce / weight
+
+  params, opt_state, losses = state.params, state.opt_state, []
+  for batch in batches:
+    params, opt_state, loss = one(params, opt_state, batch)
+    losses.append(float(loss))
+  return np.array(losses), params
+
+
+def test_width_growth_keeps_training_dynamics_in_float64():
+  """Grown Adam steps reproduce the small model's: off-diagonal updates masked, the
+  final norm's LR halved (its two copies add up), eps negligible against sqrt(v).
+  Unscaled or reset moments are the controls that must fail."""
+  with jax.enable_x64(True):
+    cfg = dataclasses.replace(BASE, dtype="float64", param_dtype="float64")
+    opt = OptimizerConfig(learning_rate=1e-2, decay="constant", weight_decay=0.0, clip_norm=None,
+                          eps=1e-30)
+    state, _ = _trained(cfg, n=5, opt=opt)
+    batches = [{k: jnp.asarray(v) for k, v in _batch(cfg, seed=200 + i % 4).items()}
+               for i in range(20)]
+    small, _ = _float64_run(cfg, opt, state, batches)
+
+    axes = growth.logical_axes(cfg)
+    grown, target = growth.grow_state(state, cfg, "width")
+    mask = jax.tree_util.tree_map_with_path(
+        lambda path, x, ax: jnp.where(jnp.asarray(growth.off_diagonal(x.shape, ax)), 0.0,
+                                      0.5 if growth._is_final_norm(path) else 1.0),
+        grown.params, axes)
+    wide, _ = _float64_run(target, opt, grown, batches, mask)
+    assert np.abs(wide - small).max() <= 1e-10, np.abs(wide - small).max()
+    assert small[-4:].mean() < small[:4].mean() - 0.05  # the steps really move the model
+
+    def with_moments(power):
+      def adam(s):
+        if power is None:
+          return s._replace(mu=jax.tree.map(jnp.zeros_like, growth.widen_moments(s.mu, axes, 1)),
+                            nu=jax.tree.map(jnp.zeros_like, growth.widen_moments(s.nu, axes, 2)))
+        return s._replace(mu=growth.widen_moments(s.mu, axes, power),
+                          nu=growth.widen_moments(s.nu, axes, power))
+      return grown.replace(opt_state=growth._map_adam(state.opt_state, adam))
+    for control in (0, None):  # unscaled moments, reset moments
+      losses, _ = _float64_run(target, opt, with_moments(control), batches, mask)
+      assert np.abs(losses - small).max() > 1e-2, control
+
+
+def _halves_gap(params, d):
+  kernel = params["layers"]["block"]["mlp"]["wi"]["kernel"]  # [layers, 2D, 2F]
+  f = kernel.shape[2] // 2
+  return float(jnp.abs(kernel[:, :d, :f] - kernel[:, d:, f:]).max())
+
+
+@pytest.mark.parametrize("noise_std", [0.0, 1e-3])
+def test_symmetry_breaker(noise_std):
+  """Without a breaker the two copies stay equal through 50 AdamW steps; with noise
+  on the off-diagonal blocks they drift apart."""
+  cfg = BASE
+  opt = OptimizerConfig(learning_rate=1e-2, decay="constant", weight_decay=0.0)
+  state, _ = _trained(cfg, n=2, opt=opt)
+  grown, target = growth.grow_state(state, cfg, "width", noise_std=noise_std,
+                                    key=jax.random.key(3))
+  batches = [{k: jnp.asarray(v) for k, v in _batch(cfg, seed=300 + i).items()} for i in range(50)]
+  _, params = _float64_run(target, opt, grown, batches)
+  gap = _halves_gap(params, cfg.d_model)
+  assert (gap <= 1e-6) if noise_std == 0 else (gap > 1e-3), gap
