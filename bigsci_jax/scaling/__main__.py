@@ -6,6 +6,7 @@
   python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
       [--compute C ...] [--out DIR] [--by lang]
   python -m bigsci_jax.scaling fit-hparams --runs SWEEP.csv --out LAWS.json   # for plan --hparams
+  python -m bigsci_jax.scaling stages --op width|depth (--params N | --metrics MODEL_DIR)
 
 Each command prints, as its last line, a JSON object; `fit` gives every fitted
 quantity with its bootstrap 95% interval `<name>_ci`.
@@ -129,6 +130,26 @@ def run_command(args):
   print(json.dumps(result))
 
 
+def stages_command(args):
+  """When to grow: on Kaplan's law for --params, or on a run's logged training curve."""
+  from bigsci_jax.scaling import stages
+  if args.metrics:
+    from bigsci_jax.metrics import read_metrics
+    rows = [r for r in read_metrics(args.metrics, "train") if r.get("flops_seen")]
+    if len(rows) < 10:
+      raise table.TableError(f"{args.metrics} has {len(rows)} logged training steps; the growth "
+                             f"point needs a training curve (at least 10).")
+    i = stages.measured_growth_step([r["flops_seen"] for r in rows], [r["loss"] for r in rows],
+                                    args.op, args.window)
+    result = {"op": args.op, "threshold": stages.THRESHOLDS[args.op],
+              "growth_step": rows[i]["step"] if i is not None else None,
+              "growth_loss": rows[i]["loss"] if i is not None else None}
+  else:
+    result = {**vars(stages.kaplan_stage(args.params, args.op)),
+              "threshold": stages.THRESHOLDS[args.op]}
+  print(json.dumps(result))
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m bigsci_jax.scaling", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -165,9 +186,15 @@ def main(argv):
   p = commands.add_parser("run", help="train every run of a plan; resumable")
   p.add_argument("--plan", required=True)
   p.add_argument("--no_progress", action="store_true")
+  p = commands.add_parser("stages", help="when to grow a model (Shen et al. 2022)")
+  p.add_argument("--op", choices=("width", "depth"), required=True)
+  source = p.add_mutually_exclusive_group(required=True)
+  source.add_argument("--params", type=float, help="non-embedding parameters (Kaplan's law)")
+  source.add_argument("--metrics", help="a model_dir whose metrics.jsonl holds the curve")
+  p.add_argument("--window", type=float, default=0.5, help="slope window in ln(compute)")
   args = parser.parse_args(argv)
   command = {"fit": fit_command, "plan": plan_command, "run": run_command,
-             "fit-hparams": fit_hparams_command}[args.command]
+             "fit-hparams": fit_hparams_command, "stages": stages_command}[args.command]
   try:
     command(args)
   except (table.TableError, ConfigError, FileNotFoundError) as e:
