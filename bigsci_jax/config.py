@@ -300,3 +300,17 @@ class RunConfig:
       return klass(**values)
     hints = typing.get_type_hints(cls)
     return cls(**{name: build(hints[name], d[name]) for name in d})
+
+
+def to_gin(run: RunConfig):
+  """The run as gin bindings, one per config field (no gin import needed): what a
+  model_dir's config.gin holds when a run is written without gin files."""
+  lines = []
+  for part in dataclasses.fields(run):
+    config = getattr(run, part.name)
+    for f in dataclasses.fields(config):
+      value = getattr(config, f.name)
+      if isinstance(value, tuple):
+        value = list(value)
+      lines.append(f"{type(config).__name__}.{f.name} = {value!r}")
+  return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ bias zeroed, are exact identities (pre-norm: the attention and MLP see 0 and add
 0); inserted after each old layer (`interleave`) or after the last (`append`).
 Old layers keep their parameters and moments; new layers start with zero moments.
 
-Pure pytree maps; `python -m bigsci_jax.growth` applies them to a checkpoint.
+Pure pytree maps; `python -m bigsci_jax.growth` (bigsci_jax/growth_command.py)
+applies them to a run's checkpoint.
 """
 
 import dataclasses
@@ -202,3 +203,10 @@ def grow_state(state, cfg: ModelConfig, op, *, depth_mode="interleave", noise_st
     grown = grown.replace(step=jnp.asarray(step, state.step.dtype),
                           opt_state=_set_schedule_count(grown.opt_state, step))
   return grown, target
+
+
+if __name__ == "__main__":
+  import sys
+
+  from bigsci_jax.growth_command import main
+  sys.exit(main(sys.argv[1:]))

@@ -3,6 +3,7 @@ like the small one."""
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -229,3 +230,37 @@ def test_symmetry_breaker(noise_std):
   _, params = _float64_run(target, opt, grown, batches)
   gap = _halves_gap(params, cfg.d_model)
   assert (gap <= 1e-6) if noise_std == 0 else (gap > 1e-3), gap
+
+
+def test_grow_command_from_checkpoint_and_resume_with_train_py(tmp_path, capsys):
+  import json
+
+  import train
+  from bigsci_jax import growth_command
+  from bigsci_jax.metrics import read_metrics
+  small_dir, big_dir = str(tmp_path / "small"), str(tmp_path / "big")
+  flags = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=64",
+           "--gin.TRAIN_STEPS=12", "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32",
+           "--gin.ModelConfig.d_model=32", "--gin.ModelConfig.d_ff=64",
+           "--gin.TrainConfig.eval_batches=2", "--gin.TrainConfig.checkpoint_every=6",
+           "--gin.TrainConfig.eval_every=0", "--gin.ModelConfig.position='alibi'"]
+  assert train.main([f"--model_dir={small_dir}", *flags]) == 0
+  capsys.readouterr()
+  # Too much symmetry-breaking noise: refused, nothing written.
+  assert growth_command.main([f"--from_dir={small_dir}", f"--to_dir={big_dir}", "--op=width",
+                              "--noise_std=0.5", "--set", "TrainConfig.train_steps=20"]) == 2
+  assert "nothing was written" in capsys.readouterr().err and not os.path.exists(big_dir)
+
+  assert growth_command.main([f"--from_dir={small_dir}", f"--to_dir={big_dir}", "--op=width",
+                              "--rewarm_steps=4", "--set", "TrainConfig.train_steps=20"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert abs(result["loss_after"] - result["loss_before"]) <= 1e-5
+  assert result["step_before"] == 12 and result["step_after"] == round(12 / 2.718)
+  assert result["params_after"] > 3 * result["params_before"]
+
+  assert train.main([f"--model_dir={big_dir}", "--no_progress"]) == 0
+  rows = read_metrics(big_dir, "train")
+  assert [r["step"] for r in rows] == list(range(result["step_after"] + 1, 21))
+  assert rows[0]["learning_rate"] < rows[4]["learning_rate"]  # re-warming
+  grown_run = json.load(open(os.path.join(big_dir, "config.json")))
+  assert grown_run["model"]["d_model"] == 64 and len(grown_run["model"]["alibi_slopes"]) == 8

@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from bigsci_jax.config import BatchConfig, DataConfig, MeshConfig, ModelConfig, RunConfig, TrainConfig
+from bigsci_jax.config import (BatchConfig, DataConfig, MeshConfig, ModelConfig, RunConfig,
+                               TrainConfig, to_gin)
 from bigsci_jax.metrics import read_metrics
 from bigsci_jax.scaling import flops_per_token, plan
 from bigsci_jax.scaling.__main__ import main as scaling_main
@@ -48,7 +49,7 @@ def test_plan_budgets_are_spent_as_planned():
     assert abs(spent - row["budget"]) / row["budget"] < 0.01  # rounding to whole steps only
     assert run.optimizer.warmup_steps == min(run.train.train_steps // 2,
                                              -(-row["params_non_embedding"] // (8 * 64)))
-  assert plan.to_gin(runs[0][1]).count("\n") == sum(len(vars(getattr(runs[0][1], p)))
+  assert to_gin(runs[0][1]).count("\n") == sum(len(vars(getattr(runs[0][1], p)))
                                                     for p in vars(runs[0][1]))
 
 

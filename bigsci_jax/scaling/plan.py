@@ -15,7 +15,7 @@ import os
 import numpy as np
 
 from bigsci_jax import flops
-from bigsci_jax.config import ConfigError, RunConfig
+from bigsci_jax.config import ConfigError, RunConfig, to_gin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,19 +115,6 @@ def make_plan(base: RunConfig, spec: PlanSpec, rule: ShapeRule):
                  b2=spec.b2(n))
       plan.append((name, run, row))
   return plan
-
-
-def to_gin(run: RunConfig):
-  """The run as gin bindings, one per config field (no gin import needed)."""
-  lines = []
-  for part in dataclasses.fields(run):
-    config = getattr(run, part.name)
-    for f in dataclasses.fields(config):
-      value = getattr(config, f.name)
-      if isinstance(value, tuple):
-        value = list(value)
-      lines.append(f"{type(config).__name__}.{f.name} = {value!r}")
-  return "\n".join(lines) + "\n"
 
 
 def write_plan(plan, out_dir):
