@@ -258,6 +258,14 @@ def test_grow_command_from_checkpoint_and_resume_with_train_py(tmp_path, capsys)
   assert result["step_before"] == 12 and result["step_after"] == round(12 / 2.718)
   assert result["params_after"] > 3 * result["params_before"]
 
+  deep_dir = str(tmp_path / "deep")
+  assert growth_command.main([f"--from_dir={small_dir}", f"--to_dir={deep_dir}", "--op=depth",
+                              "--depth_mode=append", "--set", "TrainConfig.train_steps=20"]) == 0
+  deep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert abs(deep["loss_after"] - deep["loss_before"]) <= 1e-6
+  assert deep["step_after"] == round(12 / 1.618)
+  assert json.load(open(os.path.join(deep_dir, "config.json")))["model"]["num_layers"] == 4
+
   assert train.main([f"--model_dir={big_dir}", "--no_progress"]) == 0
   rows = read_metrics(big_dir, "train")
   assert [r["step"] for r in rows] == list(range(result["step_after"] + 1, 21))
