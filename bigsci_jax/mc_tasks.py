@@ -1,0 +1,139 @@
+"""Built-in multiple-choice tasks that run offline, made from the handbook's held-out
+(test) chapters, and harness-style scoring.
+
+  next_sentence/<lang>  a paragraph's first sentence as context; its true next
+                        sentence against 3 sentences from other pages of the
+                        same language.
+  translation/<lang>    the handbook is one book in many languages: paragraphs of
+                        a page are aligned across locales (pages whose paragraph
+                        counts differ are dropped); k-shot, pick the translation of
+                        an English paragraph among 4 paragraphs of that language.
+
+They exist so the whole evaluation loop can be run and tested without the
+internet; real benchmarks come through the lm-evaluation-harness. Scoring follows
+the harness: `acc` by summed log-likelihood of each choice, `acc_norm` by
+log-likelihood per UTF-8 byte, each with its standard error.
+
+Pure Python over the corpus; the model enters only through `score`'s loglik_fn.
+"""
+
+import dataclasses
+import math
+import os
+import re
+
+import numpy as np
+
+from bigsci_jax import corpus
+from bigsci_jax.handbook_dataset import split_chapters
+
+_SENTENCE_END = re.compile(r"(?<=[.!?;؟])\s+|(?<=[。！？])")
+CHOICES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+  context: str
+  choices: tuple       # continuations, each starting with its separator
+  answer: int
+
+
+def sentences(paragraph, min_chars=12):
+  return [s.strip() for s in _SENTENCE_END.split(paragraph) if len(s.strip()) >= min_chars]
+
+
+def _locale(root, lang):
+  for locale in corpus.locales(root):
+    if corpus.lang_code(locale, corpus.locales(root)) == lang:
+      return locale
+  raise corpus.CorpusError(f"unknown language {lang!r}: the handbook has "
+                           f"{', '.join(corpus.lang_code(l, corpus.locales(root)) for l in corpus.locales(root))}.")
+
+
+def _test_pages(root):
+  test = split_chapters(root)["test"]
+  return [(chapter, page) for chapter, pages in corpus.chapters(root, corpus.ENGLISH)
+          if chapter in test for page in pages]
+
+
+def _choices(rng, answer, pool):
+  """The answer and CHOICES - 1 distinct distractors from pool, shuffled."""
+  others = [p for p in pool if p != answer]
+  picked = [others[i] for i in rng.choice(len(others), CHOICES - 1, replace=False)]
+  order = rng.permutation(CHOICES)
+  options = [answer] + picked
+  return tuple(options[i] for i in order), int(np.argmin(order))
+
+
+def next_sentence_items(lang, *, root=None, limit=200, seed=0):
+  root = corpus.handbook_root(root)
+  locale = _locale(root, lang)
+  english = corpus.english_paragraphs(root) if locale != corpus.ENGLISH else frozenset()
+  test = split_chapters(root)["test"]
+  pairs, page_of = [], {}
+  for page, doc in enumerate(corpus.documents(root, locale, english, chapter_filter=test)):
+    for paragraph in doc["text"].split("\n"):
+      parts = sentences(paragraph)
+      for s in parts[1:]:
+        page_of.setdefault(s, page)
+      if len(parts) >= 2:
+        pairs.append((page, parts[0], parts[1]))
+  rng = np.random.default_rng(seed)
+  items = []
+  for i in rng.permutation(len(pairs))[:limit]:
+    page, first, true = pairs[i]
+    pool = [s for s, p in page_of.items() if p != page]
+    choices, answer = _choices(rng, true, pool)
+    items.append(Item(first, tuple(" " + c for c in choices), answer))
+  return items
+
+
+def aligned_paragraphs(lang, root=None, min_chars=40, max_chars=300):
+  """[(English paragraph, its translation)] over the test chapters' pages whose
+  paragraphs line up one to one with the English ones (same count, same order)."""
+  root = corpus.handbook_root(root)
+  locale = _locale(root, lang)
+  pairs = []
+  for _, page in _test_pages(root):
+    en_path, xx_path = (os.path.join(root, l, page) for l in (corpus.ENGLISH, locale))
+    if not (os.path.isfile(en_path) and os.path.isfile(xx_path)):
+      continue
+    en = corpus.paragraphs(en_path)
+    xx = corpus.paragraphs(xx_path)
+    if len(en) == len(xx):  # untranslated paragraphs (identical to English) are skipped
+      pairs += [(a, b) for a, b in zip(en, xx)
+                if a != b and min_chars <= min(len(a), len(b)) and max(len(a), len(b)) <= max_chars]
+  return pairs
+
+
+def translation_items(lang, *, shots=2, root=None, limit=200, seed=0):
+  pairs = aligned_paragraphs(lang, root)
+  if len(pairs) < CHOICES + shots:
+    raise corpus.CorpusError(f"only {len(pairs)} aligned paragraphs for {lang!r}: too few for "
+                             f"{CHOICES}-way translation items with {shots} shots.")
+  rng = np.random.default_rng(seed)
+  items = []
+  for i in rng.permutation(len(pairs))[:limit]:
+    source, target = pairs[i]
+    shot_ids = [j for j in rng.permutation(len(pairs)) if j != i][:shots]
+    prompt = "".join(f"English: {pairs[j][0]}\nTranslation: {pairs[j][1]}\n\n" for j in shot_ids)
+    choices, answer = _choices(rng, target, [t for _, t in pairs])
+    items.append(Item(f"{prompt}English: {source}\nTranslation:",
+                      tuple(" " + c for c in choices), answer))
+  return items
+
+
+def score(items, loglik_fn):
+  """Harness-style multiple-choice metrics. loglik_fn([(context, continuation)]) returns
+  the summed log-likelihood of each continuation given its context."""
+  requests = [(item.context, choice) for item in items for choice in item.choices]
+  logliks = np.asarray(loglik_fn(requests), float).reshape(len(items), CHOICES)
+  sizes = np.array([[len(c.encode()) for c in item.choices] for item in items], float)
+  answers = np.array([item.answer for item in items])
+  result = {"items": len(items), "chance": 1.0 / CHOICES}
+  for name, values in (("acc", logliks), ("acc_norm", logliks / sizes)):
+    correct = (values.argmax(axis=1) == answers).astype(float)
+    mean = float(correct.mean())
+    result[name] = mean
+    result[f"{name}_stderr"] = math.sqrt(mean * (1 - mean) / max(len(items) - 1, 1))
+  return result
