@@ -10,6 +10,7 @@ the chapter the book's table of contents puts it.
 Pure Python (no TensorFlow): the TFDS builder and the tests read it.
 """
 
+import functools
 import html.parser
 import os
 import re
@@ -151,5 +152,11 @@ def documents(root, locale, english_paragraphs=frozenset(), chapter_filter=None)
 
 
 def english_paragraphs(root, chapter_filter=None):
+  """The en-US paragraphs (of the chapters in chapter_filter, else the whole book)."""
+  return _english_paragraphs(root, None if chapter_filter is None else frozenset(chapter_filter))
+
+
+@functools.lru_cache(maxsize=8)
+def _english_paragraphs(root, chapter_filter):
   return frozenset(p for doc in documents(root, ENGLISH, chapter_filter=chapter_filter)
                    for p in doc["text"].split("\n"))

@@ -23,7 +23,7 @@ import sys
 
 import jax
 
-from bigsci_jax import checkpoint, data, flops, growth, loop, sharding
+from bigsci_jax import checkpoint, flops, growth, loop, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import ConfigError, RunConfig, to_gin
 from bigsci_jax.model import Transformer
@@ -66,13 +66,8 @@ class _Runtime:
     self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
 
   def loss(self, params, batches):
-    shard = sharding.batch_sharding(self.mesh, 2)
-    ce, weight = 0.0, 0.0
-    for host in batches:
-      c, w = jax.device_get(self.eval_step(params, data.to_global(
-          host, shard, self.run.batch.micro_batch_size)))
-      ce, weight = ce + float(c), weight + float(w)
-    return ce / max(weight, 1.0)
+    return loop.evaluate(self.eval_step, params, {"": (batches, None)}, self.mesh,
+                         self.run.batch.micro_batch_size)["loss"]
 
 
 def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, constant_op=None,

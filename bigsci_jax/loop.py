@@ -43,8 +43,9 @@ def check_batch_fits_mesh(run: RunConfig, mesh):
                       f"of the {jax.process_count()} processes.")
 
 
-def make_data(run: RunConfig):
-  """(train source, {eval set: this process's host rows}, token_bytes [vocab] or None).
+def make_data(run: RunConfig, split="validation"):
+  """(train source, {eval set: this process's host rows of `split`}, token_bytes [vocab]
+  or None).
 
   Synthetic data has one unnamed eval set; a corpus has one per language and a
   vocabulary whose pieces' byte lengths give bits per byte. Only a corpus imports
@@ -52,7 +53,7 @@ def make_data(run: RunConfig):
   """
   if run.data.mixture != "synthetic":
     from bigsci_jax import pipeline
-    return pipeline.open_corpus(run)
+    return pipeline.open_corpus(run, split)
 
   def synthetic(split):
     return data.SyntheticLM(run.model.vocab_size, run.batch.seq_len, seed=run.data.seed,
@@ -60,7 +61,7 @@ def make_data(run: RunConfig):
                             prefix_lm=run.model.mask == "prefix",
                             process_index=jax.process_index(), process_count=jax.process_count())
   rows = run.batch.micro_batch_size * run.train.eval_batches
-  return synthetic("train"), {"": synthetic("validation").take(rows)}, None
+  return synthetic("train"), {"": synthetic(split).take(rows)}, None
 
 
 def _global_max_sum(value):
@@ -88,6 +89,40 @@ def eval_micro_batches(rows, local_micro, token_bytes):
           for i in range(batches)], size
 
 
+def make_eval_sets(run: RunConfig, eval_rows, token_bytes, split="validation"):
+  """{name: (micro-batches, UTF-8 bytes)} from make_data's rows; an empty set is an error."""
+  local_micro = run.batch.micro_batch_size // jax.process_count()
+  sets = {name: eval_micro_batches(rows, local_micro, token_bytes)
+          for name, rows in eval_rows.items()}
+  empty = [name for name, (batches, _) in sets.items() if not batches]
+  if empty:
+    raise TrainingError(f"the {split} split of {', '.join(empty)} is empty: evaluate on "
+                        f"other languages (DataConfig.languages) or give them {split} text.")
+  return sets
+
+
+def evaluate(eval_step, params, eval_sets, mesh, micro_batch_size):
+  """Eval-line metrics: `loss` over every eval set's target tokens; per language
+  `loss/<lang>` and `bpb/<lang>`, and `bpb` over all their bytes."""
+  shard = sharding.batch_sharding(mesh, 2)
+  out, ce_all, weight_all, bytes_all = {}, 0.0, 0.0, 0
+  for name, (batches, size) in eval_sets.items():
+    ce_total, weight_total = 0.0, 0.0
+    for host in batches:
+      ce, weight = jax.device_get(eval_step(params, data.to_global(host, shard, micro_batch_size)))
+      ce_total, weight_total = ce_total + float(ce), weight_total + float(weight)
+    ce_all, weight_all = ce_all + ce_total, weight_all + weight_total
+    if name:
+      out[f"loss/{name}"] = ce_total / max(weight_total, 1.0)
+      if size:
+        out[f"bpb/{name}"] = bits_per_byte(ce_total, size)
+        bytes_all += size
+  out["loss"] = ce_all / max(weight_all, 1.0)
+  if bytes_all:
+    out["bpb"] = bits_per_byte(ce_all, bytes_all)
+  return dict(sorted(out.items()))
+
+
 class _Trainer:
   """Holds what the loop needs between steps; `run()` is the loop."""
 
@@ -105,13 +140,7 @@ class _Trainer:
                                         keep=run.train.keep_checkpoints,
                                         async_save=run.train.async_checkpoints)
     self.source, eval_rows, token_bytes = make_data(run)
-    local_micro = run.batch.micro_batch_size // jax.process_count()
-    self.eval_sets = {name: eval_micro_batches(rows, local_micro, token_bytes)
-                      for name, rows in eval_rows.items()}
-    empty = [name for name, (batches, _) in self.eval_sets.items() if not batches]
-    if empty:
-      raise TrainingError(f"the validation split of {', '.join(empty)} is empty: evaluate on "
-                          f"other languages (DataConfig.languages) or give them validation text.")
+    self.eval_sets = make_eval_sets(run, eval_rows, token_bytes)
     if jax.process_index() == 0:
       if config_text:
         write_atomic(os.path.join(model_dir, "config.gin"), config_text)
@@ -135,25 +164,8 @@ class _Trainer:
     return state, start
 
   def evaluate(self, params):
-    """Eval-line metrics: `loss` over every eval set's target tokens; per language
-    `loss/<lang>` and `bpb/<lang>`, and `bpb` over all their bytes."""
-    shard = sharding.batch_sharding(self.mesh, 2)
-    micro = self.run.batch.micro_batch_size
-    out, ce_all, weight_all, bytes_all = {}, 0.0, 0.0, 0
-    for name, (batches, size) in self.eval_sets.items():
-      ce_total, weight_total = 0.0, 0.0
-      for host in batches:
-        ce, weight = jax.device_get(self.eval_step(params, data.to_global(host, shard, micro)))
-        ce_total, weight_total = ce_total + float(ce), weight_total + float(weight)
-      ce_all, weight_all = ce_all + ce_total, weight_all + weight_total
-      if name:
-        out[f"loss/{name}"] = ce_total / max(weight_total, 1.0)
-        out[f"bpb/{name}"] = bits_per_byte(ce_total, size)
-        bytes_all += size
-    out["loss"] = ce_all / max(weight_all, 1.0)
-    if bytes_all:
-      out["bpb"] = bits_per_byte(ce_all, bytes_all)
-    return dict(sorted(out.items()))
+    return evaluate(self.eval_step, params, self.eval_sets, self.mesh,
+                    self.run.batch.micro_batch_size)
 
   def run_loop(self):
     run, cfg_batch = self.run, self.run.batch

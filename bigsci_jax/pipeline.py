@@ -108,10 +108,10 @@ def _stack(rows, seq_len):
           for k in FEATURES}
 
 
-def open_corpus(run):
-  """(train SeqioSource, {lang: this process's validation rows}, token_bytes [vocab]) for
+def open_corpus(run, split="validation"):
+  """(train SeqioSource, {lang: this process's rows of `split`}, token_bytes [vocab]) for
   run.data: process 0 prepares the data and vocabulary first, then the others find
-  them. Each language's validation split is read once: whole when
+  them. Each language's evaluation split is read once: whole when
   TrainConfig.eval_batches is 0, else its first eval_batches micro-batches."""
   index, count = jax.process_index(), jax.process_count()
   prefix_lm = run.model.mask == "prefix"
@@ -129,6 +129,6 @@ def open_corpus(run):
                 process_index=index, process_count=count)
   train = SeqioSource(prepared.mixture, run.batch.seq_len, **kwargs)
   local_rows = run.batch.micro_batch_size // count * run.train.eval_batches or None
-  evals = {lang: read_rows(task, run.batch.seq_len, local_rows, split="validation", **kwargs)
+  evals = {lang: read_rows(task, run.batch.seq_len, local_rows, split=split, **kwargs)
            for lang, task in prepared.tasks.items()}
   return train, evals, vocab.token_bytes(vocabulary.sp_model)
