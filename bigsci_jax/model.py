@@ -98,7 +98,7 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, decode=False):
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BxLxHxK = Linear(cfg, (d,), (h, k), ("embed", "heads", "kv"), name="query")(x_BxLxD)
@@ -107,13 +107,46 @@ class Attention(nn.Module):
     if cfg.position == "rotary":
       q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
-    out_BxLxHxK = kernels.attention(
-        q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids=segment_ids_BxL,
-        prefix_mask=prefix_BxL if cfg.mask == "prefix" else None,
-        alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None,
-        causal=True, impl=cfg.attention_impl)
+    if decode:
+      out_BxLxHxK = self._cached(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
+                                 segment_ids_BxL, prefix_BxL)
+    else:
+      out_BxLxHxK = kernels.attention(
+          q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids=segment_ids_BxL,
+          prefix_mask=prefix_BxL if cfg.mask == "prefix" else None,
+          alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None,
+          causal=True, impl=cfg.attention_impl)
     return Linear(cfg, (h, k), (d,), ("heads", "kv", "embed"), (2 * cfg.num_layers) ** -0.5,
                   name="out")(out_BxLxHxK)
+
+
+  def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, segment_ids_BxT, prefix_BxT):
+    """Decoding: append this call's keys / values to the cache ("cache" collection,
+    max_len slots per row) and attend over every filled slot: key j is visible to
+    query i iff j holds a real token and (pos_j <= pos_i, or both are in the prompt
+    prefix of a prefix LM). Calls fill slots in order; positions come per token."""
+    cfg = self.cfg
+    b, t = q_BxTxHxK.shape[:2]
+    cache_shape = (b, cfg.max_len) + k_BxTxGxK.shape[2:]
+    keys = self.variable("cache", "keys", jnp.zeros, cache_shape, k_BxTxGxK.dtype)
+    values = self.variable("cache", "values", jnp.zeros, cache_shape, v_BxTxGxK.dtype)
+    pos = self.variable("cache", "positions", lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
+    prefix = self.variable("cache", "prefix", lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
+    in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
+        else jnp.zeros((b, t), bool)
+    at = (0, index.value)
+    keys.value = jax.lax.dynamic_update_slice(keys.value, k_BxTxGxK, at + (0, 0))
+    values.value = jax.lax.dynamic_update_slice(values.value, v_BxTxGxK, at + (0, 0))
+    pos.value = jax.lax.dynamic_update_slice(
+        pos.value, jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32), at)
+    prefix.value = jax.lax.dynamic_update_slice(prefix.value, in_prefix_BxT, at)
+    index.value = index.value + t
+    return kernels.cached_attention(
+        q_BxTxHxK, keys.value, values.value, query_positions=positions_BxT,
+        key_positions=pos.value, query_prefix=in_prefix_BxT, key_prefix=prefix.value,
+        alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None)
 
 
 class Mlp(nn.Module):
@@ -139,11 +172,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
+               decode=False):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, broadcast_dims=(), deterministic=deterministic)
     h = Attention(cfg, name="attention")(_norm(cfg, "attention_norm")(x_BxLxD),
-                                         positions_BxL, segment_ids_BxL, prefix_BxL)
+                                         positions_BxL, segment_ids_BxL, prefix_BxL, decode)
     x_BxLxD = x_BxLxD + drop(h)
     h = Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
     x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "act_embed"))
@@ -155,9 +189,10 @@ class ScannedBlock(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
+               decode=False):
     x_BxLxD = _block_class(self.cfg)(self.cfg, name="block")(
-        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic)
+        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode)
     return x_BxLxD, None
 
 
@@ -171,7 +206,7 @@ _REMAT_POLICIES = {
 def _block_class(cfg):
   if cfg.remat == "none":
     return Block
-  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5,))
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5, 6))
 
 
 class Transformer(nn.Module):
@@ -185,7 +220,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prefix_BxL=None,
-               deterministic=True):
+               deterministic=True, decode=False):
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     if positions_BxL is None:
@@ -196,7 +231,7 @@ class Transformer(nn.Module):
     if cfg.position == "learned":
       pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                            embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")
-      x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
+      x_BxLxD = x_BxLxD + pos_embed(jnp.maximum(positions_BxL, 0))
     elif cfg.position == "sinusoidal":
       enc_BxLxD = sinusoidal_BxLxD(positions_BxL, cfg.d_model // cfg.sinusoid_tiles)
       x_BxLxD = x_BxLxD + jnp.tile(enc_BxLxD, (1, 1, cfg.sinusoid_tiles)).astype(dtype)
@@ -208,15 +243,16 @@ class Transformer(nn.Module):
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
     if cfg.scan_layers:
-      stack = nn.scan(ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * 4, length=cfg.num_layers,
+      stack = nn.scan(ScannedBlock, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL,
-                                              deterministic)
+                                              deterministic, decode)
     else:
       for i in range(cfg.num_layers):
         x_BxLxD = _block_class(cfg)(cfg, name=f"layer_{i}")(
-            x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic)
+            x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode)
 
     x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:

@@ -5,6 +5,7 @@ be tested and benchmarked alone.
 """
 
 from bigsci_jax.kernels import reference, xla
+from bigsci_jax.kernels.cached import cached_attention
 from bigsci_jax.kernels.mask import visibility_BxTxS
 
 IMPLS = ("auto", "reference", "xla")
@@ -32,4 +33,4 @@ def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
             alibi_slopes=alibi_slopes, causal=causal, sm_scale=sm_scale)
 
 
-__all__ = ["attention", "visibility_BxTxS", "IMPLS"]
+__all__ = ["attention", "cached_attention", "visibility_BxTxS", "IMPLS"]
