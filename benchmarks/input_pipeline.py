@@ -24,6 +24,7 @@ from bigsci_jax import data, sharding  # noqa: E402
 from bigsci_jax import step as steps  # noqa: E402
 from bigsci_jax.model import Transformer  # noqa: E402
 from bigsci_jax.optim import make_optimizer  # noqa: E402
+from benchmarks.results_table import append_row  # noqa: E402
 
 
 def main(argv):
@@ -77,11 +78,10 @@ def main(argv):
       "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(), "jax": jax.__version__,
   }
   if args.results:
-    with open(args.results, "a") as f:
-      f.write(f"| {run.data.mixture} | {rows} x {seq_len} | {result['device']} ({os.cpu_count()} "
-              f"cores) | {startup:.1f} | {pipeline_tokens_per_s:,.0f} | "
-              f"{result['non_padding_fraction']:.1%} | {train_tokens_per_s:,.0f} | "
-              f"{result['ratio']:.1f}x |\n")
+    append_row(args.results, [
+        run.data.mixture, f"{rows} x {seq_len}", f"{result['device']} ({os.cpu_count()} cores)",
+        f"{startup:.1f}", f"{pipeline_tokens_per_s:,.0f}", f"{result['non_padding_fraction']:.1%}",
+        f"{train_tokens_per_s:,.0f}", f"{result['ratio']:.1f}x"])
   print(json.dumps(result))
 
 

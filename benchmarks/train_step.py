@@ -27,6 +27,7 @@ from bigsci_jax import step as steps  # noqa: E402
 from bigsci_jax.config import MeshConfig  # noqa: E402
 from bigsci_jax.model import Transformer  # noqa: E402
 from bigsci_jax.optim import make_optimizer  # noqa: E402
+from benchmarks.results_table import append_row  # noqa: E402
 
 
 def synthetic_batch(rng, accumulation, rows, seq_len, vocab):
@@ -95,10 +96,10 @@ def main(argv):
   if args.results:
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"
     mem = f"{result['peak_memory_gib']:.1f}" if result["peak_memory_gib"] else "n/a"
-    with open(args.results, "a") as f:
-      f.write(f"| {result['model']} | {result['params'] / 1e6:.0f}M | {result['device']} x{result['devices']} "
-              f"| {args.dtype} | {run.model.remat} | {args.seq_len} | {tokens} | {step_time * 1e3:.1f} "
-              f"| {tokens_per_s:,.0f} | {mfu} | {mem} | jax {jax.__version__} |\n")
+    append_row(args.results, [
+        result["model"], f"{result['params'] / 1e6:.0f}M", f"{result['device']} x{result['devices']}",
+        args.dtype, run.model.remat, args.seq_len, tokens, f"{step_time * 1e3:.1f}",
+        f"{tokens_per_s:,.0f}", mfu, mem, f"jax {jax.__version__}"])
   print(json.dumps(result))
 
 
