@@ -20,12 +20,9 @@ import sys
 
 import jax
 
-from bigsci_jax import checkpoint, likelihood, loop, mc_tasks, sharding
-from bigsci_jax import step as steps
+from bigsci_jax import likelihood, loop, mc_tasks
 from bigsci_jax.config import ConfigError, MeshConfig, RunConfig
 from bigsci_jax.corpus import CorpusError
-from bigsci_jax.model import Transformer
-from bigsci_jax.optim import make_optimizer
 
 TASKS = {"next_sentence": mc_tasks.next_sentence_items, "translation": mc_tasks.translation_items}
 
@@ -49,45 +46,31 @@ def _parse_task(name):
   return kind, lang
 
 
-def _mesh_for(run: RunConfig):
-  devices = jax.devices()
-  if run.batch.micro_batch_size % len(devices) == 0:
-    return sharding.make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), devices)
-  return sharding.make_mesh(MeshConfig(1, 1, 1), devices[:1])
+def _mesh_config(run: RunConfig):
+  """All devices data parallel when they divide the micro-batch, else one device."""
+  if run.batch.micro_batch_size % jax.device_count() == 0:
+    return MeshConfig(data=-1, fsdp=1, tensor=1)
+  return MeshConfig(1, 1, 1)
 
 
 def restore(model_dir):
-  """(run config, its params on this machine's mesh, the mesh, the checkpoint's step)."""
-  path = os.path.join(model_dir, "config.json")
-  if not os.path.exists(path):
-    raise EvaluationError(f"{model_dir} holds no run (no config.json); pass a train.py --model_dir.")
-  with open(path) as f:
-    run = RunConfig.from_dict(json.load(f))
-  mesh = _mesh_for(run)
-  model = Transformer(run.model)
-  tx, _ = make_optimizer(run.optimizer, run.train.train_steps)
-  abstract, _ = steps.abstract_state(model, tx, mesh, run.batch.seq_len)
-  ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"), every=1, keep=1)
-  try:
-    step = ckpts.latest_step()
-    if step is None:
-      raise EvaluationError(f"{model_dir} has no checkpoint yet; train it first (train.py "
-                            f"--model_dir={model_dir}).")
-    state, _ = ckpts.restore(abstract, step)
-  finally:
-    ckpts.close()
-  return run, state.params, mesh, step
+  """(run config on this machine's mesh, its loop.Runtime, the latest checkpoint's
+  params, that checkpoint's step)."""
+  run = loop.read_run(model_dir)
+  run = dataclasses.replace(run, mesh=_mesh_config(run))
+  runtime = loop.Runtime(run)
+  state, _, step = runtime.restore_latest(model_dir)
+  return run, runtime, state.params, step
 
 
 def evaluate_dir(model_dir, tasks=None, split="validation", limit=200):
-  run, params, mesh, step = restore(model_dir)
-  run = dataclasses.replace(run, mesh=MeshConfig(*mesh.shape.values()))
-  model = Transformer(run.model)
+  run, runtime, params, step = restore(model_dir)
+  model = runtime.model
   _, eval_rows, token_bytes = loop.make_data(run, split)
-  eval_step = steps.make_eval_step(model, mesh, jax.tree.map(lambda x: x.sharding, params))
+  eval_sets = loop.make_eval_sets(run, eval_rows, token_bytes, split)
   result = {"model_dir": model_dir, "step": step, "split": split,
-            **loop.evaluate(eval_step, params, loop.make_eval_sets(run, eval_rows, token_bytes, split),
-                            mesh, run.batch.micro_batch_size)}
+            **loop.evaluate(runtime.eval_step, params, eval_sets, runtime.mesh,
+                            run.batch.micro_batch_size)}
   languages = sorted(eval_rows) if run.data.mixture != "synthetic" else []
   names = default_tasks(run, languages) if tasks is None else tasks
   parsed = [_parse_task(n) for n in names]
@@ -153,7 +136,7 @@ def main(argv):
   tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
   try:
     results = [evaluate_dir(d, tasks, args.split, args.limit) for d in args.model_dir]
-  except (EvaluationError, ConfigError, CorpusError, loop.TrainingError) as e:
+  except (EvaluationError, ConfigError, CorpusError, loop.TrainingError, loop.RunNotFound) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for result in results:

@@ -126,10 +126,10 @@ def main(argv):
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  from bigsci_jax import evaluate
+  from bigsci_jax import evaluate, loop
   from bigsci_jax.model import Transformer
   try:
-    run, params, _, _ = evaluate.restore(args.model_dir)
+    run, _, params, _ = evaluate.restore(args.model_dir)
     if run.data.mixture == "synthetic":
       raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
                             f"to turn a prompt into tokens.")
@@ -141,7 +141,7 @@ def main(argv):
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outputs = generate(model, jax.device_get(params), [sp.encode(t) for t in args.prompt],
                        args.max_new_tokens, sampling, args.seed)
-  except (GenerationError, evaluate.EvaluationError) as e:
+  except (GenerationError, evaluate.EvaluationError, loop.RunNotFound) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   texts = [sp.decode([t for t in ids if t > 1]) for ids in outputs]

@@ -23,11 +23,8 @@ import sys
 
 import jax
 
-from bigsci_jax import checkpoint, flops, growth, loop, sharding
-from bigsci_jax import step as steps
+from bigsci_jax import checkpoint, flops, growth, loop
 from bigsci_jax.config import ConfigError, RunConfig, to_gin
-from bigsci_jax.model import Transformer
-from bigsci_jax.optim import make_optimizer
 from bigsci_jax.scaling import stages
 
 
@@ -53,23 +50,6 @@ def _override(run: RunConfig, assignments):
   return run
 
 
-class _Runtime:
-  """A run's model, optimizer and state shardings on the current devices."""
-
-  def __init__(self, run: RunConfig):
-    self.run = run
-    self.mesh = sharding.make_mesh(run.mesh)
-    self.model = Transformer(run.model)
-    self.tx, _ = make_optimizer(run.optimizer, run.train.train_steps)
-    self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
-                                                         run.batch.seq_len)
-    self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
-
-  def loss(self, params, batches):
-    return loop.evaluate(self.eval_step, params, {"": (batches, None)}, self.mesh,
-                         self.run.batch.micro_batch_size)["loss"]
-
-
 def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, constant_op=None,
          rewarm_steps=0, overrides=(), tolerance=1e-4, force=False, eval_batches=4, seed=0):
   """Grow from_dir's latest checkpoint into to_dir; returns the summary dict."""
@@ -77,18 +57,9 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
     raise GrowthError(f"--op={op!r} is not a growth operator; choose one of {', '.join(growth.OPS)}.")
   if os.path.exists(os.path.join(to_dir, "checkpoints")):
     raise GrowthError(f"{to_dir} already holds a run; pass an empty --to_dir.")
-  config_path = os.path.join(from_dir, "config.json")
-  if not os.path.exists(config_path):
-    raise GrowthError(f"{from_dir} holds no run (no config.json); train it first with train.py.")
-  with open(config_path) as f:
-    small = RunConfig.from_dict(json.load(f))
-  before = _Runtime(small)
-  ckpts = checkpoint.Checkpoints(os.path.join(from_dir, "checkpoints"), every=1, keep=1)
-  if ckpts.latest_step() is None:
-    ckpts.close()
-    raise GrowthError(f"{from_dir} has no checkpoint to grow; train it first.")
-  state, data_state = ckpts.restore(before.abstract)
-  ckpts.close()
+  small = loop.read_run(from_dir)
+  before = loop.Runtime(small)
+  state, data_state, _ = before.restore_latest(from_dir)
   state = jax.device_get(state)
   small_steps = int(state.step)
   if constant_op is None:
@@ -105,7 +76,7 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   if target.train.train_steps <= jump:
     raise GrowthError(f"the grown run starts at step {jump} (= {small_steps} / c={constant_op:.3g}); "
                       f"set --set TrainConfig.train_steps=... above it.")
-  after = _Runtime(target)
+  after = loop.Runtime(target)
 
   _, eval_rows, _ = loop.make_data(small)
   local_micro = small.batch.micro_batch_size // jax.process_count()
@@ -159,7 +130,7 @@ def main(argv):
                   rewarm_steps=args.rewarm_steps, overrides=args.overrides,
                   tolerance=args.tolerance, force=args.force, eval_batches=args.eval_batches,
                   seed=args.seed)
-  except (GrowthError, ConfigError) as e:
+  except (GrowthError, ConfigError, loop.RunNotFound) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(result))

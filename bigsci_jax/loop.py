@@ -26,6 +26,52 @@ class TrainingError(RuntimeError):
   """Training cannot go on (e.g. a non-finite loss); the message says what to do."""
 
 
+class RunNotFound(ValueError):
+  """A model_dir holds no run or no checkpoint yet; the message says what to do."""
+
+
+def read_run(model_dir) -> RunConfig:
+  """The RunConfig a train.py run saved in model_dir/config.json."""
+  path = os.path.join(model_dir, "config.json")
+  if not os.path.exists(path):
+    raise RunNotFound(f"{model_dir} holds no run (no config.json); train it first with "
+                      f"train.py --model_dir={model_dir}.")
+  with open(path) as f:
+    return RunConfig.from_dict(json.load(f))
+
+
+class Runtime:
+  """A run's model, optimizer, state shardings and eval step on the current devices."""
+
+  def __init__(self, run: RunConfig):
+    self.run = run
+    self.mesh = sharding.make_mesh(run.mesh)
+    self.model = Transformer(run.model)
+    self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps)
+    self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
+                                                         run.batch.seq_len)
+    self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
+
+  def restore_latest(self, model_dir):
+    """(train state, data state, step) of model_dir's latest checkpoint, in this runtime's
+    shardings."""
+    ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"), every=1, keep=1)
+    try:
+      step = ckpts.latest_step()
+      if step is None:
+        raise RunNotFound(f"{model_dir} has no checkpoint yet; train it first (train.py "
+                          f"--model_dir={model_dir}).")
+      state, data_state = ckpts.restore(self.abstract, step)
+    finally:
+      ckpts.close()
+    return state, data_state, step
+
+  def loss(self, params, batches):
+    """Token-weighted loss of these host micro-batches."""
+    return evaluate(self.eval_step, params, {"": (batches, None)}, self.mesh,
+                    self.run.batch.micro_batch_size)["loss"]
+
+
 def write_atomic(path, text):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -123,17 +169,13 @@ def evaluate(eval_step, params, eval_sets, mesh, micro_batch_size):
   return dict(sorted(out.items()))
 
 
-class _Trainer:
+class _Trainer(Runtime):
   """Holds what the loop needs between steps; `run()` is the loop."""
 
   def __init__(self, run: RunConfig, model_dir, config_text, progress):
-    self.run, self.model_dir, self.progress = run, model_dir, progress
-    self.mesh = sharding.make_mesh(run.mesh)
+    super().__init__(run)
+    self.model_dir, self.progress = model_dir, progress
     check_batch_fits_mesh(run, self.mesh)
-    self.model = Transformer(run.model)
-    self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps)
-    self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
-                                                         run.batch.seq_len)
     os.makedirs(model_dir, exist_ok=True)
     self.ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"),
                                         every=run.train.checkpoint_every,
@@ -148,7 +190,6 @@ class _Trainer:
                    json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
     self.train_step = steps.make_train_step(self.model, self.tx, self.schedule, self.mesh,
                                             self.shardings)
-    self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
     self.batch_sharding = sharding.batch_sharding(self.mesh, 3, batch_axis=1)
     self.flops_per_token = flops.flops_per_token(run.model, run.batch.seq_len)
     peak = flops.peak_flops(jax.devices()[0].device_kind)
