@@ -12,6 +12,8 @@ Batch contract (DESIGN.md): int32 [batch, length] features
 This module imports no TensorFlow: the model, the step and the benchmarks use it.
 """
 
+from typing import Any, NamedTuple
+
 import jax
 import numpy as np
 
@@ -19,6 +21,16 @@ from bigsci_jax.config import BatchConfig
 
 FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
             "decoder_segment_ids", "decoder_positions", "decoder_causal_attention")
+
+
+class Corpus(NamedTuple):
+  """What a run reads: the train source, {eval set: this process's host rows}, the
+  UTF-8 bytes each token spells (int64 [vocab], None without a vocabulary) and the
+  serialized SentencePiece model (bytes, None for synthetic data)."""
+  train: Any
+  evals: dict
+  token_bytes: Any = None
+  vocab_model: bytes | None = None
 
 
 def batch_size_at(cfg: BatchConfig, tokens_seen: int) -> int:

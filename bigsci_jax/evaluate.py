@@ -1,15 +1,17 @@
 """Evaluate trained runs: per-language loss and bits per byte, and the built-in
 multiple-choice tasks, from each run's latest checkpoint.
 
-  python -m bigsci_jax.evaluate --model_dir=DIR [--model_dir=DIR2 ...] [--tasks=next_sentence/en,...]
+  python -m bigsci_jax.evaluate --model_dir=DIR [--model_dir=DIR2 ...] [--tasks=next_sentence/en,cloze/fr,...]
       [--split=validation|test] [--limit=200] [--out=DIR]
 
 The checkpoint is restored onto whatever devices are present (all of them data
 parallel when they divide the micro-batch, else one). Writes eval_results.json
 in each model_dir and prints a table; with several model_dirs, also
 comparison.md and comparison.png in --out (default: the first model_dir). The
-last stdout line is a JSON object of the results. Tasks need the run's
-SentencePiece vocabulary, so a synthetic run gets losses only.
+last stdout line is a JSON object of the results. Tasks (mc_tasks:
+next_sentence/<lang>, translation/<lang>, cloze/<lang>) read text with the run's
+SentencePiece vocabulary (model_dir/vocab.model), so a synthetic run gets losses
+only.
 """
 
 import argparse
@@ -24,7 +26,9 @@ from bigsci_jax import likelihood, loop, mc_tasks
 from bigsci_jax.config import ConfigError, MeshConfig, RunConfig
 from bigsci_jax.corpus import CorpusError
 
-TASKS = {"next_sentence": mc_tasks.next_sentence_items, "translation": mc_tasks.translation_items}
+TASKS = {"next_sentence": mc_tasks.next_sentence_items,
+         "translation": mc_tasks.translation_items,
+         "cloze": mc_tasks.cloze_items}
 
 
 class EvaluationError(ValueError):
@@ -35,57 +39,67 @@ def default_tasks(run: RunConfig, languages):
   if run.data.corpus != "handbook":
     return []
   return ([f"next_sentence/{lang}" for lang in languages]
-          + [f"translation/{lang}" for lang in languages if lang != "en"])
+          + [f"translation/{lang}" for lang in languages if lang != "en"]
+          + [f"cloze/{lang}" for lang in languages if lang not in mc_tasks.NO_SPACES])
 
 
 def _parse_task(name):
   kind, _, lang = name.partition("/")
   if kind not in TASKS or not lang:
-    raise EvaluationError(f"unknown task {name!r}: tasks are next_sentence/<lang> and "
-                          f"translation/<lang> (e.g. next_sentence/fr).")
+    raise EvaluationError(f"unknown task {name!r}: tasks are next_sentence/<lang>, "
+                          f"translation/<lang> and cloze/<lang> (e.g. next_sentence/fr).")
   return kind, lang
 
 
-def _mesh_config(run: RunConfig):
-  """All devices data parallel when they divide the micro-batch, else one device."""
-  if run.batch.micro_batch_size % jax.device_count() == 0:
+def _mesh_config(batch_size):
+  """All devices data parallel when they divide the batch, else one device."""
+  if batch_size % jax.device_count() == 0:
     return MeshConfig(data=-1, fsdp=1, tensor=1)
   return MeshConfig(1, 1, 1)
 
 
-def restore(model_dir):
+def restore(model_dir, batch_size=None):
   """(run config on this machine's mesh, its loop.Runtime, the latest checkpoint's
-  params, that checkpoint's step)."""
+  params, that checkpoint's step). The mesh is data parallel over every device when
+  they divide batch_size (default: the run's micro-batch), else one device."""
   run = loop.read_run(model_dir)
-  run = dataclasses.replace(run, mesh=_mesh_config(run))
+  run = dataclasses.replace(run, mesh=_mesh_config(batch_size or run.batch.micro_batch_size))
   runtime = loop.Runtime(run)
   state, _, step = runtime.restore_latest(model_dir)
   return run, runtime, state.params, step
 
 
+def make_scorer(model_dir, run, runtime, params, batch_size=None):
+  """A likelihood.Scorer of these params with the run's vocabulary."""
+  return likelihood.Scorer(runtime.model, params, loop.read_vocab(model_dir), run.batch.seq_len,
+                           batch_size or run.batch.micro_batch_size, runtime.mesh)
+
+
+def score_task(name, scorer, limit=200):
+  kind, lang = _parse_task(name)
+  items = TASKS[kind](lang, limit=limit)
+  if kind == "cloze":
+    return mc_tasks.score_cloze(items, scorer)
+  return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
+
+
 def evaluate_dir(model_dir, tasks=None, split="validation", limit=200):
+  for name in tasks or ():
+    _parse_task(name)  # a wrong name stops before anything is restored
   run, runtime, params, step = restore(model_dir)
-  model = runtime.model
-  _, eval_rows, token_bytes = loop.make_data(run, split)
-  eval_sets = loop.make_eval_sets(run, eval_rows, token_bytes, split)
+  if tasks and run.data.mixture == "synthetic":
+    raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
+                          f"text tasks; evaluate losses only (--tasks=).")
+  corpus = loop.make_data(run, split)
+  eval_sets = loop.make_eval_sets(run, corpus.evals, corpus.token_bytes, split)
   result = {"model_dir": model_dir, "step": step, "split": split,
             **loop.evaluate(runtime.eval_step, params, eval_sets, runtime.mesh,
                             run.batch.micro_batch_size)}
-  languages = sorted(eval_rows) if run.data.mixture != "synthetic" else []
+  languages = sorted(corpus.evals) if run.data.mixture != "synthetic" else []
   names = default_tasks(run, languages) if tasks is None else tasks
-  parsed = [_parse_task(n) for n in names]
-  if parsed:
-    if run.data.mixture == "synthetic":
-      raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
-                            f"text tasks; evaluate losses only (--tasks=).")
-    from bigsci_jax.tasks import handbook  # the data pipeline: the run's vocabulary
-    import sentencepiece as spm
-    prepared = handbook.prepare(run.data, prefix_lm=run.model.mask == "prefix")
-    sp = spm.SentencePieceProcessor(model_file=prepared.vocab_path)
-    loglik = likelihood.make_loglik_fn(model, params, sp.encode, run.batch.seq_len,
-                                       run.batch.micro_batch_size)
-    result["tasks"] = {name: mc_tasks.score(TASKS[kind](lang, limit=limit), loglik)
-                       for name, (kind, lang) in zip(names, parsed)}
+  if names:
+    text_scorer = make_scorer(model_dir, run, runtime, params)
+    result["tasks"] = {name: score_task(name, text_scorer, limit) for name in names}
   loop.write_atomic(os.path.join(model_dir, "eval_results.json"),
                     json.dumps(result, indent=1, sort_keys=True) + "\n")
   return result
@@ -94,8 +108,9 @@ def evaluate_dir(model_dir, tasks=None, split="validation", limit=200):
 def _rows(result):
   rows = {k: v for k, v in result.items() if k.startswith(("loss", "bpb"))}
   for name, scores in result.get("tasks", {}).items():
-    rows[f"{name} acc"] = scores["acc"]
-    rows[f"{name} acc_norm"] = scores["acc_norm"]
+    for metric in ("acc", "acc_norm", "exact_match", "ppl"):
+      if metric in scores:
+        rows[f"{name} {metric}"] = scores[metric]
   return rows
 
 

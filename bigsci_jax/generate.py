@@ -49,9 +49,10 @@ def empty_cache(model, batch_size):
       _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
-def prompt_batch(prompts, prefix_lm):
-  """Left-padded [BOS] + prompt rows: tokens, positions, segment ids, prefix flags [B, P]."""
-  width = 1 + max(len(p) for p in prompts)
+def prompt_batch(prompts, prefix_lm, min_width=0):
+  """Left-padded [BOS] + prompt rows: tokens, positions, segment ids, prefix flags [B, P],
+  P at least min_width (fewer distinct shapes to compile)."""
+  width = max(min_width, 1 + max(len(p) for p in prompts))
   b = len(prompts)
   tokens, positions = np.zeros((b, width), np.int32), np.full((b, width), -1, np.int32)
   segments = np.zeros((b, width), np.int32)
@@ -89,11 +90,16 @@ def _forward(model, params, cache, tokens, positions, segments, prefix):
 
 
 def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0,
-             return_logits=False):
+             return_logits=False, stop_fn=None, min_width=0):
   """Token lists continuing each prompt (and, with return_logits, the [B, V] logits
-  each generated token was drawn from)."""
+  each generated token was drawn from).
+
+  stop_fn(generated token lists) -> one bool per row, True where that row is done;
+  generation ends early once every row is (rows keep their extra tokens: the
+  caller cuts them). min_width pads the prompt batch to at least that width.
+  """
   cfg = model.cfg
-  tokens, positions, segments, prefix = prompt_batch(prompts, cfg.mask == "prefix")
+  tokens, positions, segments, prefix = prompt_batch(prompts, cfg.mask == "prefix", min_width)
   if tokens.shape[1] + max_new_tokens > cfg.max_len:
     raise GenerationError(f"a prompt of {tokens.shape[1] - 1} tokens plus {max_new_tokens} new "
                           f"tokens exceeds the context window of {cfg.max_len}; shorten the "
@@ -104,11 +110,14 @@ def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0
   key = jax.random.key(seed)
   out, all_logits = [], []
   ones = np.ones((len(prompts), 1), np.int32)
-  for _ in range(max_new_tokens):
+  for i in range(max_new_tokens):
     key, sub = jax.random.split(key)
     token = sample(logits, sub, sampling)
     out.append(np.asarray(token))
     all_logits.append(np.asarray(logits))
+    if i + 1 == max_new_tokens or (
+        stop_fn is not None and all(stop_fn(np.stack(out, axis=1).tolist()))):
+      break
     logits, cache = _forward(model, params, cache, token[:, None], next_pos, ones, 0 * ones)
     next_pos = next_pos + 1
   generated = np.stack(out, axis=1).tolist() if out else [[] for _ in prompts]
@@ -133,10 +142,7 @@ def main(argv):
     if run.data.mixture == "synthetic":
       raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
                             f"to turn a prompt into tokens.")
-    import sentencepiece as spm
-    from bigsci_jax.tasks import handbook
-    sp = spm.SentencePieceProcessor(model_file=handbook.prepare(
-        run.data, prefix_lm=run.model.mask == "prefix").vocab_path)
+    sp = loop.read_vocab(args.model_dir)
     model = Transformer(run.model)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outputs = generate(model, jax.device_get(params), [sp.encode(t) for t in args.prompt],

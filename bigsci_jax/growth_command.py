@@ -78,7 +78,7 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
                       f"set --set TrainConfig.train_steps=... above it.")
   after = loop.Runtime(target)
 
-  _, eval_rows, _ = loop.make_data(small)
+  eval_rows = loop.make_data(small).evals
   local_micro = small.batch.micro_batch_size // jax.process_count()
   batches = [b for rows in eval_rows.values()
              for b in loop.eval_micro_batches(rows, local_micro, None)[0][:eval_batches]]

@@ -1,37 +1,59 @@
-"""Log-likelihood of continuations given contexts, the way the evaluation harness
-asks for it: the context (for a prefix LM, the bidirectional prefix) and the
-continuation are encoded apart and concatenated; only continuation tokens count.
+"""Scoring text with a model the way the evaluation harness asks for it: the
+log-likelihood of a continuation given a context, the rolling log-likelihood of a
+whole text, and generation until a stop string.
 
-A row holds one request, packed like training rows (BOS-shifted inputs, segment
-1, positions from 0); a too-long request loses context tokens from the left.
+Context and continuation are encoded apart and concatenated, so the scored
+tokens spell exactly the continuation; as in the harness, whitespace ending the
+context moves to the start of the continuation first. For a prefix LM the
+context is the bidirectional prefix. A row holds one request, laid out like a
+training row (BOS-shifted inputs, segment 1, positions from 0); a request longer
+than the context window loses context tokens from the left. Requests are sorted
+by length and batched into rows of a few widths (each compiles once).
+
+The tokenizer is anything with encode(str) -> ids and decode(ids) -> str (a
+SentencePieceProcessor; its byte fallback spells any UTF-8 text).
 """
+
+import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigsci_jax import generate, sharding
 from bigsci_jax import step as steps
+
+EOS_ID = 1
+_MIN_WIDTH = 32
+log = logging.getLogger(__name__)
 
 
 class LikelihoodError(ValueError):
   """A request cannot be scored; the message says why."""
 
 
-def request_rows(requests, encode, seq_len, prefix_lm=False):
-  """[(context, continuation)] -> batch features [N, seq_len] (numpy int32)."""
-  n = len(requests)
-  rows = {k: np.zeros((n, seq_len), np.int32) for k in (
+def split_pair(context, continuation):
+  """Whitespace ending the context moves to the start of the continuation."""
+  stripped = context.rstrip()
+  return stripped, context[len(stripped):] + continuation
+
+
+def token_rows(pairs, width, prefix_lm=False):
+  """[(context ids, continuation ids)] -> batch features [N, width] (numpy int32);
+  contexts lose tokens from the left to fit."""
+  n = len(pairs)
+  rows = {k: np.zeros((n, width), np.int32) for k in (
       "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
       "decoder_segment_ids", "decoder_positions", "decoder_causal_attention")}
-  for r, (context, continuation) in enumerate(requests):
-    ctx, cont = list(encode(context)), list(encode(continuation))
-    if not cont:
+  for r, (ctx, cont) in enumerate(pairs):
+    if not len(cont):
       raise LikelihoodError(f"request {r} has an empty continuation.")
-    if len(cont) > seq_len - 1:
+    if len(cont) > width:
       raise LikelihoodError(f"request {r}'s continuation is {len(cont)} tokens; the context "
-                            f"window is {seq_len}.")
-    ctx = ctx[max(0, len(ctx) + len(cont) - seq_len):]  # drop context from the left
-    tokens = ctx + cont
+                            f"window is {width}.")
+    ctx = list(ctx)[max(0, len(ctx) + len(cont) - width):]
+    tokens = ctx + list(cont)
     length = len(tokens)
     rows["decoder_target_tokens"][r, :length] = tokens
     rows["decoder_input_tokens"][r, 1:length] = tokens[:-1]
@@ -43,25 +65,151 @@ def request_rows(requests, encode, seq_len, prefix_lm=False):
   return rows
 
 
-def make_loglik_fn(model, params, encode, seq_len, batch_size=16):
-  """requests -> summed continuation log-likelihoods (numpy float64 [N])."""
-  prefix_lm = model.cfg.mask == "prefix"
+def windows(tokens, first, window):
+  """The (context, continuation) rows that score tokens[first:], each token exactly
+  once and with as much preceding context as fits: a continuation that fits
+  takes one row; a longer one is scored in pieces, each later piece with the
+  tokens before it as context. From the very start, the first row scores `window`
+  tokens after BOS alone; later rows score at most window - 1 after >= 1 token."""
+  pairs, start = [], first
+  while start < len(tokens):
+    end = min(len(tokens), start + (window if start == 0 else window - 1))
+    pairs.append((tokens[max(0, end - window):start], tokens[start:end]))
+    start = end
+  return pairs
 
-  @jax.jit
-  def sums(params, batch):
-    logits_BxLxV = model.apply({"params": params}, **steps.model_inputs(model.cfg, batch))
-    logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    target_BxL = jnp.take_along_axis(logp_BxLxV, batch["decoder_target_tokens"][..., None],
-                                     axis=-1)[..., 0]
-    return jnp.sum(target_BxL * batch["decoder_loss_weights"], axis=-1)
 
-  def fn(requests):
-    out = []
-    for start in range(0, len(requests), batch_size):
-      chunk = list(requests[start:start + batch_size])
-      pad = batch_size - len(chunk)
-      rows = request_rows(chunk + [chunk[0]] * pad, encode, seq_len, prefix_lm)
-      out.append(np.asarray(sums(params, rows), np.float64)[:len(chunk)])
-    return np.concatenate(out) if out else np.zeros(0)
+def _width(length, seq_len):
+  """The smallest power of two >= length (at least _MIN_WIDTH), capped at seq_len."""
+  return min(seq_len, max(_MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length()))
 
-  return fn
+
+def _sums_and_greedy(params, batch, *, model):
+  """(summed continuation log-likelihood, whether greedy decoding yields it) per row."""
+  logits_BxLxV = model.apply({"params": params}, **steps.model_inputs(model.cfg, batch))
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+  targets_BxL = batch["decoder_target_tokens"]
+  target_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  weights_BxL = batch["decoder_loss_weights"]
+  hit_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) | (weights_BxL == 0)
+  return jnp.sum(target_BxL * weights_BxL, axis=-1), jnp.all(hit_BxL, axis=-1)
+
+
+class Scorer:
+  """Log-likelihoods and generations of one model's params.
+
+  With a mesh, each batch is placed sharded over its batch axes (batch_size must
+  divide them) and the model traces under the mesh's logical rules.
+  """
+
+  def __init__(self, model, params, tokenizer, seq_len, batch_size=16, mesh=None):
+    self.model, self.params, self.tokenizer = model, params, tokenizer
+    self.seq_len, self.batch_size, self.mesh = seq_len, batch_size, mesh
+    self.prefix_lm = model.cfg.mask == "prefix"
+    self._score = jax.jit(functools.partial(_sums_and_greedy, model=model))
+
+  def _place(self, rows):
+    if self.mesh is None:
+      return rows
+    return jax.device_put(rows, sharding.batch_sharding(self.mesh, 2))
+
+  def score_requests(self, pairs):
+    """[(context ids, continuation ids)] of any length -> (float64 [N] summed
+    continuation log-likelihoods, bool [N] greedy): each request in `windows`."""
+    rows, owner = [], []
+    for i, (context, continuation) in enumerate(pairs):
+      if not len(continuation):
+        raise LikelihoodError(f"request {i} has an empty continuation.")
+      tokens = list(context) + list(continuation)
+      pieces = windows(tokens, len(context), self.seq_len)
+      rows += pieces
+      owner += [i] * len(pieces)
+    sums, greedy = self.score_tokens(rows)
+    owner = np.asarray(owner, int)
+    total = np.bincount(owner, weights=sums, minlength=len(pairs))
+    missed = np.bincount(owner, weights=~greedy, minlength=len(pairs))
+    return total, missed == 0
+
+  def score_tokens(self, pairs):
+    """[(context ids, continuation ids)], each fitting the window -> (float64 [N]
+    summed log-likelihoods, bool [N] greedy)."""
+    sums, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
+    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+    for start in range(0, len(order), self.batch_size):
+      ids = order[start:start + self.batch_size]
+      chunk = [pairs[i] for i in ids]
+      chunk += [chunk[0]] * (self.batch_size - len(chunk))
+      width = _width(max(len(c) + len(t) for c, t in chunk), self.seq_len)
+      rows = self._place(token_rows(chunk, width, self.prefix_lm))
+      if self.mesh is None:
+        out = self._score(self.params, rows)
+      else:
+        with sharding.activate(self.mesh):
+          out = self._score(self.params, rows)
+      chunk_sums, chunk_greedy = jax.device_get(out)
+      sums[ids] = chunk_sums[:len(ids)]
+      greedy[ids] = chunk_greedy[:len(ids)]
+    return sums, greedy
+
+  def loglikelihood(self, requests):
+    """[(context, continuation)] -> (float64 [N], bool [N] greedy)."""
+    pairs = []
+    for context, continuation in requests:
+      context, continuation = split_pair(context, continuation)
+      pairs.append((self.tokenizer.encode(context) if context else [],
+                    self.tokenizer.encode(continuation)))
+    return self.score_requests(pairs)
+
+  def loglikelihood_rolling(self, texts):
+    """[text] -> float64 [N]: each text's log-likelihood from BOS, in context windows
+    (empty texts: 0)."""
+    tokens = [self.tokenizer.encode(text) for text in texts]
+    sums = np.zeros(len(texts))
+    scored = [i for i, t in enumerate(tokens) if t]
+    if scored:
+      sums[scored] = self.score_requests([([], tokens[i]) for i in scored])[0]
+    return sums
+
+  def generate_until(self, contexts, until=(), max_new_tokens=32,
+                     sampling=generate.Sampling(), seed=0):
+    """[context] -> [generated text, cut before the first stop string of `until`]; a
+    row also stops at EOS. A context too long for the window with max_new_tokens
+    loses tokens from the left, with a warning."""
+    room = self.model.cfg.max_len - 1 - max_new_tokens
+    if room < 1:
+      raise LikelihoodError(f"max_new_tokens={max_new_tokens} leaves no room for a context in "
+                            f"the window of {self.model.cfg.max_len} tokens.")
+    prompts = []
+    for context in contexts:
+      ids = self.tokenizer.encode(context)
+      if len(ids) > room:
+        log.warning("a generation context of %d tokens keeps its last %d", len(ids), room)
+        ids = ids[-room:]
+      prompts.append(ids)
+
+    def text(ids):
+      if EOS_ID in ids:
+        ids = ids[:ids.index(EOS_ID)]
+      return self.tokenizer.decode([t for t in ids if t > EOS_ID + 1])
+
+    def cut(s):
+      for stop in until:
+        if stop and stop in s:
+          s = s[:s.index(stop)]
+      return s
+
+    def done(generated):
+      return [EOS_ID in ids or cut(text(ids)) != text(ids) for ids in generated]
+
+    outputs = [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), self.batch_size):
+      ids = order[start:start + self.batch_size]
+      chunk = [prompts[i] for i in ids]
+      chunk += [chunk[0]] * (self.batch_size - len(chunk))
+      width = min(_width(1 + len(chunk[0]), self.seq_len), 1 + room)
+      generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
+                                    seed + start, stop_fn=done, min_width=width)
+      for i, row in zip(ids, generated):
+        outputs[i] = cut(text(row))
+    return outputs

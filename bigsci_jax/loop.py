@@ -73,8 +73,9 @@ class Runtime:
 
 
 def write_atomic(path, text):
+  """Write text (str or bytes) to path through a temporary file and a rename."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
     f.write(text)
   os.replace(tmp, path)
 
@@ -89,13 +90,12 @@ def check_batch_fits_mesh(run: RunConfig, mesh):
                       f"of the {jax.process_count()} processes.")
 
 
-def make_data(run: RunConfig, split="validation"):
-  """(train source, {eval set: this process's host rows of `split`}, token_bytes [vocab]
-  or None).
+def make_data(run: RunConfig, split="validation") -> data.Corpus:
+  """The train source and this process's host rows of `split` for each eval set.
 
-  Synthetic data has one unnamed eval set; a corpus has one per language and a
-  vocabulary whose pieces' byte lengths give bits per byte. Only a corpus imports
-  the data pipeline (seqio, TensorFlow).
+  Synthetic data has one unnamed eval set and no vocabulary; a corpus has one set
+  per language and a vocabulary whose pieces' byte lengths give bits per byte.
+  Only a corpus imports the data pipeline (seqio, TensorFlow).
   """
   if run.data.mixture != "synthetic":
     from bigsci_jax import pipeline
@@ -107,7 +107,20 @@ def make_data(run: RunConfig, split="validation"):
                             prefix_lm=run.model.mask == "prefix",
                             process_index=jax.process_index(), process_count=jax.process_count())
   rows = run.batch.micro_batch_size * run.train.eval_batches
-  return synthetic("train"), {"": synthetic(split).take(rows)}, None
+  return data.Corpus(synthetic("train"), {"": synthetic(split).take(rows)})
+
+
+VOCAB_FILE = "vocab.model"
+
+
+def read_vocab(model_dir):
+  """The SentencePiece processor a run trained with (model_dir/vocab.model)."""
+  path = os.path.join(model_dir, VOCAB_FILE)
+  if not os.path.exists(path):
+    raise RunNotFound(f"{model_dir} has no {VOCAB_FILE}: it trained on synthetic data (no text "
+                      f"vocabulary) or before runs kept their vocabulary; train it with train.py.")
+  import sentencepiece as spm
+  return spm.SentencePieceProcessor(model_file=path)
 
 
 def _global_max_sum(value):
@@ -181,9 +194,12 @@ class _Trainer(Runtime):
                                         every=run.train.checkpoint_every,
                                         keep=run.train.keep_checkpoints,
                                         async_save=run.train.async_checkpoints)
-    self.source, eval_rows, token_bytes = make_data(run)
-    self.eval_sets = make_eval_sets(run, eval_rows, token_bytes)
+    corpus = make_data(run)
+    self.source = corpus.train
+    self.eval_sets = make_eval_sets(run, corpus.evals, corpus.token_bytes)
     if jax.process_index() == 0:
+      if corpus.vocab_model is not None:  # evaluation and generation read text with it
+        write_atomic(os.path.join(model_dir, VOCAB_FILE), corpus.vocab_model)
       if config_text:
         write_atomic(os.path.join(model_dir, "config.gin"), config_text)
       write_atomic(os.path.join(model_dir, "config.json"),

@@ -8,13 +8,21 @@
                         a page are aligned across locales (pages whose paragraph
                         counts differ are dropped); k-shot, pick the translation of
                         an English paragraph among 4 paragraphs of that language.
+  cloze/<lang>          LAMBADA-style: a paragraph without its last word, which
+                        the model must predict (languages that separate words
+                        with spaces).
 
 They exist so the whole evaluation loop can be run and tested without the
 internet; real benchmarks come through the lm-evaluation-harness. Scoring follows
-the harness: `acc` by summed log-likelihood of each choice, `acc_norm` by
-log-likelihood per UTF-8 byte, each with its standard error.
+the harness. Multiple choice: `acc` by summed log-likelihood of each choice
+(request: context, delimiter + choice), `acc_norm` by log-likelihood per UTF-8
+byte of the choice (the harness's `acc_bytes`). Cloze: `ppl` = exp(-mean
+log-likelihood of the word), `acc` = the word is the greedy continuation, and
+`exact_match` = greedy generation's first word is the word. Every accuracy has
+its standard error.
 
-Pure Python over the corpus; the model enters only through `score`'s loglik_fn.
+Pure Python over the corpus; the model enters through a likelihood.Scorer (or, for
+multiple choice, any function from requests to log-likelihoods).
 """
 
 import dataclasses
@@ -34,8 +42,19 @@ CHOICES = 4
 @dataclasses.dataclass(frozen=True)
 class Item:
   context: str
-  choices: tuple       # continuations, each starting with its separator
-  answer: int
+  choices: tuple       # the choices' texts; each request continues the context with
+  answer: int          # delimiter + choice
+  delimiter: str = " "
+
+
+@dataclasses.dataclass(frozen=True)
+class ClozeItem:
+  context: str         # a paragraph up to its last word (no trailing space)
+  word: str            # the word to predict, after a space
+
+
+NO_SPACES = ("ja", "zh_cn", "zh_tw")  # scripts without spaces between words: no cloze task
+_LAST_WORD = re.compile(r"\s(\w+)[.!?;:,…)»\"']*\s*$")
 
 
 def sentences(paragraph, min_chars=12):
@@ -84,7 +103,7 @@ def next_sentence_items(lang, *, root=None, limit=200, seed=0):
     page, first, true = pairs[i]
     pool = [s for s, p in page_of.items() if p != page]
     choices, answer = _choices(rng, true, pool)
-    items.append(Item(first, tuple(" " + c for c in choices), answer))
+    items.append(Item(first, choices, answer))
   return items
 
 
@@ -118,22 +137,70 @@ def translation_items(lang, *, shots=2, root=None, limit=200, seed=0):
     shot_ids = [j for j in rng.permutation(len(pairs)) if j != i][:shots]
     prompt = "".join(f"English: {pairs[j][0]}\nTranslation: {pairs[j][1]}\n\n" for j in shot_ids)
     choices, answer = _choices(rng, target, [t for _, t in pairs])
-    items.append(Item(f"{prompt}English: {source}\nTranslation:",
-                      tuple(" " + c for c in choices), answer))
+    items.append(Item(f"{prompt}English: {source}\nTranslation:", choices, answer))
   return items
+
+
+def cloze_items(lang, *, root=None, limit=200, seed=0, min_chars=60):
+  """Test-chapter paragraphs of `lang` whose last word (before closing punctuation) is
+  made of letters; the context is the paragraph before that word."""
+  if lang in NO_SPACES:
+    raise corpus.CorpusError(f"no cloze task for {lang!r}: its script does not separate words "
+                             f"with spaces; use next_sentence/{lang}.")
+  root = corpus.handbook_root(root)
+  locale = _locale(root, lang)
+  english = corpus.english_paragraphs(root) if locale != corpus.ENGLISH else frozenset()
+  test = split_chapters(root)["test"]
+  items = []
+  for doc in corpus.documents(root, locale, english, chapter_filter=test):
+    for paragraph in doc["text"].split("\n"):
+      match = _LAST_WORD.search(paragraph)
+      if (len(paragraph) >= min_chars and match and match.group(1).isalpha()
+          and len(match.group(1)) >= 2):
+        items.append(ClozeItem(paragraph[:match.start(1)].rstrip(), match.group(1)))
+  rng = np.random.default_rng(seed)
+  return [items[i] for i in rng.permutation(len(items))[:limit]]
+
+
+def _stderr(mean, n):
+  """Standard error of a mean of n 0/1 outcomes (sample variance, as the harness)."""
+  return math.sqrt(mean * (1 - mean) / max(n - 1, 1))
 
 
 def score(items, loglik_fn):
   """Harness-style multiple-choice metrics. loglik_fn([(context, continuation)]) returns
   the summed log-likelihood of each continuation given its context."""
-  requests = [(item.context, choice) for item in items for choice in item.choices]
+  requests = [(item.context, item.delimiter + choice) for item in items
+              for choice in item.choices]
   logliks = np.asarray(loglik_fn(requests), float).reshape(len(items), CHOICES)
   sizes = np.array([[len(c.encode()) for c in item.choices] for item in items], float)
   answers = np.array([item.answer for item in items])
   result = {"items": len(items), "chance": 1.0 / CHOICES}
   for name, values in (("acc", logliks), ("acc_norm", logliks / sizes)):
-    correct = (values.argmax(axis=1) == answers).astype(float)
-    mean = float(correct.mean())
-    result[name] = mean
-    result[f"{name}_stderr"] = math.sqrt(mean * (1 - mean) / max(len(items) - 1, 1))
+    mean = float((values.argmax(axis=1) == answers).mean())
+    result[name], result[f"{name}_stderr"] = mean, _stderr(mean, len(items))
+  return result
+
+
+_FIRST_WORD = re.compile(r"\s*(\w+)")
+
+
+def first_word(text):
+  """The first run of word characters in a generation (the harness filter
+  `regex` with pattern ^\\s*(\\w+)), or ''."""
+  match = _FIRST_WORD.match(text)
+  return match.group(1) if match else ""
+
+
+def score_cloze(items, scorer, max_new_tokens=8):
+  """Cloze metrics of a likelihood.Scorer: ppl, acc (greedy) and exact_match
+  (generation), with standard errors."""
+  logliks, greedy = scorer.loglikelihood([(item.context, " " + item.word) for item in items])
+  generations = scorer.generate_until([item.context for item in items], ("\n",), max_new_tokens)
+  matches = np.array([first_word(g) == item.word for g, item in zip(generations, items)])
+  n = len(items)
+  result = {"items": n, "ppl": math.exp(-float(np.mean(logliks)))}
+  for name, hits in (("acc", greedy), ("exact_match", matches)):
+    mean = float(np.mean(hits))
+    result[name], result[f"{name}_stderr"] = mean, _stderr(mean, n)
   return result

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from bigsci_jax import vocab
 from bigsci_jax.config import ConfigError
-from bigsci_jax.data import FEATURES
+from bigsci_jax.data import FEATURES, Corpus
 from bigsci_jax.tasks import handbook
 
 tf.config.set_visible_devices([], "GPU")
@@ -109,8 +109,8 @@ def _stack(rows, seq_len):
 
 
 def open_corpus(run, split="validation"):
-  """(train SeqioSource, {lang: this process's rows of `split`}, token_bytes [vocab]) for
-  run.data: process 0 prepares the data and vocabulary first, then the others find
+  """data.Corpus for run.data (train SeqioSource, {lang: this process's rows of
+  `split`}, token bytes, the vocabulary): process 0 prepares the data and vocabulary first, then the others find
   them. Each language's evaluation split is read once: whole when
   TrainConfig.eval_batches is 0, else its first eval_batches micro-batches."""
   index, count = jax.process_index(), jax.process_count()
@@ -131,4 +131,4 @@ def open_corpus(run, split="validation"):
   local_rows = run.batch.micro_batch_size // count * run.train.eval_batches or None
   evals = {lang: read_rows(task, run.batch.seq_len, local_rows, split=split, **kwargs)
            for lang, task in prepared.tasks.items()}
-  return train, evals, vocab.token_bytes(vocabulary.sp_model)
+  return Corpus(train, evals, vocab.token_bytes(vocabulary.sp_model), vocabulary.sp_model)

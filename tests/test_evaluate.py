@@ -62,13 +62,15 @@ def test_handbook_runs_compare_side_by_side(tmp_path, capsys, handbook_data_dir)
     dirs.append(model_dir)
   capsys.readouterr()
   assert evaluate.main([f"--model_dir={d}" for d in dirs] + [
-      "--tasks=next_sentence/fr,translation/ja", "--limit=8", "--split=test",
+      "--tasks=next_sentence/fr,translation/ja,cloze/en", "--limit=8", "--split=test",
       f"--out={tmp_path}"]) == 0
   summary = _last_json(capsys.readouterr().out)
   for result in summary["results"]:
     assert {"loss/en", "bpb/ja", "loss"} <= set(result) and result["split"] == "test"
     scores = result["tasks"]["translation/ja"]
     assert scores["items"] == 8 and 0 <= scores["acc"] <= 1 and scores["acc_stderr"] > 0
+    cloze = result["tasks"]["cloze/en"]
+    assert cloze["ppl"] > 1 and 0 <= cloze["exact_match"] <= 1
   table = open(os.path.join(tmp_path, "comparison.md")).read()
   assert "| next_sentence/fr acc |" in table and "| causal | prefix |" in table
   assert os.path.getsize(os.path.join(tmp_path, "comparison.png")) > 5_000

@@ -94,7 +94,7 @@ def test_bits_per_byte_counts_every_byte_of_the_validation_split(handbook_data_d
   """The byte total behind bpb/<lang> is the UTF-8 length of that language's whole
   validation split, read straight from TFDS."""
   run = _run(handbook_data_dir)
-  _, evals, token_bytes = loop.make_data(run)
+  _, evals, token_bytes, _ = loop.make_data(run)
   assert set(evals) == set(LANGS)
   for lang in LANGS:
     batches, size = loop.eval_micro_batches(evals[lang], run.batch.micro_batch_size, token_bytes)
@@ -113,6 +113,9 @@ def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, 
   assert [(r["step"], r["loss"]) for r in read_metrics(resumed_dir, "train")] == train_lines
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
                jax.device_get(straight["state"].params))
+  vocabulary = loop.read_vocab(resumed_dir)  # the run keeps the vocabulary it read text with
+  assert vocabulary.get_piece_size() == 4000
+  assert vocabulary.decode(vocabulary.encode("Débian")) == "Débian"
 
   final = read_metrics(str(tmp_path / "straight"), "eval")[-1]
   losses = [final[f"loss/{lang}"] for lang in LANGS]
