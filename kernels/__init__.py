@@ -4,11 +4,13 @@ Installed as `bigsci_jax.kernels`; imports nothing else from bigsci_jax, so it c
 be tested and benchmarked alone.
 """
 
-from bigsci_jax.kernels import reference, xla
+from bigsci_jax.kernels import pallas_tpu, reference, xla
 from bigsci_jax.kernels.cached import cached_attention
 from bigsci_jax.kernels.mask import visibility_BxTxS
 
-IMPLS = ("auto", "reference", "xla")
+IMPLS = ("auto", "reference", "xla", "pallas_tpu")
+_FUNCTIONS = {"reference": reference.attention, "xla": xla.attention,
+              "pallas_tpu": pallas_tpu.attention}
 
 
 def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
@@ -22,13 +24,18 @@ def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
   A key j is visible to query i iff both are in the same non-zero segment and
   (j <= i or both are in the prefix); a query that sees no key returns 0.
   Returns [B, T, H, K] in q's dtype.
+
+  impl: `reference` (the jnp oracle), `xla` (materialised mask and bias),
+  `pallas_tpu` (the fused Pallas kernel: Mosaic on TPU, interpret mode elsewhere;
+  backward by XLA recomputation for now, one device's arrays: not yet wrapped in
+  shard_map for sharded TPU steps), `auto` (xla).
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl={impl!r} is not one of {', '.join(IMPLS)}.")
   h, g = q.shape[2], k.shape[2]
   if h % g:
     raise ValueError(f"attention: {h} query heads are not a multiple of {g} key/value heads.")
-  fn = reference.attention if impl == "reference" else xla.attention
+  fn = xla.attention if impl == "auto" else _FUNCTIONS[impl]
   return fn(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask,
             alibi_slopes=alibi_slopes, causal=causal, sm_scale=sm_scale)
 

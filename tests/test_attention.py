@@ -54,7 +54,7 @@ def test_xla_matches_reference_values_and_gradients(use_prefix, use_alibi):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_tpu"])
 def test_padding_rows_return_zero_and_have_finite_gradients(impl):
   q, k, v, seg, _ = _inputs()
   out = kernels.attention(q, k, v, segment_ids=seg, impl=impl)
