@@ -52,7 +52,7 @@ def main(argv):
     metric = "exact_match" if name.startswith("cloze/") else "acc"
     chance = untrained_scores.get("chance", 0.0)
     half = 1.96 * untrained_scores[metric + "_stderr"]
-    ok = abs(untrained_scores[metric] - chance) <= half or (chance == 0 and untrained_scores[metric] == 0)
+    ok = abs(untrained_scores[metric] - chance) <= half
     checked += 1
     inside += ok
     rows.append([name, metric, untrained_scores["items"], f"{chance:.2f}",

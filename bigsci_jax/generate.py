@@ -136,16 +136,14 @@ def main(argv):
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
   from bigsci_jax import evaluate, loop
-  from bigsci_jax.model import Transformer
   try:
-    run, _, params, _ = evaluate.restore(args.model_dir)
+    run, runtime, params, _ = evaluate.restore(args.model_dir)
     if run.data.mixture == "synthetic":
       raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
                             f"to turn a prompt into tokens.")
     sp = loop.read_vocab(args.model_dir)
-    model = Transformer(run.model)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    outputs = generate(model, jax.device_get(params), [sp.encode(t) for t in args.prompt],
+    outputs = generate(runtime.model, jax.device_get(params), [sp.encode(t) for t in args.prompt],
                        args.max_new_tokens, sampling, args.seed)
   except (GenerationError, evaluate.EvaluationError, loop.RunNotFound) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -23,8 +23,8 @@ import numpy as np
 
 from bigsci_jax import generate, sharding
 from bigsci_jax import step as steps
+from bigsci_jax.vocab import EOS_ID, UNK_ID
 
-EOS_ID = 1
 _MIN_WIDTH = 32
 log = logging.getLogger(__name__)
 
@@ -108,10 +108,21 @@ class Scorer:
     self.prefix_lm = model.cfg.mask == "prefix"
     self._score = jax.jit(functools.partial(_sums_and_greedy, model=model))
 
-  def _place(self, rows):
+  def _batches(self, items, size):
+    """(indices, items padded to batch_size with the first) per batch, longest items
+    (by size) first so each batch's width fits it closely."""
+    order = sorted(range(len(items)), key=lambda i: -size(items[i]))
+    for start in range(0, len(order), self.batch_size):
+      ids = order[start:start + self.batch_size]
+      chunk = [items[i] for i in ids]
+      yield ids, chunk + [chunk[0]] * (self.batch_size - len(chunk))
+
+  def _apply(self, rows):
     if self.mesh is None:
-      return rows
-    return jax.device_put(rows, sharding.batch_sharding(self.mesh, 2))
+      return self._score(self.params, rows)
+    with sharding.activate(self.mesh):
+      return self._score(self.params,
+                         jax.device_put(rows, sharding.batch_sharding(self.mesh, 2)))
 
   def score_requests(self, pairs):
     """[(context ids, continuation ids)] of any length -> (float64 [N] summed
@@ -134,19 +145,10 @@ class Scorer:
     """[(context ids, continuation ids)], each fitting the window -> (float64 [N]
     summed log-likelihoods, bool [N] greedy)."""
     sums, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
-    order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
-    for start in range(0, len(order), self.batch_size):
-      ids = order[start:start + self.batch_size]
-      chunk = [pairs[i] for i in ids]
-      chunk += [chunk[0]] * (self.batch_size - len(chunk))
-      width = _width(max(len(c) + len(t) for c, t in chunk), self.seq_len)
-      rows = self._place(token_rows(chunk, width, self.prefix_lm))
-      if self.mesh is None:
-        out = self._score(self.params, rows)
-      else:
-        with sharding.activate(self.mesh):
-          out = self._score(self.params, rows)
-      chunk_sums, chunk_greedy = jax.device_get(out)
+    for ids, chunk in self._batches(pairs, lambda pair: len(pair[0]) + len(pair[1])):
+      width = _width(len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
+      chunk_sums, chunk_greedy = jax.device_get(
+          self._apply(token_rows(chunk, width, self.prefix_lm)))
       sums[ids] = chunk_sums[:len(ids)]
       greedy[ids] = chunk_greedy[:len(ids)]
     return sums, greedy
@@ -190,7 +192,7 @@ class Scorer:
     def text(ids):
       if EOS_ID in ids:
         ids = ids[:ids.index(EOS_ID)]
-      return self.tokenizer.decode([t for t in ids if t > EOS_ID + 1])
+      return self.tokenizer.decode([t for t in ids if t > UNK_ID])
 
     def cut(s):
       for stop in until:
@@ -198,18 +200,20 @@ class Scorer:
           s = s[:s.index(stop)]
       return s
 
+    def stopped(ids):
+      if EOS_ID in ids:
+        return True
+      s = text(ids)
+      return cut(s) != s
+
     def done(generated):
-      return [EOS_ID in ids or cut(text(ids)) != text(ids) for ids in generated]
+      return [stopped(ids) for ids in generated]
 
     outputs = [None] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for start in range(0, len(order), self.batch_size):
-      ids = order[start:start + self.batch_size]
-      chunk = [prompts[i] for i in ids]
-      chunk += [chunk[0]] * (self.batch_size - len(chunk))
+    for n, (ids, chunk) in enumerate(self._batches(prompts, len)):
       width = min(_width(1 + len(chunk[0]), self.seq_len), 1 + room)
       generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
-                                    seed + start, stop_fn=done, min_width=width)
+                                    seed + n * self.batch_size, stop_fn=done, min_width=width)
       for i, row in zip(ids, generated):
         outputs[i] = cut(text(row))
     return outputs
