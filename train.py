@@ -74,12 +74,24 @@ def _resolve(path):
                           f"pass an existing --gin_file.")
 
 
+def _search_gin_dir_first():
+  """Includes ('runs/cpu_smoke.gin') are looked up in the library's gin/ before the
+  working directory. Looked up there first, gin's Python-path check crashes on a
+  directory named like a gin folder (runs/ once a run wrote runs/default/: a
+  namespace package without a file). gin 0.5-0.6 only appends search paths; its
+  list is reordered here."""
+  prefixes = gin.config._LOCATION_PREFIXES
+  if GIN_DIR in prefixes:
+    prefixes.remove(GIN_DIR)
+  prefixes.insert(0, GIN_DIR)
+
+
 def build_config(gin_files, bindings, base_config_text=None):
   """Parse gin files and bindings; return (RunConfig, operative config text)."""
   from bigsci_jax.config import ConfigError, RunConfig
   registered = _configurables()
   gin.clear_config()
-  gin.add_config_file_search_path(GIN_DIR)
+  _search_gin_dir_first()
   files = [_resolve(f) for f in gin_files]
   try:
     if base_config_text:

@@ -33,6 +33,20 @@ def test_every_gin_file_builds_its_config(name):
     assert run.model.position == "alibi" and len(run.model.alibi_slopes) == run.model.num_heads
 
 
+def test_gin_includes_survive_a_runs_directory_on_the_path(tmp_path, monkeypatch):
+  """After `python train.py` writes runs/default/, the working directory holds runs/,
+  which Python sees as a namespace package; gin's include 'runs/cpu_smoke.gin' must
+  still find the library's file (a second `python train.py` resumes)."""
+  import importlib
+  (tmp_path / "runs" / "default").mkdir(parents=True)
+  (tmp_path / "models").mkdir()
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  importlib.invalidate_caches()
+  run, _ = train.build_config(["runs/default.gin"], [])
+  assert run.train.train_steps == 600 and run.data.mixture == "handbook_multilingual"
+
+
 def test_macros_override_everywhere():
   for run_file in ("runs/cpu_smoke.gin", "runs/gpu.gin", "runs/tpu_pod.gin"):
     run, _ = train.build_config([run_file], ["TRAIN_STEPS=40", "BATCH_SIZE=256", "SEQ_LEN=64"])
