@@ -45,10 +45,11 @@ class BigsciLM(LM):
     super().__init__()
     if unknown:
       raise EvaluationError(f"unknown model_args {sorted(unknown)} for bigsci_jax: it takes "
-                       f"model_dir and batch_size.")
+                            f"model_dir and batch_size.")
     if scorer is None:
       if not model_dir:
-        raise EvaluationError("the bigsci_jax model needs --model_args model_dir=DIR (a train.py run).")
+        raise EvaluationError("the bigsci_jax model needs --model_args model_dir=DIR "
+                              "(a train.py run).")
       from bigsci_jax import evaluate
       size = int(batch_size) if batch_size not in (None, "", "auto") else None
       run, runtime, params, self.step = evaluate.restore(model_dir, size)

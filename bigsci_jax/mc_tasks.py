@@ -84,19 +84,26 @@ def _choices(rng, answer, pool):
   return tuple(options[i] for i in order), int(np.argmin(order))
 
 
-def next_sentence_items(lang, *, root=None, limit=200, seed=0):
+def _test_paragraphs(lang, root):
+  """(page index, paragraph) over `lang`'s test-chapter pages, untranslated paragraphs
+  (identical to English) left out."""
   root = corpus.handbook_root(root)
   locale = _locale(root, lang)
   english = corpus.english_paragraphs(root) if locale != corpus.ENGLISH else frozenset()
   test = split_chapters(root)["test"]
-  pairs, page_of = [], {}
   for page, doc in enumerate(corpus.documents(root, locale, english, chapter_filter=test)):
     for paragraph in doc["text"].split("\n"):
-      parts = sentences(paragraph)
-      for s in parts[1:]:
-        page_of.setdefault(s, page)
-      if len(parts) >= 2:
-        pairs.append((page, parts[0], parts[1]))
+      yield page, paragraph
+
+
+def next_sentence_items(lang, *, root=None, limit=200, seed=0):
+  pairs, page_of = [], {}
+  for page, paragraph in _test_paragraphs(lang, root):
+    parts = sentences(paragraph)
+    for s in parts[1:]:
+      page_of.setdefault(s, page)
+    if len(parts) >= 2:
+      pairs.append((page, parts[0], parts[1]))
   rng = np.random.default_rng(seed)
   items = []
   for i in rng.permutation(len(pairs))[:limit]:
@@ -147,17 +154,12 @@ def cloze_items(lang, *, root=None, limit=200, seed=0, min_chars=60):
   if lang in NO_SPACES:
     raise corpus.CorpusError(f"no cloze task for {lang!r}: its script does not separate words "
                              f"with spaces; use next_sentence/{lang}.")
-  root = corpus.handbook_root(root)
-  locale = _locale(root, lang)
-  english = corpus.english_paragraphs(root) if locale != corpus.ENGLISH else frozenset()
-  test = split_chapters(root)["test"]
   items = []
-  for doc in corpus.documents(root, locale, english, chapter_filter=test):
-    for paragraph in doc["text"].split("\n"):
-      match = _LAST_WORD.search(paragraph)
-      if (len(paragraph) >= min_chars and match and match.group(1).isalpha()
-          and len(match.group(1)) >= 2):
-        items.append(ClozeItem(paragraph[:match.start(1)].rstrip(), match.group(1)))
+  for _, paragraph in _test_paragraphs(lang, root):
+    match = _LAST_WORD.search(paragraph)
+    if (len(paragraph) >= min_chars and match and match.group(1).isalpha()
+        and len(match.group(1)) >= 2):
+      items.append(ClozeItem(paragraph[:match.start(1)].rstrip(), match.group(1)))
   rng = np.random.default_rng(seed)
   return [items[i] for i in rng.permutation(len(items))[:limit]]
 
