@@ -26,9 +26,8 @@ def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
   Returns [B, T, H, K] in q's dtype.
 
   impl: `reference` (the jnp oracle), `xla` (materialised mask and bias),
-  `pallas_tpu` (the fused Pallas kernel: Mosaic on TPU, interpret mode elsewhere;
-  backward by XLA recomputation for now, one device's arrays: not yet wrapped in
-  shard_map for sharded TPU steps), `auto` (xla).
+  `pallas_tpu` (the fused Pallas kernels, forward and backward: Mosaic on TPU,
+  interpret mode elsewhere; under a mesh it wraps itself in shard_map), `auto` (xla).
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl={impl!r} is not one of {', '.join(IMPLS)}.")

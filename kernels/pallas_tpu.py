@@ -1,20 +1,29 @@
-"""Fused attention for TPU in Pallas (Mosaic): online softmax over key blocks, ALiBi
-computed from block indices, masks from per-token codes, skipped tiles never
-computed nor fetched.
+"""Fused attention for TPU in Pallas (Mosaic), forward and backward: online softmax
+over key blocks, ALiBi computed from block indices, masks from per-token codes,
+skipped tiles neither computed nor fetched.
 
-Grid (batch, head, query block, key block), the key-block axis last and
-"arbitrary" (it carries the running max, sum and accumulator in VMEM scratch).
-Prefetched to SMEM before the grid runs: each tile's kind (blocks.SKIP / PARTIAL
-/ FULL) and the key block to fetch for it (a skipped tile re-uses the block
-already in VMEM, so no copy is issued). Logits, softmax and the accumulator are
-float32; the matmuls take the inputs' dtype (bf16 on the MXU).
+Three kernels, each a grid whose innermost axis is "arbitrary" (it carries f32
+accumulators in VMEM scratch):
+- forward, grid (batch, head, query block, key block): output and the row
+  log-sum-exp `lse` (f32) kept for the backward;
+- dq, the same grid: recomputes each tile's probabilities from `lse`;
+- dk / dv, grid (batch, kv head, key block, query head of the group, query
+  block): accumulates over every query head sharing the key/value head.
+Prefetched to SMEM before a grid runs: each tile's kind (blocks.SKIP / PARTIAL /
+FULL) and the block to fetch for it along the inner axis (a skipped tile re-uses
+the block already in VMEM, so no copy is issued). Logits, softmax and every
+accumulator are float32; the matmuls take the inputs' dtype (bf16 on the MXU).
 
-Per-token codes reach the kernel in the layouts Mosaic tiles: queries' as
-[B, T, 128] (lane-broadcast), keys' as [B, 8, T] (sublane-broadcast).
-
-The backward pass is, for now, the VJP of the `xla` implementation recomputed
-from q, k, v (correct gradients, O(T^2) memory); the fused backward kernel is
-the next step of the kernels issue.
+Layouts Mosaic tiles without copies where it can:
+- q, k, v, out and their gradients stay [B, T, H*D] (heads in lanes, a free
+  reshape of [B, T, H, D]) when D is a multiple of 128; otherwise (D = 64) they
+  are transposed to [B, H, T, D];
+- per-token codes as [B, T, 128] (a column per tile, lane-broadcast) and
+  [B, 8, T] (a row per tile, sublane-broadcast); `lse` and the backward's
+  `delta = rowsum(out * d_out)` as rows [B, H, 8, T], turned into columns inside
+  the kernel by one (128, block) transpose per query block.
+Block sizes are multiples of 128 on TPU (interpret mode accepts any that divide
+each other).
 """
 
 import dataclasses
@@ -22,103 +31,45 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from bigsci_jax.kernels import blocks, xla
+from bigsci_jax.kernels import blocks
 
 LANES, SUBLANES = 128, 8
 _MASK = -1e30   # finite: exp(_MASK - m) underflows to 0 without inf - inf
 DEFAULT_BLOCKS = {"v5e": (512, 512), "v5p": (512, 512), "v6e": (512, 1024), "cpu": (128, 128)}
+KERNEL_NAMES = ("bigsci_attention_forward", "bigsci_attention_dq", "bigsci_attention_dkv")
+# Mesh axes the sharded call splits (DESIGN.md's mesh): batch and heads.
+BATCH_AXES, HEAD_AXES = ("data", "fsdp"), ("tensor",)
+
+
+def target():
+  """(platform, device_kind) the current computation is for: the mesh's devices
+  under jax.set_mesh (a TPU topology compiled from a CPU host included), else the
+  default backend's."""
+  device = jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
+  return device.platform, device.device_kind
 
 
 def default_blocks(device_kind=None):
-  kind = (device_kind or jax.devices()[0].device_kind).lower()
+  kind = (device_kind or target()[1]).lower()
   for name, sizes in DEFAULT_BLOCKS.items():
     if name in kind.replace(" ", "").replace("lite", "e"):
       return sizes
   return (512, 512)
 
 
-def fetch_table(kinds_BxNqxNk):
-  """The key block each tile fetches: its own unless skipped; a skipped tile fetches
-  the last non-skipped block before it in the row (or the row's first one)."""
-  nk = kinds_BxNqxNk.shape[-1]
-  own = jnp.where(kinds_BxNqxNk != blocks.SKIP, jnp.arange(nk), -1)
+def fetch_table(kinds_BxNxM):
+  """The block each tile fetches along the last axis: its own unless skipped; a
+  skipped tile fetches the last non-skipped block before it in the row (or the
+  row's first one)."""
+  m = kinds_BxNxM.shape[-1]
+  own = jnp.where(kinds_BxNxM != blocks.SKIP, jnp.arange(m), -1)
   previous = jax.lax.cummax(own, axis=2)
-  first = jnp.argmax(kinds_BxNqxNk != blocks.SKIP, axis=-1)[..., None]
+  first = jnp.argmax(kinds_BxNxM != blocks.SKIP, axis=-1)[..., None]
   return jnp.where(previous >= 0, previous, first).astype(jnp.int32)
-
-
-def _forward_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_ref, v_ref,
-                    o_ref, m_scr, l_scr, acc_scr, *, scale, causal, alibi, block_q, block_k):
-  del fetch_ref  # used by the index maps only
-  b, h, i, j = (pl.program_id(a) for a in range(4))
-
-  @pl.when(j == 0)
-  def _init():
-    m_scr[...] = jnp.full(m_scr.shape, _MASK, jnp.float32)
-    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
-    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
-
-  kind = kinds_ref[b, i, j]
-
-  def tile(masked):
-    s_QxK = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32) * scale
-    rows_QxK = i * block_q + jax.lax.broadcasted_iota(jnp.int32, s_QxK.shape, 0)
-    cols_QxK = j * block_k + jax.lax.broadcasted_iota(jnp.int32, s_QxK.shape, 1)
-    if alibi:
-      s_QxK = s_QxK - slopes_ref[h] * jnp.abs(rows_QxK - cols_QxK).astype(jnp.float32)
-    if masked:
-      q_code_Qx1 = qcode_ref[:, :1]
-      k_code_1xK = kcode_ref[:1, :]
-      visible_QxK = (q_code_Qx1 // 2 == k_code_1xK // 2) & (q_code_Qx1 >= 2)
-      if causal:
-        both_prefix = (q_code_Qx1 % 2 == 1) & (k_code_1xK % 2 == 1)
-        visible_QxK = visible_QxK & ((cols_QxK <= rows_QxK) | both_prefix)
-      s_QxK = jnp.where(visible_QxK, s_QxK, _MASK)
-    m_prev_QxL = m_scr[...]
-    m_new_QxL = jnp.maximum(m_prev_QxL, jnp.max(s_QxK, axis=1, keepdims=True))
-    p_QxK = jnp.exp(s_QxK - m_new_QxL[:, :1])
-    if masked:
-      p_QxK = jnp.where(visible_QxK, p_QxK, 0.0)
-    alpha_QxL = jnp.exp(m_prev_QxL - m_new_QxL)
-    l_scr[...] = alpha_QxL * l_scr[...] + jnp.sum(p_QxK, axis=1, keepdims=True)
-    m_scr[...] = m_new_QxL
-    pv_QxD = jax.lax.dot_general(p_QxK.astype(v_ref.dtype), v_ref[...], (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
-    acc_scr[...] = alpha_QxL[:, :1] * acc_scr[...] + pv_QxD
-
-  pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
-  pl.when(kind == blocks.FULL)(functools.partial(tile, False))
-
-  @pl.when(j == pl.num_programs(3) - 1)
-  def _finish():
-    l_Qx1 = l_scr[:, :1]
-    o_ref[...] = jnp.where(l_Qx1 > 0, acc_scr[...] / jnp.where(l_Qx1 > 0, l_Qx1, 1.0),
-                           0.0).astype(o_ref.dtype)
-
-
-def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids=None, prefix_mask=None,
-              alibi_slopes=None, causal=True, sm_scale=None, block_q=None, block_k=None,
-              interpret=None):
-  """The kernels.attention contract on one device's arrays (any T: padded inside)."""
-  b, t, h, d = q_BxTxHxK.shape
-  if interpret is None:
-    interpret = jax.devices()[0].platform != "tpu"
-  default_q, default_k = default_blocks()
-  block_q, block_k = block_q or default_q, block_k or default_k
-  if max(block_q, block_k) % min(block_q, block_k):
-    raise ValueError(f"pallas_tpu attention: block sizes {block_q} and {block_k} must divide "
-                     f"each other.")
-  codes_BxT = blocks.token_codes(segment_ids, prefix_mask, b, t)
-  slopes_H = (jnp.zeros((h,), jnp.float32) if alibi_slopes is None
-              else jnp.asarray(alibi_slopes, jnp.float32))
-  static = _Static(scale=d ** -0.5 if sm_scale is None else sm_scale, causal=causal,
-                   alibi=alibi_slopes is not None, block_q=block_q, block_k=block_k,
-                   interpret=interpret)
-  return _attention(static, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,71 +83,393 @@ class _Static:
   interpret: bool
 
 
+def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids=None, prefix_mask=None,
+              alibi_slopes=None, causal=True, sm_scale=None, block_q=None, block_k=None,
+              interpret=None):
+  """The kernels.attention contract (any T: padded inside).
+
+  Under a mesh (jax.set_mesh) the call wraps itself in shard_map: batch split
+  over the mesh's data / fsdp axes and heads over tensor (each where it divides);
+  inside a caller's shard_map it runs on the local shards as they are.
+  """
+  b, t, h, d = q_BxTxHxK.shape
+  platform, kind = target()
+  interpret = platform != "tpu" if interpret is None else interpret
+  default_q, default_k = default_blocks(kind)
+  block_q, block_k = block_q or default_q, block_k or default_k
+  if max(block_q, block_k) % min(block_q, block_k):
+    raise ValueError(f"pallas_tpu attention: block sizes {block_q} and {block_k} must divide "
+                     f"each other.")
+  codes_BxT = blocks.token_codes(segment_ids, prefix_mask, b, t)
+  slopes_H = (jnp.zeros((h,), jnp.float32) if alibi_slopes is None
+              else _local_slopes(jnp.asarray(alibi_slopes, jnp.float32), h))
+  static = _Static(scale=d ** -0.5 if sm_scale is None else sm_scale, causal=causal,
+                   alibi=alibi_slopes is not None, block_q=block_q, block_k=block_k,
+                   interpret=interpret)
+  call = functools.partial(_attention, static)
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = _dividing_axes(mesh, BATCH_AXES, b)
+  head_axes = _dividing_axes(mesh, HEAD_AXES, k_BxSxGxK.shape[2])
+  if batch_axes or head_axes:
+    P = jax.sharding.PartitionSpec
+    rows, heads = batch_axes or None, head_axes or None
+    call = jax.shard_map(call, mesh=mesh, check_vma=False,
+                         in_specs=(P(rows, None, heads), P(rows, None, heads),
+                                   P(rows, None, heads), P(rows), P(heads)),
+                         out_specs=P(rows, None, heads))
+  return call(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H)
+
+
+def _local_slopes(slopes, h):
+  """This shard's heads' slopes: inside a caller's shard_map that split the heads over
+  the tensor axis, the full [H] slopes are sliced at the shard's index."""
+  if slopes.shape[0] == h:
+    return slopes
+  mesh = jax.sharding.get_abstract_mesh()
+  split = [a for a in HEAD_AXES if not mesh.empty and a in mesh.manual_axes]
+  shards = int(np.prod([mesh.shape[a] for a in split]))
+  if slopes.shape[0] != h * shards:
+    raise ValueError(f"pallas_tpu attention: {slopes.shape[0]} ALiBi slopes for {h} heads.")
+  index = 0
+  for a in split:
+    index = index * mesh.shape[a] + jax.lax.axis_index(a)
+  return jax.lax.dynamic_slice_in_dim(slopes, index * h, h)
+
+
+def _dividing_axes(mesh, names, size):
+  """The mesh axes among `names` still to be split (not manual: a caller's shard_map
+  already did) whose product divides `size`, kept in order while it does."""
+  if mesh.empty:
+    return ()
+  chosen, product = [], 1
+  for name in names:
+    if name in mesh.axis_names and name not in mesh.manual_axes and mesh.shape[name] > 1:
+      if size % (product * mesh.shape[name]) == 0:
+        chosen.append(name)
+        product *= mesh.shape[name]
+  return tuple(chosen)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(static, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H):
-  return _forward(static, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H)
+  return _attention_fwd(static, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H)[0]
 
 
-def _attention_fwd(static, q, k, v, codes, slopes):
-  return _forward(static, q, k, v, codes, slopes), (q, k, v, codes, slopes)
+def _attention_fwd(static, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H):
+  lay = _Layout.of(static, codes_BxT, q_BxTxHxK.shape[3])
+  q, k, v = (lay.to_kernel(x) for x in (q_BxTxHxK, k_BxSxGxK, v_BxSxGxK))
+  out, lse_BxHx8xT = _forward(lay, q, k, v, slopes_H)
+  # Residuals in the kernels' layout: the caller's q / k / v may die after the forward.
+  return lay.from_kernel(out), (q, k, v, codes_BxT, slopes_H, out, lse_BxHx8xT)
 
 
-def _attention_bwd(static, residuals, d_out):
-  q, k, v, codes, slopes = residuals
-
-  def recompute(q, k, v):
-    return xla.attention(q, k, v, segment_ids=codes // 2, prefix_mask=codes % 2,
-                         alibi_slopes=slopes if static.alibi else None, causal=static.causal,
-                         sm_scale=static.scale)
-  _, vjp = jax.vjp(recompute, q, k, v)
-  return (*vjp(d_out), None, None)
+def _attention_bwd(static, residuals, d_out_BxTxHxK):
+  q, k, v, codes_BxT, slopes_H, out, lse_BxHx8xT = residuals
+  lay = _Layout.of(static, codes_BxT, d_out_BxTxHxK.shape[3])
+  d_out = lay.to_kernel(d_out_BxTxHxK)
+  dq, delta_BxHx8xT = _backward_dq(lay, q, k, v, out, d_out, lse_BxHx8xT, slopes_H)
+  dk, dv = _backward_dkv(lay, q, k, v, d_out, lse_BxHx8xT, delta_BxHx8xT, slopes_H)
+  return lay.from_kernel(dq), lay.from_kernel(dk), lay.from_kernel(dv), None, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _forward(static, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H):
-  b, t, h, d = q_BxTxHxK.shape
-  g = k_BxSxGxK.shape[2]
-  step = max(static.block_q, static.block_k)
-  tp = -(-t // step) * step
-  block_q, block_k = min(static.block_q, tp), min(static.block_k, tp)
-  codes_BxT = blocks.pad_codes(codes_BxT, tp)
-  kinds = blocks.block_kinds(codes_BxT, block_q, block_k, static.causal)
-  fetch = fetch_table(kinds)
-  pad = ((0, 0), (0, 0), (0, tp - t), (0, 0))
-  q_BxHxTxK = jnp.pad(q_BxTxHxK.transpose(0, 2, 1, 3), pad)
-  k_BxGxTxK = jnp.pad(k_BxSxGxK.transpose(0, 2, 1, 3), pad)
-  v_BxGxTxK = jnp.pad(v_BxSxGxK.transpose(0, 2, 1, 3), pad)
-  q_codes_BxTxL = jnp.broadcast_to(codes_BxT[:, :, None], (b, tp, LANES))
-  k_codes_BxSxT = jnp.broadcast_to(codes_BxT[:, None, :], (b, SUBLANES, tp))
-  r = h // g
-  kernel = functools.partial(_forward_kernel, scale=static.scale, causal=static.causal,
-                             alibi=static.alibi, block_q=block_q, block_k=block_k)
-  sq = pl.Squeezed()
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Padded sizes, block tables and array layouts shared by the three kernels."""
+  static: _Static
+  t: int
+  tp: int              # T padded to a multiple of both blocks
+  d: int
+  heads_in_lanes: bool  # [B, T, H*D] (D % 128 == 0) instead of [B, H, T, D]
+  block_q: int
+  block_k: int
+  kinds: jax.Array      # [B, Tp/block_q, Tp/block_k]
+  code_columns: jax.Array  # [B, Tp, 128]: a tile's tokens down its rows
+  code_rows: jax.Array     # [B, 8, Tp]: a tile's tokens along its columns
 
-  def kv_map(b, h, i, j, kinds, fetch):
-    return (b, h // r, fetch[b, i, j], 0)
+  @classmethod
+  def of(cls, static, codes_BxT, d):
+    b, t = codes_BxT.shape
+    step = max(static.block_q, static.block_k)
+    tp = -(-t // step) * step
+    block_q, block_k = min(static.block_q, tp), min(static.block_k, tp)
+    codes_BxT = blocks.pad_codes(codes_BxT, tp)
+    return cls(static=static, t=t, tp=tp, d=d, heads_in_lanes=d % LANES == 0,
+               block_q=block_q, block_k=block_k,
+               kinds=blocks.block_kinds(codes_BxT, block_q, block_k, static.causal),
+               code_columns=jnp.broadcast_to(codes_BxT[:, :, None], (b, tp, LANES)),
+               code_rows=jnp.broadcast_to(codes_BxT[:, None, :], (b, SUBLANES, tp)))
+
+  def to_kernel(self, x_BxTxHxK):
+    b, t, h, d = x_BxTxHxK.shape
+    x = jnp.pad(x_BxTxHxK, ((0, 0), (0, self.tp - t), (0, 0), (0, 0)))
+    return x.reshape(b, self.tp, h * d) if self.heads_in_lanes else x.transpose(0, 2, 1, 3)
+
+  def heads(self, x):
+    return x.shape[2] // self.d if self.heads_in_lanes else x.shape[1]
+
+  def from_kernel(self, x):
+    b, h = x.shape[0], self.heads(x)
+    x_BxTxHxK = (x.reshape(b, self.tp, h, self.d) if self.heads_in_lanes
+                 else x.transpose(0, 2, 1, 3))
+    return x_BxTxHxK[:, :self.t]
+
+  def tile(self, block, index):
+    """BlockSpec of one head's [block, D] tile; index(grid..., prefetch...) -> (b, head, row)."""
+    sq = pl.Squeezed()
+    if self.heads_in_lanes:
+      def in_lanes(*args):
+        b, head, row = index(*args)
+        return b, row, head
+      return pl.BlockSpec((sq, block, self.d), in_lanes)
+    def transposed(*args):
+      b, head, row = index(*args)
+      return b, head, row, 0
+    return pl.BlockSpec((sq, sq, block, self.d), transposed)
+
+  def compiler_params(self, inner_axes):
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel",) * 3 + ("arbitrary",) * inner_axes)
+
+
+def _logits(a_ref, b_ref, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope, *, static,
+            masked, a_is_query):
+  """Scaled logits of one tile with ALiBi and, if `masked`, the mask: rows are a's
+  tokens, columns b's (queries x keys, or keys x queries in the dk / dv kernel).
+  Returns (logits f32 with masked entries at _MASK, visibility or None)."""
+  s_AxB = jax.lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.float32) * static.scale
+  a_pos = a_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 0)
+  b_pos = b_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 1)
+  if static.alibi:
+    s_AxB = s_AxB - slope * jnp.abs(a_pos - b_pos).astype(jnp.float32)
+  if not masked:
+    return s_AxB, None
+  visible_AxB = (a_codes_Ax1 // 2 == b_codes_1xB // 2) & (a_codes_Ax1 >= 2)
+  if static.causal:
+    both_prefix = (a_codes_Ax1 % 2 == 1) & (b_codes_1xB % 2 == 1)
+    ordered = b_pos <= a_pos if a_is_query else a_pos <= b_pos
+    visible_AxB = visible_AxB & (ordered | both_prefix)
+  return jnp.where(visible_AxB, s_AxB, _MASK), visible_AxB
+
+
+def _matmul(a, b, contract_b=0):
+  """a @ b (contract_b=0) or a @ b.T (contract_b=1), f32 accumulation."""
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _column(row_ref, block):
+  """A [8, block] row tile as a [block, 128] lane-broadcast column (one transpose)."""
+  return jnp.broadcast_to(row_ref[:1, :], (LANES, block)).T
+
+
+def _forward_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_ref, v_ref,
+                    o_ref, lse_ref, m_scr, l_scr, acc_scr, *, static, block_q, block_k):
+  del fetch_ref  # used by the index maps only
+  b, h, i, j = (pl.program_id(a) for a in range(4))
+
+  @pl.when(j == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, _MASK, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  def tile(masked):
+    s_QxK, visible_QxK = _logits(q_ref, k_ref, i * block_q, j * block_k, qcode_ref[:, :1],
+                                 kcode_ref[:1, :], slopes_ref[h], static=static, masked=masked,
+                                 a_is_query=True)
+    m_prev_QxL = m_scr[...]
+    m_new_QxL = jnp.maximum(m_prev_QxL, jnp.max(s_QxK, axis=1, keepdims=True))
+    p_QxK = jnp.exp(s_QxK - m_new_QxL[:, :1])
+    if masked:
+      p_QxK = jnp.where(visible_QxK, p_QxK, 0.0)
+    alpha_QxL = jnp.exp(m_prev_QxL - m_new_QxL)
+    l_scr[...] = alpha_QxL * l_scr[...] + jnp.sum(p_QxK, axis=1, keepdims=True)
+    m_scr[...] = m_new_QxL
+    acc_scr[...] = alpha_QxL[:, :1] * acc_scr[...] + _matmul(p_QxK.astype(v_ref.dtype), v_ref[...])
+
+  kind = kinds_ref[b, i, j]
+  pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
+  pl.when(kind == blocks.FULL)(functools.partial(tile, False))
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    l_QxL = l_scr[...]
+    seen_QxL = l_QxL > 0
+    safe_QxL = jnp.where(seen_QxL, l_QxL, 1.0)
+    o_ref[...] = jnp.where(seen_QxL[:, :1], acc_scr[...] / safe_QxL[:, :1], 0.0).astype(o_ref.dtype)
+    # A row that sees nothing keeps lse 0: its tiles are all masked, so p is 0 there.
+    lse_QxL = jnp.where(seen_QxL, m_scr[...] + jnp.log(safe_QxL), 0.0)
+    lse_ref[...] = lse_QxL.T[:SUBLANES, :]
+
+
+def _forward(lay, q, k, v, slopes_H):
+  b, g = k.shape[0], lay.heads(k)
+  h = lay.heads(q)
+  r = h // g
+  bq, bk = lay.block_q, lay.block_k
+  kernel = functools.partial(_forward_kernel, static=lay.static, block_q=bq, block_k=bk)
+  sq = pl.Squeezed()
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(b, h, tp // block_q, tp // block_k),
+      num_scalar_prefetch=2, grid=(b, h, lay.tp // bq, lay.tp // bk),
       in_specs=[
           pl.BlockSpec(memory_space=pltpu.SMEM),
-          pl.BlockSpec((sq, block_q, LANES), lambda b, h, i, j, kinds, fetch: (b, i, 0)),
-          pl.BlockSpec((sq, SUBLANES, block_k),
-                       lambda b, h, i, j, kinds, fetch: (b, 0, fetch[b, i, j])),
-          pl.BlockSpec((sq, sq, block_q, d), lambda b, h, i, j, kinds, fetch: (b, h, i, 0)),
-          pl.BlockSpec((sq, sq, block_k, d), kv_map),
-          pl.BlockSpec((sq, sq, block_k, d), kv_map),
+          pl.BlockSpec((sq, bq, LANES), lambda b, h, i, j, kinds, fetch: (b, i, 0)),
+          pl.BlockSpec((sq, SUBLANES, bk), lambda b, h, i, j, kinds, fetch: (b, 0, fetch[b, i, j])),
+          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
+          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
+          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
       ],
-      out_specs=pl.BlockSpec((sq, sq, block_q, d), lambda b, h, i, j, kinds, fetch: (b, h, i, 0)),
-      scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32),
-                      pltpu.VMEM((block_q, LANES), jnp.float32),
-                      pltpu.VMEM((block_q, d), jnp.float32)])
-  out_BxHxTxK = pl.pallas_call(
-      kernel, grid_spec=grid_spec,
-      out_shape=jax.ShapeDtypeStruct((b, h, tp, d), q_BxTxHxK.dtype),
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=static.interpret,
-  )(kinds, fetch, slopes_H, q_codes_BxTxL, k_codes_BxSxT, q_BxHxTxK, k_BxGxTxK, v_BxGxTxK)
-  return out_BxHxTxK[:, :, :t].transpose(0, 2, 1, 3)
+      out_specs=[lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
+                 pl.BlockSpec((sq, sq, SUBLANES, bq),
+                              lambda b, h, i, j, kinds, fetch: (b, h, 0, i))],
+      scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                      pltpu.VMEM((bq, lay.d), jnp.float32)])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, name=KERNEL_NAMES[0],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct((b, h, SUBLANES, lay.tp), jnp.float32)],
+      compiler_params=lay.compiler_params(1), interpret=lay.static.interpret,
+  )(lay.kinds, fetch_table(lay.kinds), slopes_H, lay.code_columns, lay.code_rows, q, k, v)
+
+
+def _dq_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_ref, v_ref,
+               o_ref, do_ref, lse_ref, dq_ref, delta_ref, lse_scr, delta_scr, acc_scr, *, static,
+               block_q, block_k):
+  """Also writes delta = rowsum(out * d_out) as rows, for the dk / dv kernel."""
+  del fetch_ref
+  b, h, i, j = (pl.program_id(a) for a in range(4))
+
+  @pl.when(j == 0)
+  def _init():
+    lse_scr[...] = _column(lse_ref, block_q)
+    product_QxD = o_ref[...].astype(jnp.float32) * do_ref[...].astype(jnp.float32)
+    delta_scr[...] = jnp.broadcast_to(jnp.sum(product_QxD, axis=1, keepdims=True),
+                                      delta_scr.shape)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  def tile(masked):
+    s_QxK, visible_QxK = _logits(q_ref, k_ref, i * block_q, j * block_k, qcode_ref[:, :1],
+                                 kcode_ref[:1, :], slopes_ref[h], static=static, masked=masked,
+                                 a_is_query=True)
+    p_QxK = jnp.exp(s_QxK - lse_scr[:, :1])
+    if masked:
+      p_QxK = jnp.where(visible_QxK, p_QxK, 0.0)
+    dp_QxK = _matmul(do_ref[...], v_ref[...], contract_b=1)
+    ds_QxK = p_QxK * (dp_QxK - delta_scr[:, :1])
+    acc_scr[...] += _matmul(ds_QxK.astype(k_ref.dtype), k_ref[...])
+
+  kind = kinds_ref[b, i, j]
+  pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
+  pl.when(kind == blocks.FULL)(functools.partial(tile, False))
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    dq_ref[...] = (acc_scr[...] * static.scale).astype(dq_ref.dtype)
+    delta_ref[...] = delta_scr[...].T[:SUBLANES, :]
+
+
+def _backward_dq(lay, q, k, v, out, d_out, lse_BxHx8xT, slopes_H):
+  b, h, g = q.shape[0], lay.heads(q), lay.heads(k)
+  r = h // g
+  bq, bk = lay.block_q, lay.block_k
+  kernel = functools.partial(_dq_kernel, static=lay.static, block_q=bq, block_k=bk)
+  sq = pl.Squeezed()
+  row_spec = pl.BlockSpec((sq, sq, SUBLANES, bq), lambda b, h, i, j, kinds, fetch: (b, h, 0, i))
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(b, h, lay.tp // bq, lay.tp // bk),
+      in_specs=[
+          pl.BlockSpec(memory_space=pltpu.SMEM),
+          pl.BlockSpec((sq, bq, LANES), lambda b, h, i, j, kinds, fetch: (b, i, 0)),
+          pl.BlockSpec((sq, SUBLANES, bk), lambda b, h, i, j, kinds, fetch: (b, 0, fetch[b, i, j])),
+          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
+          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
+          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
+          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
+          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
+          row_spec,
+      ],
+      out_specs=[lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)), row_spec],
+      scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
+                      pltpu.VMEM((bq, lay.d), jnp.float32)])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, name=KERNEL_NAMES[1],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                 jax.ShapeDtypeStruct(lse_BxHx8xT.shape, jnp.float32)],
+      compiler_params=lay.compiler_params(1), interpret=lay.static.interpret,
+  )(lay.kinds, fetch_table(lay.kinds), slopes_H, lay.code_columns, lay.code_rows, q, k, v, out,
+    d_out, lse_BxHx8xT)
+
+
+def _dkv_kernel(kinds_ref, fetch_ref, slopes_ref, kcode_ref, qcode_ref, q_ref, k_ref, v_ref,
+                do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, static, block_q,
+                block_k, group):
+  """Transposed tiles (keys x queries): lse and delta broadcast as rows, no transpose."""
+  del fetch_ref
+  b, g, j, r, i = (pl.program_id(a) for a in range(5))
+
+  @pl.when((r == 0) & (i == 0))
+  def _init():
+    dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
+    dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
+
+  def tile(masked):
+    s_KxQ, visible_KxQ = _logits(k_ref, q_ref, j * block_k, i * block_q, kcode_ref[:, :1],
+                                 qcode_ref[:1, :], slopes_ref[g * group + r], static=static,
+                                 masked=masked, a_is_query=False)
+    p_KxQ = jnp.exp(s_KxQ - lse_ref[:1, :])
+    if masked:
+      p_KxQ = jnp.where(visible_KxQ, p_KxQ, 0.0)
+    dv_scr[...] += _matmul(p_KxQ.astype(do_ref.dtype), do_ref[...])
+    dp_KxQ = _matmul(v_ref[...], do_ref[...], contract_b=1)
+    ds_KxQ = p_KxQ * (dp_KxQ - delta_ref[:1, :])
+    dk_scr[...] += _matmul(ds_KxQ.astype(q_ref.dtype), q_ref[...])
+
+  kind = kinds_ref[b, j, i]
+  pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
+  pl.when(kind == blocks.FULL)(functools.partial(tile, False))
+
+  @pl.when((r == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
+  def _finish():
+    dk_ref[...] = (dk_scr[...] * static.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_scr[...].astype(dv_ref.dtype)
+
+
+def _backward_dkv(lay, q, k, v, d_out, lse_BxHx8xT, delta_BxHx8xT, slopes_H):
+  b, h, g = q.shape[0], lay.heads(q), lay.heads(k)
+  r = h // g
+  bq, bk = lay.block_q, lay.block_k
+  kinds_T = lay.kinds.transpose(0, 2, 1)   # [B, key blocks, query blocks]
+  kernel = functools.partial(_dkv_kernel, static=lay.static, block_q=bq, block_k=bk, group=r)
+  sq = pl.Squeezed()
+
+  def query_side(b, g, j, r_, i, kinds, fetch):
+    return b, g * r + r_, fetch[b, j, i]
+
+  def key_side(b, g, j, r_, i, kinds, fetch):
+    return b, g, j
+
+  def row(b, g, j, r_, i, kinds, fetch):
+    return b, g * r + r_, 0, fetch[b, j, i]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2, grid=(b, g, lay.tp // bk, r, lay.tp // bq),
+      in_specs=[
+          pl.BlockSpec(memory_space=pltpu.SMEM),
+          pl.BlockSpec((sq, bk, LANES), lambda b, g, j, r_, i, kinds, fetch: (b, j, 0)),
+          pl.BlockSpec((sq, SUBLANES, bq),
+                       lambda b, g, j, r_, i, kinds, fetch: (b, 0, fetch[b, j, i])),
+          lay.tile(bq, query_side), lay.tile(bk, key_side), lay.tile(bk, key_side),
+          lay.tile(bq, query_side),
+          pl.BlockSpec((sq, sq, SUBLANES, bq), row), pl.BlockSpec((sq, sq, SUBLANES, bq), row),
+      ],
+      out_specs=[lay.tile(bk, key_side), lay.tile(bk, key_side)],
+      scratch_shapes=[pltpu.VMEM((bk, lay.d), jnp.float32), pltpu.VMEM((bk, lay.d), jnp.float32)])
+  return pl.pallas_call(
+      kernel, grid_spec=grid_spec, name=KERNEL_NAMES[2],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      compiler_params=lay.compiler_params(2), interpret=lay.static.interpret,
+  )(kinds_T, fetch_table(kinds_T), slopes_H, lay.code_columns, lay.code_rows, q, k, v, d_out,
+    lse_BxHx8xT, delta_BxHx8xT)

@@ -1,6 +1,8 @@
 """The Pallas TPU attention kernel (interpret mode on CPU) against the reference
 oracle, and the block tables that let it skip tiles."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,23 +49,34 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("blocks_qk, dtype, tol", [
-    ((64, 128), jnp.float32, 2e-5), ((128, 64), jnp.bfloat16, 2e-2),
-    pytest.param((128, 64), jnp.float32, 2e-5, marks=pytest.mark.slow)])
-def test_forward_matches_reference(case, blocks_qk, dtype, tol):
+@pytest.mark.parametrize("blocks_qk, dtype, d, tol", [
+    ((64, 128), jnp.float32, 64, 2e-5), ((128, 64), jnp.bfloat16, 128, 2e-2),
+    pytest.param((128, 64), jnp.float32, 128, 2e-5, marks=pytest.mark.slow),
+    pytest.param((64, 128), jnp.bfloat16, 64, 2e-2, marks=pytest.mark.slow)])
+def test_forward_and_gradients_match_reference(case, blocks_qk, dtype, d, tol):
+  """Output and dq, dk, dv of the fused kernels (interpret mode) against the oracle;
+  D=64 runs the transposed [B, H, T, D] layout, D=128 the heads-in-lanes one."""
   kwargs = dict(CASES[case])
   if kwargs.pop("alibi", False):
     kwargs["alibi_slopes"] = default_alibi_slopes(4)
-  q, k, v = _inputs(dtype)
+  q, k, v = _inputs(dtype, d=d)
+  d_out = jax.random.normal(jax.random.key(7), q.shape, dtype)
+
+  def run(fn):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kwargs), q, k, v)
+    return (out, *vjp(d_out))
+
   with jax.default_matmul_precision("highest"):
-    ref = reference.attention(q, k, v, **kwargs)
-    out = pallas_tpu.attention(q, k, v, block_q=blocks_qk[0], block_k=blocks_qk[1],
-                               interpret=True, **kwargs)
-  assert out.shape == q.shape and out.dtype == dtype
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             atol=tol, rtol=tol)
-  if "segment_ids" in kwargs:
-    assert not np.asarray(out[0, 190:], np.float32).any()  # padding rows are 0
+    expected = run(reference.attention)
+    got = jax.jit(lambda: run(functools.partial(
+        pallas_tpu.attention, block_q=blocks_qk[0], block_k=blocks_qk[1], interpret=True)))()
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+    assert a.shape == b.shape and a.dtype == dtype, name
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               atol=tol, rtol=tol, err_msg=name)
+  if "segment_ids" in kwargs:  # padding rows are 0 and receive no gradient
+    assert not np.asarray(got[0][0, 190:], np.float32).any()
+    assert not np.asarray(got[1][0, 190:], np.float32).any()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -114,3 +127,37 @@ def test_gradients_and_the_model_through_the_kernel():
   np.testing.assert_allclose(pallas_logits, xla_logits, atol=2e-5, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-4),
                pallas_grads, xla_grads)
+
+
+def test_sharded_calls_match_one_device():
+  """Under a (data, fsdp, tensor) mesh the call wraps itself in shard_map (batch over
+  data x fsdp, heads over tensor); inside a caller's shard_map it runs on the local
+  shards. Both give the one-device output and gradients."""
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+  q, k, v = _inputs(jnp.float32, b=4, h=4, g=2)
+  seg, prefix = np.tile(_packed(), (2, 1)), np.tile(_prefix(30, 20), (2, 1))
+  d_out = jax.random.normal(jax.random.key(7), q.shape)
+  attend = functools.partial(pallas_tpu.attention, alibi_slopes=default_alibi_slopes(4),
+                             block_q=64, block_k=64, interpret=True)
+
+  def run(q, k, v, seg, prefix, fn=attend):
+    out, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, segment_ids=seg, prefix_mask=prefix), q, k, v)
+    return (out, *vjp(d_out))
+
+  heads, rows = P(("data", "fsdp"), None, "tensor"), P(("data", "fsdp"))
+  sharded = [jax.device_put(x, NamedSharding(mesh, spec))
+             for x, spec in zip((q, k, v, seg, prefix), (heads, heads, heads, rows, rows))]
+  local = jax.shard_map(lambda q, k, v, seg, prefix: attend(q, k, v, segment_ids=seg,
+                                                           prefix_mask=prefix), mesh=mesh, in_specs=(heads,) * 3 + (rows,) * 2,
+                        out_specs=heads, check_vma=False)
+  with jax.default_matmul_precision("highest"):
+    expected = jax.jit(run)(q, k, v, seg, prefix)
+    with jax.set_mesh(mesh):
+      automatic = jax.jit(run)(*sharded)
+      inside = jax.jit(functools.partial(run, fn=lambda q, k, v, **kw: local(
+          q, k, v, kw["segment_ids"], kw["prefix_mask"])))(*sharded)
+  for got in (automatic, inside):
+    for a, b in zip(got, expected):
+      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(got is inside))
+  assert automatic[0].sharding.spec[0] == ("data", "fsdp")
