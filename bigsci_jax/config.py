@@ -84,7 +84,7 @@ class ModelConfig:
   param_dtype: Literal["float32", "bfloat16", "float64"] = "float32"
   scan_layers: bool = True
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
-  attention_impl: Literal["auto", "reference", "xla", "pallas_tpu"] = "auto"
+  attention_impl: Literal["auto", "reference", "xla", "cudnn", "pallas_gpu", "pallas_tpu"] = "auto"
 
   def __post_init__(self):
     _check_literals(self)

@@ -4,13 +4,25 @@ Installed as `bigsci_jax.kernels`; imports nothing else from bigsci_jax, so it c
 be tested and benchmarked alone.
 """
 
-from bigsci_jax.kernels import pallas_tpu, reference, xla
+from bigsci_jax.kernels import cudnn, pallas_gpu, pallas_tpu, partition, reference, xla
 from bigsci_jax.kernels.cached import cached_attention
 from bigsci_jax.kernels.mask import visibility_BxTxS
 
-IMPLS = ("auto", "reference", "xla", "pallas_tpu")
-_FUNCTIONS = {"reference": reference.attention, "xla": xla.attention,
-              "pallas_tpu": pallas_tpu.attention}
+IMPLS = ("auto", "reference", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
+_FUNCTIONS = {"reference": reference.attention, "xla": xla.attention, "cudnn": cudnn.attention,
+              "pallas_gpu": pallas_gpu.attention, "pallas_tpu": pallas_tpu.attention}
+
+
+def auto_impl(platform=None):
+  """What impl='auto' runs on a platform (default: the one being compiled for).
+
+  TPU: pallas_tpu (Mosaic-compiled for v5e / v5p / v6e; the XLA path does not fit
+  long sequences). CPU: xla (the Pallas kernels only run interpreted there). GPU:
+  xla until benchmarks/attention.py has measured pallas_gpu and cudnn on a GPU
+  (benchmarks/RESULTS.md).
+  """
+  platform = platform or partition.target()[0]
+  return "pallas_tpu" if platform == "tpu" else "xla"
 
 
 def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
@@ -25,18 +37,20 @@ def attention(q, k, v, *, segment_ids=None, prefix_mask=None, alibi_slopes=None,
   (j <= i or both are in the prefix); a query that sees no key returns 0.
   Returns [B, T, H, K] in q's dtype.
 
-  impl: `reference` (the jnp oracle), `xla` (materialised mask and bias),
-  `pallas_tpu` (the fused Pallas kernels, forward and backward: Mosaic on TPU,
-  interpret mode elsewhere; under a mesh it wraps itself in shard_map), `auto` (xla).
+  impl: `reference` (the jnp oracle), `xla` (materialised mask and bias), `cudnn`
+  (jax.nn.dot_product_attention's cuDNN path, GPU only), `pallas_tpu` / `pallas_gpu`
+  (the fused Pallas kernels, forward and backward: Mosaic / Triton on their
+  hardware, interpret mode elsewhere; under a mesh they wrap themselves in
+  shard_map), `auto` (auto_impl()).
   """
   if impl not in IMPLS:
     raise ValueError(f"attention impl={impl!r} is not one of {', '.join(IMPLS)}.")
   h, g = q.shape[2], k.shape[2]
   if h % g:
     raise ValueError(f"attention: {h} query heads are not a multiple of {g} key/value heads.")
-  fn = xla.attention if impl == "auto" else _FUNCTIONS[impl]
+  fn = _FUNCTIONS[auto_impl() if impl == "auto" else impl]
   return fn(q, k, v, segment_ids=segment_ids, prefix_mask=prefix_mask,
             alibi_slopes=alibi_slopes, causal=causal, sm_scale=sm_scale)
 
 
-__all__ = ["attention", "cached_attention", "visibility_BxTxS", "IMPLS"]
+__all__ = ["attention", "auto_impl", "cached_attention", "visibility_BxTxS", "IMPLS"]

@@ -1,4 +1,5 @@
-"""The cheap prepass of the fused kernels: which (query block, key block) tiles can
+"""What the fused kernels (pallas_tpu, pallas_gpu) share: their static settings, the
+mask and ALiBi of one tile, and the cheap prepass: which (query block, key block) tiles can
 be skipped, which are fully visible (no mask needed) and which need the per-token
 mask, computed from per-block summaries of the segment ids and prefix flags.
 
@@ -11,9 +12,27 @@ kernel still masks partial tiles token by token), FULL only when every pair is
 visible.
 """
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 
 SKIP, PARTIAL, FULL = 0, 1, 2
+MASKED = -1e30   # finite: exp(MASKED - m) underflows to 0 without inf - inf
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """Hashable static settings of one kernel call (a custom_vjp's non-differentiable
+  argument). num_warps / num_stages: Triton's, for pallas_gpu only."""
+  scale: float
+  causal: bool
+  alibi: bool
+  block_q: int
+  block_k: int
+  interpret: bool
+  num_warps: int = 4
+  num_stages: int = 2
 
 
 def token_codes(segment_ids_BxT, prefix_BxT, batch, length):
@@ -65,3 +84,35 @@ def block_kinds(codes_BxT, block_q, block_k, causal=True):
     reachable = all_reachable = jnp.ones((1, nq, nk), bool)
   kinds = jnp.where(overlap & reachable, PARTIAL, SKIP)
   return jnp.where(one_segment & all_reachable, FULL, kinds).astype(jnp.int32)
+
+
+def bias_and_mask(s_AxB, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope, *, alibi, causal,
+                  masked, a_is_query):
+  """ALiBi and the mask on one tile of scaled f32 logits, inside a kernel.
+
+  Rows are a's tokens from position a_first, columns b's from b_first (queries x
+  keys, or keys x queries in a dk / dv kernel); codes as a column and a row.
+  Returns (logits with masked entries at MASKED, visibility or None when not
+  `masked`)."""
+  a_pos = a_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 0)
+  b_pos = b_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 1)
+  if alibi:
+    s_AxB = s_AxB - slope * jnp.abs(a_pos - b_pos).astype(jnp.float32)
+  if not masked:
+    return s_AxB, None
+  visible_AxB = (a_codes_Ax1 // 2 == b_codes_1xB // 2) & (a_codes_Ax1 >= 2)
+  if causal:
+    both_prefix = (a_codes_Ax1 % 2 == 1) & (b_codes_1xB % 2 == 1)
+    ordered = b_pos <= a_pos if a_is_query else a_pos <= b_pos
+    visible_AxB = visible_AxB & (ordered | both_prefix)
+  return jnp.where(visible_AxB, s_AxB, MASKED), visible_AxB
+
+
+def block_ranges(kinds_BxNxM):
+  """Per row of tiles, the half-open range [first, last + 1) of non-SKIP blocks
+  along the last axis ((0, 0) when all are skipped): int32 [B, N] twice."""
+  m = kinds_BxNxM.shape[-1]
+  live = kinds_BxNxM != SKIP
+  first = jnp.where(live.any(-1), jnp.argmax(live, axis=-1), 0)
+  last = jnp.where(live.any(-1), m - jnp.argmax(live[..., ::-1], axis=-1), 0)
+  return first.astype(jnp.int32), last.astype(jnp.int32)

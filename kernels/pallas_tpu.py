@@ -23,7 +23,9 @@ Layouts Mosaic tiles without copies where it can:
   `delta = rowsum(out * d_out)` as rows [B, H, 8, T], turned into columns inside
   the kernel by one (128, block) transpose per query block.
 Block sizes are multiples of 128 on TPU (interpret mode accepts any that divide
-each other).
+each other); rows shorter than a block get blocks of the next power of two (at
+least 128). The prefetched tables take 8 * B * (T / block_q) * (T / block_k)
+bytes of SMEM: per-device batches with very long rows want the larger blocks.
 """
 
 import dataclasses
@@ -31,30 +33,18 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from bigsci_jax.kernels import blocks
+from bigsci_jax.kernels import blocks, partition
 
 LANES, SUBLANES = 128, 8
-_MASK = -1e30   # finite: exp(_MASK - m) underflows to 0 without inf - inf
 DEFAULT_BLOCKS = {"v5e": (512, 512), "v5p": (512, 512), "v6e": (512, 1024), "cpu": (128, 128)}
 KERNEL_NAMES = ("bigsci_attention_forward", "bigsci_attention_dq", "bigsci_attention_dkv")
-# Mesh axes the sharded call splits (DESIGN.md's mesh): batch and heads.
-BATCH_AXES, HEAD_AXES = ("data", "fsdp"), ("tensor",)
-
-
-def target():
-  """(platform, device_kind) the current computation is for: the mesh's devices
-  under jax.set_mesh (a TPU topology compiled from a CPU host included), else the
-  default backend's."""
-  device = jax.sharding.get_abstract_mesh().abstract_device or jax.devices()[0]
-  return device.platform, device.device_kind
 
 
 def default_blocks(device_kind=None):
-  kind = (device_kind or target()[1]).lower()
+  kind = (device_kind or partition.target()[1]).lower()
   for name, sizes in DEFAULT_BLOCKS.items():
     if name in kind.replace(" ", "").replace("lite", "e"):
       return sizes
@@ -72,82 +62,18 @@ def fetch_table(kinds_BxNxM):
   return jnp.where(previous >= 0, previous, first).astype(jnp.int32)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Hashable static settings of one call (the custom_vjp's non-differentiable argument)."""
-  scale: float
-  causal: bool
-  alibi: bool
-  block_q: int
-  block_k: int
-  interpret: bool
-
-
 def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids=None, prefix_mask=None,
               alibi_slopes=None, causal=True, sm_scale=None, block_q=None, block_k=None,
               interpret=None):
-  """The kernels.attention contract (any T: padded inside).
-
-  Under a mesh (jax.set_mesh) the call wraps itself in shard_map: batch split
-  over the mesh's data / fsdp axes and heads over tensor (each where it divides);
-  inside a caller's shard_map it runs on the local shards as they are.
-  """
-  b, t, h, d = q_BxTxHxK.shape
-  platform, kind = target()
-  interpret = platform != "tpu" if interpret is None else interpret
+  """The kernels.attention contract (any T: padded inside); sharded as partition.call
+  says. Block sizes default to the target generation's (DEFAULT_BLOCKS)."""
+  platform, kind = partition.target()
   default_q, default_k = default_blocks(kind)
-  block_q, block_k = block_q or default_q, block_k or default_k
-  if max(block_q, block_k) % min(block_q, block_k):
-    raise ValueError(f"pallas_tpu attention: block sizes {block_q} and {block_k} must divide "
-                     f"each other.")
-  codes_BxT = blocks.token_codes(segment_ids, prefix_mask, b, t)
-  slopes_H = (jnp.zeros((h,), jnp.float32) if alibi_slopes is None
-              else _local_slopes(jnp.asarray(alibi_slopes, jnp.float32), h))
-  static = _Static(scale=d ** -0.5 if sm_scale is None else sm_scale, causal=causal,
-                   alibi=alibi_slopes is not None, block_q=block_q, block_k=block_k,
-                   interpret=interpret)
-  call = functools.partial(_attention, static)
-  mesh = jax.sharding.get_abstract_mesh()
-  batch_axes = _dividing_axes(mesh, BATCH_AXES, b)
-  head_axes = _dividing_axes(mesh, HEAD_AXES, k_BxSxGxK.shape[2])
-  if batch_axes or head_axes:
-    P = jax.sharding.PartitionSpec
-    rows, heads = batch_axes or None, head_axes or None
-    call = jax.shard_map(call, mesh=mesh, check_vma=False,
-                         in_specs=(P(rows, None, heads), P(rows, None, heads),
-                                   P(rows, None, heads), P(rows), P(heads)),
-                         out_specs=P(rows, None, heads))
-  return call(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, codes_BxT, slopes_H)
-
-
-def _local_slopes(slopes, h):
-  """This shard's heads' slopes: inside a caller's shard_map that split the heads over
-  the tensor axis, the full [H] slopes are sliced at the shard's index."""
-  if slopes.shape[0] == h:
-    return slopes
-  mesh = jax.sharding.get_abstract_mesh()
-  split = [a for a in HEAD_AXES if not mesh.empty and a in mesh.manual_axes]
-  shards = int(np.prod([mesh.shape[a] for a in split]))
-  if slopes.shape[0] != h * shards:
-    raise ValueError(f"pallas_tpu attention: {slopes.shape[0]} ALiBi slopes for {h} heads.")
-  index = 0
-  for a in split:
-    index = index * mesh.shape[a] + jax.lax.axis_index(a)
-  return jax.lax.dynamic_slice_in_dim(slopes, index * h, h)
-
-
-def _dividing_axes(mesh, names, size):
-  """The mesh axes among `names` still to be split (not manual: a caller's shard_map
-  already did) whose product divides `size`, kept in order while it does."""
-  if mesh.empty:
-    return ()
-  chosen, product = [], 1
-  for name in names:
-    if name in mesh.axis_names and name not in mesh.manual_axes and mesh.shape[name] > 1:
-      if size % (product * mesh.shape[name]) == 0:
-        chosen.append(name)
-        product *= mesh.shape[name]
-  return tuple(chosen)
+  return partition.call(
+      "pallas_tpu", _attention, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, segment_ids=segment_ids,
+      prefix_mask=prefix_mask, alibi_slopes=alibi_slopes, causal=causal, sm_scale=sm_scale,
+      block_q=block_q or default_q, block_k=block_k or default_k,
+      interpret=platform != "tpu" if interpret is None else interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -178,7 +104,7 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 @dataclasses.dataclass(frozen=True)
 class _Layout:
   """Padded sizes, block tables and array layouts shared by the three kernels."""
-  static: _Static
+  static: blocks.Settings
   t: int
   tp: int              # T padded to a multiple of both blocks
   d: int
@@ -192,9 +118,10 @@ class _Layout:
   @classmethod
   def of(cls, static, codes_BxT, d):
     b, t = codes_BxT.shape
-    step = max(static.block_q, static.block_k)
+    cap = max(LANES, 1 << (t - 1).bit_length())  # short rows: blocks no longer than needed
+    block_q, block_k = min(static.block_q, cap), min(static.block_k, cap)
+    step = max(block_q, block_k)
     tp = -(-t // step) * step
-    block_q, block_k = min(static.block_q, tp), min(static.block_k, tp)
     codes_BxT = blocks.pad_codes(codes_BxT, tp)
     return cls(static=static, t=t, tp=tp, d=d, heads_in_lanes=d % LANES == 0,
                block_q=block_q, block_k=block_k,
@@ -236,23 +163,11 @@ class _Layout:
 
 def _logits(a_ref, b_ref, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope, *, static,
             masked, a_is_query):
-  """Scaled logits of one tile with ALiBi and, if `masked`, the mask: rows are a's
-  tokens, columns b's (queries x keys, or keys x queries in the dk / dv kernel).
-  Returns (logits f32 with masked entries at _MASK, visibility or None)."""
-  s_AxB = jax.lax.dot_general(a_ref[...], b_ref[...], (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.float32) * static.scale
-  a_pos = a_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 0)
-  b_pos = b_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 1)
-  if static.alibi:
-    s_AxB = s_AxB - slope * jnp.abs(a_pos - b_pos).astype(jnp.float32)
-  if not masked:
-    return s_AxB, None
-  visible_AxB = (a_codes_Ax1 // 2 == b_codes_1xB // 2) & (a_codes_Ax1 >= 2)
-  if static.causal:
-    both_prefix = (a_codes_Ax1 % 2 == 1) & (b_codes_1xB % 2 == 1)
-    ordered = b_pos <= a_pos if a_is_query else a_pos <= b_pos
-    visible_AxB = visible_AxB & (ordered | both_prefix)
-  return jnp.where(visible_AxB, s_AxB, _MASK), visible_AxB
+  """One tile's scaled logits a @ b.T with ALiBi and, if `masked`, the mask."""
+  s_AxB = _matmul(a_ref[...], b_ref[...], contract_b=1) * static.scale
+  return blocks.bias_and_mask(s_AxB, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope,
+                              alibi=static.alibi, causal=static.causal, masked=masked,
+                              a_is_query=a_is_query)
 
 
 def _matmul(a, b, contract_b=0):
@@ -273,7 +188,7 @@ def _forward_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_re
 
   @pl.when(j == 0)
   def _init():
-    m_scr[...] = jnp.full(m_scr.shape, _MASK, jnp.float32)
+    m_scr[...] = jnp.full(m_scr.shape, blocks.MASKED, jnp.float32)
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 

@@ -54,7 +54,7 @@ def test_xla_matches_reference_values_and_gradients(use_prefix, use_alibi):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_tpu"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas_tpu", "pallas_gpu"])
 def test_padding_rows_return_zero_and_have_finite_gradients(impl):
   q, k, v, seg, _ = _inputs()
   out = kernels.attention(q, k, v, segment_ids=seg, impl=impl)
@@ -86,5 +86,5 @@ def test_bfloat16_inputs_keep_dtype_and_stay_close():
 
 def test_unknown_impl_is_rejected():
   q, k, v, _, _ = _inputs()
-  with pytest.raises(ValueError, match="impl='pallas_gpu' is not one of"):
-    kernels.attention(q, k, v, impl="pallas_gpu")
+  with pytest.raises(ValueError, match="impl='flash' is not one of"):
+    kernels.attention(q, k, v, impl="flash")

@@ -14,6 +14,10 @@ from bigsci_jax.model import Transformer, init_params
 from bigsci_jax.step import token_losses
 
 POSITIONS = ("learned", "sinusoidal", "rotary", "alibi", "none")
+# Every position with the default attention; ALiBi (the fused kernels' bias) with each
+# Pallas kernel in interpret mode (the GPU one, the same math, with -m slow).
+POSITION_IMPLS = [(p, "auto") for p in POSITIONS] + [
+    ("alibi", "pallas_tpu"), pytest.param("alibi", "pallas_gpu", marks=pytest.mark.slow)]
 
 
 def _cfg(**kw):
@@ -38,9 +42,9 @@ def _influence_TxS(cfg, tokens_1xL, prefix_1xL=None):
   return np.abs(np.asarray(jac[:, 0])).sum(-1)
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-def test_causal_loss_never_depends_on_later_tokens(position):
-  cfg = _cfg(position=position)
+@pytest.mark.parametrize("position, impl", POSITION_IMPLS)
+def test_causal_loss_never_depends_on_later_tokens(position, impl):
+  cfg = _cfg(position=position, attention_impl=impl)
   tokens = jax.random.randint(jax.random.key(1), (1, 10), 0, 64)
   influence = _influence_TxS(cfg, tokens)
   later = np.triu(np.ones((10, 10), bool), k=1)
@@ -49,9 +53,9 @@ def test_causal_loss_never_depends_on_later_tokens(position):
   assert (influence[np.tril(np.ones((10, 10), bool), k=-1)] > 0).all()
 
 
-@pytest.mark.parametrize("position", POSITIONS)
-def test_prefix_lm_prefix_is_bidirectional_targets_are_causal(position):
-  cfg = _cfg(position=position, mask="prefix")
+@pytest.mark.parametrize("position, impl", POSITION_IMPLS)
+def test_prefix_lm_prefix_is_bidirectional_targets_are_causal(position, impl):
+  cfg = _cfg(position=position, mask="prefix", attention_impl=impl)
   tokens = jax.random.randint(jax.random.key(2), (1, 10), 0, 64)
   prefix = jnp.array([[1, 1, 1, 1, 0, 0, 0, 0, 0, 0]])
   influence = _influence_TxS(cfg, tokens, prefix)
@@ -76,9 +80,9 @@ def _row(segments, length, prefix_lens=None):
 
 
 @pytest.mark.parametrize("mask", ["causal", "prefix"])
-@pytest.mark.parametrize("position", POSITIONS)
-def test_packed_rows_give_the_same_token_losses_as_separate_rows(position, mask):
-  cfg = _cfg(position=position, mask=mask)
+@pytest.mark.parametrize("position, impl", POSITION_IMPLS)
+def test_packed_rows_give_the_same_token_losses_as_separate_rows(position, impl, mask):
+  cfg = _cfg(position=position, mask=mask, attention_impl=impl)
   rng = np.random.default_rng(0)
   a, b = rng.integers(2, 64, 5), rng.integers(2, 64, 7)
   prefix_lens = (2, 3) if mask == "prefix" else None

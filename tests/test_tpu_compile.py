@@ -97,7 +97,8 @@ def _one_chip(devices):
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("features", [True, False], ids=["alibi-packed-prefix-gqa", "causal-mha"])
+@pytest.mark.parametrize("features", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["alibi-packed-prefix-gqa", "causal-mha"])
 def test_pallas_attention_lowers_through_mosaic(topology, d, features):
   """The forward, dq and dk/dv kernels are compiled by Mosaic (not interpreted, no
   XLA fallback) for each generation's default block sizes, bf16."""

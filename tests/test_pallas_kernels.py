@@ -1,5 +1,6 @@
-"""The Pallas TPU attention kernel (interpret mode on CPU) against the reference
-oracle, and the block tables that let it skip tiles."""
+"""The Pallas attention kernels, TPU (Mosaic) and GPU (Triton) flavours, in interpret
+mode on CPU against the reference oracle; the block tables that let them skip
+tiles; the sharded call; the GPU kernels' lowering to Triton for CUDA."""
 
 import functools
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from bigsci_jax.config import default_alibi_slopes
-from bigsci_jax.kernels import blocks, mask, pallas_tpu, reference
+from bigsci_jax.kernels import blocks, mask, pallas_gpu, pallas_tpu, reference
 
 T = 200  # not a multiple of any block size
 
@@ -48,14 +49,24 @@ CASES = {
 }
 
 
+# (impl, block_q, block_k, dtype, head dim, tolerance); the second settings run with -m slow.
+SETTINGS = [("pallas_tpu", 64, 128, jnp.float32, 64, 2e-5),
+            ("pallas_tpu", 128, 64, jnp.bfloat16, 128, 2e-2),
+            ("pallas_gpu", 32, 64, jnp.float32, 128, 2e-5),
+            ("pallas_gpu", 64, 32, jnp.bfloat16, 64, 2e-2),
+            pytest.param("pallas_tpu", 128, 64, jnp.float32, 128, 2e-5, marks=pytest.mark.slow),
+            pytest.param("pallas_tpu", 64, 128, jnp.bfloat16, 64, 2e-2, marks=pytest.mark.slow),
+            pytest.param("pallas_gpu", 64, 32, jnp.float32, 64, 2e-5, marks=pytest.mark.slow),
+            pytest.param("pallas_gpu", 32, 64, jnp.bfloat16, 128, 2e-2, marks=pytest.mark.slow)]
+KERNELS = {"pallas_tpu": pallas_tpu.attention, "pallas_gpu": pallas_gpu.attention}
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-@pytest.mark.parametrize("blocks_qk, dtype, d, tol", [
-    ((64, 128), jnp.float32, 64, 2e-5), ((128, 64), jnp.bfloat16, 128, 2e-2),
-    pytest.param((128, 64), jnp.float32, 128, 2e-5, marks=pytest.mark.slow),
-    pytest.param((64, 128), jnp.bfloat16, 64, 2e-2, marks=pytest.mark.slow)])
-def test_forward_and_gradients_match_reference(case, blocks_qk, dtype, d, tol):
+@pytest.mark.parametrize("impl, block_q, block_k, dtype, d, tol", SETTINGS)
+def test_forward_and_gradients_match_reference(case, impl, block_q, block_k, dtype, d, tol):
   """Output and dq, dk, dv of the fused kernels (interpret mode) against the oracle;
-  D=64 runs the transposed [B, H, T, D] layout, D=128 the heads-in-lanes one."""
+  for pallas_tpu, D=64 runs the transposed [B, H, T, D] layout, D=128 the
+  heads-in-lanes one."""
   kwargs = dict(CASES[case])
   if kwargs.pop("alibi", False):
     kwargs["alibi_slopes"] = default_alibi_slopes(4)
@@ -69,7 +80,7 @@ def test_forward_and_gradients_match_reference(case, blocks_qk, dtype, d, tol):
   with jax.default_matmul_precision("highest"):
     expected = run(reference.attention)
     got = jax.jit(lambda: run(functools.partial(
-        pallas_tpu.attention, block_q=blocks_qk[0], block_k=blocks_qk[1], interpret=True)))()
+        KERNELS[impl], block_q=block_q, block_k=block_k, interpret=True)))()
   for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
     assert a.shape == b.shape and a.dtype == dtype, name
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
@@ -94,6 +105,14 @@ def test_block_kinds_are_sound_and_full_tiles_are_fully_visible(case):
   assert all_visible[kinds == blocks.FULL].all()
   if case == "causal":  # nothing above the diagonal is computed
     assert (kinds == blocks.SKIP).sum() >= 2 * (8 * 4 - 8 * 4 // 2 - 4)
+  # The GPU kernels loop over [first, end): every tile outside is SKIP.
+  for table in (kinds, kinds.transpose(0, 2, 1)):
+    first, end = (np.asarray(x) for x in blocks.block_ranges(jnp.asarray(table)))
+    index = np.arange(table.shape[-1])
+    outside = (index < first[..., None]) | (index >= end[..., None])
+    assert (table[outside] == blocks.SKIP).all()
+    assert (end > first).any()
+    assert ((table != blocks.SKIP).any(-1) == (end > first)).all()
 
 
 def test_skipped_tiles_fetch_a_block_already_loaded():
@@ -161,3 +180,24 @@ def test_sharded_calls_match_one_device():
     for a, b in zip(got, expected):
       np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=str(got is inside))
   assert automatic[0].sharding.spec[0] == ("data", "fsdp")
+
+
+def test_gpu_kernels_lower_to_triton_for_cuda():
+  """No GPU needed: jax lowers the three GPU kernels (forward and backward, bf16,
+  ALiBi + packed prefix-LM + grouped heads, default tuning) to Triton IR for CUDA,
+  which checks their block shapes and ops; Triton compiles them on the device."""
+  b, t, h, g, d = 2, 1000, 8, 2, 128
+  spec = jax.ShapeDtypeStruct
+
+  def forward_backward(q, k, v, seg, prefix, d_out):
+    out, vjp = jax.vjp(lambda q, k, v: pallas_gpu.attention(
+        q, k, v, segment_ids=seg, prefix_mask=prefix, alibi_slopes=default_alibi_slopes(h),
+        interpret=False), q, k, v)
+    return out, vjp(d_out)
+
+  args = (spec((b, t, h, d), jnp.bfloat16), spec((b, t, g, d), jnp.bfloat16),
+          spec((b, t, g, d), jnp.bfloat16), spec((b, t), jnp.int32), spec((b, t), jnp.int32),
+          spec((b, t, h, d), jnp.bfloat16))
+  text = jax.jit(forward_backward).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 3
+  assert all(name in text for name in pallas_gpu.KERNEL_NAMES)
