@@ -44,6 +44,12 @@ def token_codes(segment_ids_BxT, prefix_BxT, batch, length):
   return 2 * seg + pre
 
 
+def padded_length(length, block_q, block_k):
+  """length rounded up to a multiple of both block sizes (which divide each other)."""
+  step = max(block_q, block_k)
+  return -(-length // step) * step
+
+
 def pad_codes(codes_BxT, padded_length):
   """Padding tokens get code 0 (segment 0: visible to nothing, seeing nothing)."""
   return jnp.pad(codes_BxT, ((0, 0), (0, padded_length - codes_BxT.shape[1])))
@@ -86,22 +92,29 @@ def block_kinds(codes_BxT, block_q, block_k, causal=True):
   return jnp.where(one_segment & all_reachable, FULL, kinds).astype(jnp.int32)
 
 
-def bias_and_mask(s_AxB, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope, *, alibi, causal,
-                  masked, a_is_query):
-  """ALiBi and the mask on one tile of scaled f32 logits, inside a kernel.
+def matmul(a, b, contract_b=0):
+  """a @ b (contract_b=0) or a @ b.T (contract_b=1), f32 accumulation, in a kernel."""
+  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def tile_logits(a_AxD, b_BxD, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope, settings, *,
+                masked, a_is_query):
+  """One tile's scaled f32 logits a @ b.T with ALiBi and, if `masked`, the mask.
 
   Rows are a's tokens from position a_first, columns b's from b_first (queries x
   keys, or keys x queries in a dk / dv kernel); codes as a column and a row.
   Returns (logits with masked entries at MASKED, visibility or None when not
   `masked`)."""
+  s_AxB = matmul(a_AxD, b_BxD, contract_b=1) * settings.scale
   a_pos = a_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 0)
   b_pos = b_first + jax.lax.broadcasted_iota(jnp.int32, s_AxB.shape, 1)
-  if alibi:
+  if settings.alibi:
     s_AxB = s_AxB - slope * jnp.abs(a_pos - b_pos).astype(jnp.float32)
   if not masked:
     return s_AxB, None
   visible_AxB = (a_codes_Ax1 // 2 == b_codes_1xB // 2) & (a_codes_Ax1 >= 2)
-  if causal:
+  if settings.causal:
     both_prefix = (a_codes_Ax1 % 2 == 1) & (b_codes_1xB % 2 == 1)
     ordered = b_pos <= a_pos if a_is_query else a_pos <= b_pos
     visible_AxB = visible_AxB & (ordered | both_prefix)

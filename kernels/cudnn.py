@@ -16,7 +16,7 @@ from bigsci_jax.kernels.mask import distance_TxS, visibility_BxTxS
 
 def attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids=None, prefix_mask=None,
               alibi_slopes=None, causal=True, sm_scale=None):
-  t, h = q_BxTxHxK.shape[1], q_BxTxHxK.shape[2]
+  t = q_BxTxHxK.shape[1]
   bias_1xHxTxS = None
   if alibi_slopes is not None:
     slopes_H = jnp.asarray(alibi_slopes, jnp.float32)

@@ -86,8 +86,7 @@ class _Plan:
   @classmethod
   def of(cls, static, codes_BxT):
     t = codes_BxT.shape[1]
-    step = max(static.block_q, static.block_k)
-    tp = -(-t // step) * step
+    tp = blocks.padded_length(t, static.block_q, static.block_k)
     codes_BxT = blocks.pad_codes(codes_BxT, tp)
     return cls(static, t, tp, codes_BxT,
                blocks.block_kinds(codes_BxT, static.block_q, static.block_k, static.causal))
@@ -101,17 +100,10 @@ class _Plan:
                                                      num_stages=self.static.num_stages))
 
 
-def _matmul(a, b, contract_b=0):
-  """a @ b (contract_b=0) or a @ b.T (contract_b=1), f32 accumulation."""
-  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
 def _logits(a_AxD, b_BxD, a_first, b_first, a_codes_A, b_codes_B, slope, static, a_is_query):
-  s_AxB = _matmul(a_AxD, b_BxD, contract_b=1) * static.scale
-  return blocks.bias_and_mask(s_AxB, a_first, b_first, a_codes_A[:, None], b_codes_B[None, :],
-                              slope, alibi=static.alibi, causal=static.causal, masked=True,
-                              a_is_query=a_is_query)
+  return blocks.tile_logits(a_AxD, b_BxD, a_first, b_first, a_codes_A[:, None],
+                            b_codes_B[None, :], slope, static, masked=True,
+                            a_is_query=a_is_query)
 
 
 def _forward_kernel(first_ref, end_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_ref, v_ref,
@@ -129,7 +121,7 @@ def _forward_kernel(first_ref, end_ref, slopes_ref, qcode_ref, kcode_ref, q_ref,
     m_new_Q = jnp.maximum(m_Q, jnp.max(s_QxK, axis=1))
     p_QxK = jnp.where(visible_QxK, jnp.exp(s_QxK - m_new_Q[:, None]), 0.0)
     alpha_Q = jnp.exp(m_Q - m_new_Q)
-    acc_QxD = alpha_Q[:, None] * acc_QxD + _matmul(p_QxK.astype(v_ref.dtype), v_ref[keys, :])
+    acc_QxD = alpha_Q[:, None] * acc_QxD + blocks.matmul(p_QxK.astype(v_ref.dtype), v_ref[keys, :])
     return m_new_Q, alpha_Q * l_Q + jnp.sum(p_QxK, axis=1), acc_QxD
 
   init = (jnp.full((bq,), blocks.MASKED, jnp.float32), jnp.zeros((bq,), jnp.float32),
@@ -183,9 +175,9 @@ def _dq_kernel(first_ref, end_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_re
     s_QxK, visible_QxK = _logits(q_QxD, k_KxD, i * bq, j * bk, q_codes_Q, kcode_ref[keys],
                                  slopes_ref[0], static, a_is_query=True)
     p_QxK = jnp.where(visible_QxK, jnp.exp(s_QxK - lse_Q[:, None]), 0.0)
-    dp_QxK = _matmul(do_QxD, v_ref[keys, :], contract_b=1)
+    dp_QxK = blocks.matmul(do_QxD, v_ref[keys, :], contract_b=1)
     ds_QxK = p_QxK * (dp_QxK - delta_Q[:, None])
-    return acc_QxD + _matmul(ds_QxK.astype(k_KxD.dtype), k_KxD)
+    return acc_QxD + blocks.matmul(ds_QxK.astype(k_KxD.dtype), k_KxD)
 
   acc_QxD = jax.lax.fori_loop(first_ref[0], end_ref[0], step,
                               jnp.zeros(q_QxD.shape, jnp.float32))
@@ -223,10 +215,10 @@ def _dkv_kernel(first_ref, end_ref, slopes_ref, kcode_ref, qcode_ref, q_ref, k_r
       s_KxQ, visible_KxQ = _logits(k_KxD, q_QxD, j * bk, i * bq, k_codes_K, qcode_ref[queries],
                                    slopes_ref[g * group + r], static, a_is_query=False)
       p_KxQ = jnp.where(visible_KxQ, jnp.exp(s_KxQ - lse_ref[r, queries][None, :]), 0.0)
-      dv_KxD = dv_KxD + _matmul(p_KxQ.astype(do_QxD.dtype), do_QxD)
-      dp_KxQ = _matmul(v_KxD, do_QxD, contract_b=1)
+      dv_KxD = dv_KxD + blocks.matmul(p_KxQ.astype(do_QxD.dtype), do_QxD)
+      dp_KxQ = blocks.matmul(v_KxD, do_QxD, contract_b=1)
       ds_KxQ = p_KxQ * (dp_KxQ - delta_ref[r, queries][None, :])
-      return dk_KxD + _matmul(ds_KxQ.astype(q_QxD.dtype), q_QxD), dv_KxD
+      return dk_KxD + blocks.matmul(ds_KxQ.astype(q_QxD.dtype), q_QxD), dv_KxD
     return jax.lax.fori_loop(first_ref[0], end_ref[0], step, carry)
 
   zeros = jnp.zeros(k_KxD.shape, jnp.float32)

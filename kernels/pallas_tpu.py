@@ -120,8 +120,7 @@ class _Layout:
     b, t = codes_BxT.shape
     cap = max(LANES, 1 << (t - 1).bit_length())  # short rows: blocks no longer than needed
     block_q, block_k = min(static.block_q, cap), min(static.block_k, cap)
-    step = max(block_q, block_k)
-    tp = -(-t // step) * step
+    tp = blocks.padded_length(t, block_q, block_k)
     codes_BxT = blocks.pad_codes(codes_BxT, tp)
     return cls(static=static, t=t, tp=tp, d=d, heads_in_lanes=d % LANES == 0,
                block_q=block_q, block_k=block_k,
@@ -161,21 +160,6 @@ class _Layout:
         dimension_semantics=("parallel",) * 3 + ("arbitrary",) * inner_axes)
 
 
-def _logits(a_ref, b_ref, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope, *, static,
-            masked, a_is_query):
-  """One tile's scaled logits a @ b.T with ALiBi and, if `masked`, the mask."""
-  s_AxB = _matmul(a_ref[...], b_ref[...], contract_b=1) * static.scale
-  return blocks.bias_and_mask(s_AxB, a_first, b_first, a_codes_Ax1, b_codes_1xB, slope,
-                              alibi=static.alibi, causal=static.causal, masked=masked,
-                              a_is_query=a_is_query)
-
-
-def _matmul(a, b, contract_b=0):
-  """a @ b (contract_b=0) or a @ b.T (contract_b=1), f32 accumulation."""
-  return jax.lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-
-
 def _column(row_ref, block):
   """A [8, block] row tile as a [block, 128] lane-broadcast column (one transpose)."""
   return jnp.broadcast_to(row_ref[:1, :], (LANES, block)).T
@@ -193,9 +177,9 @@ def _forward_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_re
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
   def tile(masked):
-    s_QxK, visible_QxK = _logits(q_ref, k_ref, i * block_q, j * block_k, qcode_ref[:, :1],
-                                 kcode_ref[:1, :], slopes_ref[h], static=static, masked=masked,
-                                 a_is_query=True)
+    s_QxK, visible_QxK = blocks.tile_logits(
+        q_ref[...], k_ref[...], i * block_q, j * block_k, qcode_ref[:, :1], kcode_ref[:1, :],
+        slopes_ref[h], static, masked=masked, a_is_query=True)
     m_prev_QxL = m_scr[...]
     m_new_QxL = jnp.maximum(m_prev_QxL, jnp.max(s_QxK, axis=1, keepdims=True))
     p_QxK = jnp.exp(s_QxK - m_new_QxL[:, :1])
@@ -204,7 +188,7 @@ def _forward_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_re
     alpha_QxL = jnp.exp(m_prev_QxL - m_new_QxL)
     l_scr[...] = alpha_QxL * l_scr[...] + jnp.sum(p_QxK, axis=1, keepdims=True)
     m_scr[...] = m_new_QxL
-    acc_scr[...] = alpha_QxL[:, :1] * acc_scr[...] + _matmul(p_QxK.astype(v_ref.dtype), v_ref[...])
+    acc_scr[...] = alpha_QxL[:, :1] * acc_scr[...] + blocks.matmul(p_QxK.astype(v_ref.dtype), v_ref[...])
 
   kind = kinds_ref[b, i, j]
   pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
@@ -221,26 +205,40 @@ def _forward_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_re
     lse_ref[...] = lse_QxL.T[:SUBLANES, :]
 
 
+def _query_tile(lay):
+  """One query head's [block_q, D] tile, grid (batch, head, query block, key block)."""
+  return lay.tile(lay.block_q, lambda b, h, i, j, kinds, fetch: (b, h, i))
+
+
+def _query_row(lay):
+  """One query head's [8, block_q] row of lse / delta, the same grid."""
+  return pl.BlockSpec((pl.Squeezed(), pl.Squeezed(), SUBLANES, lay.block_q),
+                      lambda b, h, i, j, kinds, fetch: (b, h, 0, i))
+
+
+def _query_grid_specs(lay, r):
+  """in_specs the forward and dq kernels share: tile tables, codes, q, and the k / v
+  blocks (of kv head h // r) each tile fetches."""
+  sq = pl.Squeezed()
+  bk = lay.block_k
+
+  def kv(b, h, i, j, kinds, fetch):
+    return b, h // r, fetch[b, i, j]
+  return [pl.BlockSpec(memory_space=pltpu.SMEM),
+          pl.BlockSpec((sq, lay.block_q, LANES), lambda b, h, i, j, kinds, fetch: (b, i, 0)),
+          pl.BlockSpec((sq, SUBLANES, bk), lambda b, h, i, j, kinds, fetch: (b, 0, fetch[b, i, j])),
+          _query_tile(lay), lay.tile(bk, kv), lay.tile(bk, kv)]
+
+
 def _forward(lay, q, k, v, slopes_H):
-  b, g = k.shape[0], lay.heads(k)
-  h = lay.heads(q)
+  b, h, g = q.shape[0], lay.heads(q), lay.heads(k)
   r = h // g
   bq, bk = lay.block_q, lay.block_k
   kernel = functools.partial(_forward_kernel, static=lay.static, block_q=bq, block_k=bk)
-  sq = pl.Squeezed()
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(b, h, lay.tp // bq, lay.tp // bk),
-      in_specs=[
-          pl.BlockSpec(memory_space=pltpu.SMEM),
-          pl.BlockSpec((sq, bq, LANES), lambda b, h, i, j, kinds, fetch: (b, i, 0)),
-          pl.BlockSpec((sq, SUBLANES, bk), lambda b, h, i, j, kinds, fetch: (b, 0, fetch[b, i, j])),
-          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
-          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
-          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
-      ],
-      out_specs=[lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
-                 pl.BlockSpec((sq, sq, SUBLANES, bq),
-                              lambda b, h, i, j, kinds, fetch: (b, h, 0, i))],
+      in_specs=_query_grid_specs(lay, r),
+      out_specs=[_query_tile(lay), _query_row(lay)],
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, lay.d), jnp.float32)])
   return pl.pallas_call(
@@ -267,15 +265,15 @@ def _dq_kernel(kinds_ref, fetch_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
   def tile(masked):
-    s_QxK, visible_QxK = _logits(q_ref, k_ref, i * block_q, j * block_k, qcode_ref[:, :1],
-                                 kcode_ref[:1, :], slopes_ref[h], static=static, masked=masked,
-                                 a_is_query=True)
+    s_QxK, visible_QxK = blocks.tile_logits(
+        q_ref[...], k_ref[...], i * block_q, j * block_k, qcode_ref[:, :1], kcode_ref[:1, :],
+        slopes_ref[h], static, masked=masked, a_is_query=True)
     p_QxK = jnp.exp(s_QxK - lse_scr[:, :1])
     if masked:
       p_QxK = jnp.where(visible_QxK, p_QxK, 0.0)
-    dp_QxK = _matmul(do_ref[...], v_ref[...], contract_b=1)
+    dp_QxK = blocks.matmul(do_ref[...], v_ref[...], contract_b=1)
     ds_QxK = p_QxK * (dp_QxK - delta_scr[:, :1])
-    acc_scr[...] += _matmul(ds_QxK.astype(k_ref.dtype), k_ref[...])
+    acc_scr[...] += blocks.matmul(ds_QxK.astype(k_ref.dtype), k_ref[...])
 
   kind = kinds_ref[b, i, j]
   pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
@@ -292,22 +290,10 @@ def _backward_dq(lay, q, k, v, out, d_out, lse_BxHx8xT, slopes_H):
   r = h // g
   bq, bk = lay.block_q, lay.block_k
   kernel = functools.partial(_dq_kernel, static=lay.static, block_q=bq, block_k=bk)
-  sq = pl.Squeezed()
-  row_spec = pl.BlockSpec((sq, sq, SUBLANES, bq), lambda b, h, i, j, kinds, fetch: (b, h, 0, i))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=2, grid=(b, h, lay.tp // bq, lay.tp // bk),
-      in_specs=[
-          pl.BlockSpec(memory_space=pltpu.SMEM),
-          pl.BlockSpec((sq, bq, LANES), lambda b, h, i, j, kinds, fetch: (b, i, 0)),
-          pl.BlockSpec((sq, SUBLANES, bk), lambda b, h, i, j, kinds, fetch: (b, 0, fetch[b, i, j])),
-          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
-          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
-          lay.tile(bk, lambda b, h, i, j, kinds, fetch: (b, h // r, fetch[b, i, j])),
-          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
-          lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)),
-          row_spec,
-      ],
-      out_specs=[lay.tile(bq, lambda b, h, i, j, kinds, fetch: (b, h, i)), row_spec],
+      in_specs=_query_grid_specs(lay, r) + [_query_tile(lay), _query_tile(lay), _query_row(lay)],
+      out_specs=[_query_tile(lay), _query_row(lay)],
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, lay.d), jnp.float32)])
   return pl.pallas_call(
@@ -332,16 +318,16 @@ def _dkv_kernel(kinds_ref, fetch_ref, slopes_ref, kcode_ref, qcode_ref, q_ref, k
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
   def tile(masked):
-    s_KxQ, visible_KxQ = _logits(k_ref, q_ref, j * block_k, i * block_q, kcode_ref[:, :1],
-                                 qcode_ref[:1, :], slopes_ref[g * group + r], static=static,
-                                 masked=masked, a_is_query=False)
+    s_KxQ, visible_KxQ = blocks.tile_logits(
+        k_ref[...], q_ref[...], j * block_k, i * block_q, kcode_ref[:, :1], qcode_ref[:1, :],
+        slopes_ref[g * group + r], static, masked=masked, a_is_query=False)
     p_KxQ = jnp.exp(s_KxQ - lse_ref[:1, :])
     if masked:
       p_KxQ = jnp.where(visible_KxQ, p_KxQ, 0.0)
-    dv_scr[...] += _matmul(p_KxQ.astype(do_ref.dtype), do_ref[...])
-    dp_KxQ = _matmul(v_ref[...], do_ref[...], contract_b=1)
+    dv_scr[...] += blocks.matmul(p_KxQ.astype(do_ref.dtype), do_ref[...])
+    dp_KxQ = blocks.matmul(v_ref[...], do_ref[...], contract_b=1)
     ds_KxQ = p_KxQ * (dp_KxQ - delta_ref[:1, :])
-    dk_scr[...] += _matmul(ds_KxQ.astype(q_ref.dtype), q_ref[...])
+    dk_scr[...] += blocks.matmul(ds_KxQ.astype(q_ref.dtype), q_ref[...])
 
   kind = kinds_ref[b, j, i]
   pl.when(kind == blocks.PARTIAL)(functools.partial(tile, True))
