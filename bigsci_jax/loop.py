@@ -80,14 +80,15 @@ def write_atomic(path, text):
   os.replace(tmp, path)
 
 
-def check_batch_fits_mesh(run: RunConfig, mesh):
+def check_batch_fits_mesh(run: RunConfig, mesh, processes=None):
+  processes = jax.process_count() if processes is None else processes
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if run.batch.micro_batch_size % shards:
     raise ConfigError(f"BatchConfig.micro_batch_size={run.batch.micro_batch_size} must be a multiple "
                       f"of the mesh's data*fsdp={shards} so each batch shard gets whole sequences.")
-  if run.batch.micro_batch_size % jax.process_count():
+  if run.batch.micro_batch_size % processes:
     raise ConfigError(f"BatchConfig.micro_batch_size={run.batch.micro_batch_size} must be a multiple "
-                      f"of the {jax.process_count()} processes.")
+                      f"of the {processes} processes.")
 
 
 def make_data(run: RunConfig, split="validation") -> data.Corpus:

@@ -17,8 +17,9 @@ PROMPTS = [[5, 9, 3, 7, 11], [8, 2], [4, 4, 6, 13]]
 
 
 @pytest.mark.parametrize("position, mask", [
-    ("learned", "causal"), ("sinusoidal", "prefix"), ("rotary", "causal"), ("rotary", "prefix"),
-    ("alibi", "causal"), ("alibi", "prefix"), ("none", "prefix")])
+    ("learned", "causal"), pytest.param("sinusoidal", "prefix", marks=pytest.mark.slow),
+    pytest.param("rotary", "causal", marks=pytest.mark.slow), ("rotary", "prefix"),
+    pytest.param("alibi", "causal", marks=pytest.mark.slow), ("alibi", "prefix"), pytest.param("none", "prefix", marks=pytest.mark.slow)])
 def test_cached_decoding_matches_full_recomputation(position, mask):
   cfg = dataclasses.replace(BASE, position=position, mask=mask,
                             scan_layers=position != "rotary")  # unrolled layers too

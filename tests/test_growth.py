@@ -22,10 +22,10 @@ BASE = ModelConfig(num_layers=2, d_model=16, num_heads=2, d_ff=32, vocab_size=64
                    dtype="float32", init_std=0.2)
 WIDTH_CASES = [  # every position option, tied and untied, both norms, every activation
     dict(tie_embeddings=False, norm="rmsnorm", activation="swiglu"),
-    dict(position="alibi", embedding_norm=True, activation="geglu"),
+    pytest.param(dict(position="alibi", embedding_norm=True, activation="geglu"), marks=pytest.mark.slow),
     dict(position="rotary", num_heads=4, num_kv_heads=2, head_dim=4, activation="relu2"),
-    dict(position="sinusoidal", use_bias=False, scan_layers=False),
-    dict(position="none", mask="prefix", tie_embeddings=False),
+    pytest.param(dict(position="sinusoidal", use_bias=False, scan_layers=False), marks=pytest.mark.slow),
+    pytest.param(dict(position="none", mask="prefix", tie_embeddings=False), marks=pytest.mark.slow),
 ]
 
 
@@ -69,7 +69,7 @@ def _trained(cfg, n=5, opt=OptimizerConfig(learning_rate=1e-2, weight_decay=0.0)
   return state, tx
 
 
-@pytest.mark.parametrize("overrides", WIDTH_CASES, ids=lambda o: ",".join(o) or "default")
+@pytest.mark.parametrize("overrides", WIDTH_CASES, ids=lambda o: ",".join(o))
 def test_width_growth_keeps_logits_and_loss(overrides):
   cfg = dataclasses.replace(BASE, **overrides)
   batch = _batch(cfg)
@@ -98,10 +98,14 @@ def _vector_params(cfg):
              and "position" not in ax)
 
 
-@pytest.mark.parametrize("mode", ["interleave", "append"])
-@pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=False, norm="rmsnorm",
-                                                    activation="swiglu", position="alibi")],
-                         ids=["scanned", "unrolled"])
+UNROLLED = dict(scan_layers=False, norm="rmsnorm", activation="swiglu", position="alibi")
+
+
+@pytest.mark.parametrize("mode, overrides", [
+    pytest.param("interleave", dict(), id="scanned-interleave"),
+    pytest.param("append", UNROLLED, id="unrolled-append"),
+    pytest.param("append", dict(), id="scanned-append", marks=pytest.mark.slow),
+    pytest.param("interleave", UNROLLED, id="unrolled-interleave", marks=pytest.mark.slow)])
 def test_depth_growth_is_an_exact_identity(mode, overrides):
   cfg = dataclasses.replace(BASE, **overrides)
   batch = _batch(cfg)
@@ -217,7 +221,7 @@ def _halves_gap(params, d):
   return float(jnp.abs(kernel[:, :d, :f] - kernel[:, d:, f:]).max())
 
 
-@pytest.mark.parametrize("noise_std", [0.0, 1e-3])
+@pytest.mark.parametrize("noise_std", [pytest.param(0.0, marks=pytest.mark.slow), 1e-3])
 def test_symmetry_breaker(noise_std):
   """Without a breaker the two copies stay equal through 50 AdamW steps; with noise
   on the off-diagonal blocks they drift apart."""

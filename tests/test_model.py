@@ -105,7 +105,7 @@ def test_packed_rows_give_the_same_token_losses_as_separate_rows(position, impl,
   np.testing.assert_allclose(packed[5:11], alone_b[:6], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots"])
+@pytest.mark.parametrize("remat", [pytest.param("none", marks=pytest.mark.slow), pytest.param("full", marks=pytest.mark.slow), "dots"])
 def test_scanned_and_unrolled_layers_compute_the_same_function(remat):
   cfg = _cfg(remat=remat, activation="swiglu", norm="rmsnorm", position="rotary")
   tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, 64)

@@ -57,7 +57,8 @@ def single_device_sgd():
                 OptimizerConfig(optimizer="sgd", learning_rate=0.5, decay="constant"), 20)
 
 
-@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 2, 4)])
+@pytest.mark.parametrize("shape", [pytest.param((8, 1, 1), marks=pytest.mark.slow), (2, 2, 2),
+                                   pytest.param((1, 2, 4), marks=pytest.mark.slow)])
 def test_mesh_matches_single_device(single_device_sgd, shape):
   assert len(jax.devices()) == 8
   loss1, grads1, losses1, params1 = single_device_sgd

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bigsci_jax import data, sharding
+from bigsci_jax import aot, data, sharding
 from bigsci_jax import step as steps
-from bigsci_jax.config import MeshConfig, ModelConfig, OptimizerConfig
+from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig, RunConfig
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
 
@@ -26,25 +26,30 @@ def _tpu_devices(name):
 
 
 def _compile(devices, mesh_cfg, model_cfg, micro=8, accumulation=2, seq=256):
-  mesh = sharding.make_mesh(mesh_cfg, devices)
-  model = Transformer(model_cfg)
-  tx, schedule = make_optimizer(OptimizerConfig(), 100)
-  abstract, shardings = steps.abstract_state(model, tx, mesh, seq)
-  batch_sharding = sharding.batch_sharding(mesh, 3, batch_axis=1)
-  batch = {k: jax.ShapeDtypeStruct((accumulation, micro, seq), jnp.int32, sharding=batch_sharding)
-           for k in data.FEATURES}
-  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings)
-  with sharding.activate(mesh):
-    compiled = train_step.jitted.lower(abstract, batch).compile()
+  run = RunConfig(model=model_cfg, mesh=mesh_cfg,
+                  batch=BatchConfig(batch_size=micro * accumulation, micro_batch_size=micro,
+                                    seq_len=seq))
+  _, compiled = aot.compile_train_step(run, devices)
+  tx, _ = make_optimizer(OptimizerConfig(), 100)
+  one_cpu = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  abstract, _ = steps.abstract_state(Transformer(model_cfg), tx, one_cpu, seq)
   state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
   return compiled, state_bytes
 
 
-@pytest.mark.parametrize("topology, mesh", [("v5e:2x2", (1, 4, 1)), ("v5p:2x2x1", (1, 2, 2)),
-                                            ("v6e:2x2", (2, 1, 2))])
-@pytest.mark.parametrize("variant", [dict(position="alibi", mask="prefix"),
-                                     dict(position="rotary", activation="swiglu", norm="rmsnorm",
-                                          num_kv_heads=2, remat="dots_no_batch")])
+ALIBI_PREFIX = dict(position="alibi", mask="prefix")
+ROTARY_GQA = dict(position="rotary", activation="swiglu", norm="rmsnorm", num_kv_heads=2,
+                  remat="dots_no_batch")
+
+
+# One case per variant in the fast suite, every topology with -m slow.
+@pytest.mark.parametrize("topology, mesh, variant", [
+    pytest.param("v5e:2x2", (1, 4, 1), ALIBI_PREFIX, id="v5e-alibi-prefix"),
+    pytest.param("v6e:2x2", (2, 1, 2), ROTARY_GQA, id="v6e-rotary-gqa"),
+    pytest.param("v5p:2x2x1", (1, 2, 2), ALIBI_PREFIX, id="v5p-alibi-prefix", marks=pytest.mark.slow),
+    pytest.param("v5p:2x2x1", (1, 2, 2), ROTARY_GQA, id="v5p-rotary-gqa", marks=pytest.mark.slow),
+    pytest.param("v6e:2x2", (2, 1, 2), ALIBI_PREFIX, id="v6e-alibi-prefix", marks=pytest.mark.slow),
+    pytest.param("v5e:2x2", (1, 4, 1), ROTARY_GQA, id="v5e-rotary-gqa", marks=pytest.mark.slow)])
 def test_train_step_compiles_for_tpu(topology, mesh, variant):
   devices = _tpu_devices(topology)
   cfg = ModelConfig(num_layers=2, d_model=256, num_heads=4, d_ff=1024, vocab_size=1024,
@@ -95,7 +100,8 @@ def _one_chip(devices):
   return jax.set_mesh(jax.sharding.Mesh(np.array(devices[:1]), ("x",)))
 
 
-@pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"])
+@pytest.mark.parametrize("topology", ["v5e:2x2", pytest.param("v5p:2x2x1", marks=pytest.mark.slow),
+                                      pytest.param("v6e:2x2", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("features", [True, pytest.param(False, marks=pytest.mark.slow)],
                          ids=["alibi-packed-prefix-gqa", "causal-mha"])
@@ -134,7 +140,8 @@ def test_pallas_attention_long_context_fits_one_v5e_chip(t):
   assert total < 16 * 2**30
 
 
-@pytest.mark.parametrize("mesh", [(1, 2, 1), (1, 1, 2)], ids=["fsdp2", "tensor2"])
+@pytest.mark.parametrize("mesh", [pytest.param((1, 2, 1), id="fsdp2"),
+                                  pytest.param((1, 1, 2), id="tensor2", marks=pytest.mark.slow)])
 def test_train_step_with_pallas_attention_compiles_for_two_v5e_chips(mesh):
   """The model's sharded train step really runs the kernels (shard_map inside the
   attention call), batch split over fsdp or heads over tensor."""

@@ -1,0 +1,82 @@
+"""python -m bigsci_jax.aot: the train step compiled ahead of time for a TPU slice
+(the real TPU compiler from libtpu) or for N fake CPU devices; nothing runs."""
+
+import json
+
+import pytest
+
+from bigsci_jax import aot, flops
+from bigsci_jax.config import ModelConfig
+
+pytestmark = pytest.mark.tpu_compile
+
+SMALL = ["--gin_file=runs/cpu_smoke.gin", "--gin.MIXTURE='synthetic'", "--gin.TrainConfig.eval_batches=2",
+         "--gin.ModelConfig.vocab_size=1024", "--gin.ModelConfig.position='alibi'"]
+
+
+def _needs_libtpu():
+  try:
+    aot.topology_devices("v5e:2x2")
+  except aot.AotError as e:
+    pytest.skip(f"no TPU compiler here: {e}")
+
+
+def _run(capsys, argv):
+  code = aot.main(argv)
+  out, err = capsys.readouterr()
+  lines = out.strip().splitlines()
+  return code, (json.loads(lines[-1]) if lines and code == 0 else None), err
+
+
+def test_small_config_compiles_for_a_v5e_slice(capsys):
+  _needs_libtpu()
+  code, report, err = _run(capsys, [*SMALL, "--topology=v5e:2x2", "--mesh=1x4x1"])
+  assert code == 0, err
+  cfg = ModelConfig(num_layers=2, d_model=128, num_heads=4, vocab_size=1024, position="alibi")
+  assert report["params"] == flops.param_counts(cfg).total
+  assert report["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}
+  assert (report["devices"], report["chips"], report["topology"]) == (4, 4, "v5e:2x2")
+  assert report["attention_impl"] == "pallas_tpu"
+  assert report["hbm_bytes"] == int(15.75 * 2**30) and report["fits"]
+  m = report["memory"]
+  assert report["bytes_per_chip"] == m["total"] == (m["argument"] + m["output"] - m["alias"]
+                                                    + m["temp"] + m["code"])
+  # fsdp over 4 chips: each holds about a quarter of the f32 params + 2 Adam moments.
+  state = 3 * 4 * report["params"]
+  assert 0.2 * state < m["argument"] < 0.5 * state
+  batch = report["batch"]
+  assert report["flops_per_step"] == pytest.approx(
+      flops.flops_per_token(cfg, batch["seq_len"]) * batch["global"] * batch["seq_len"])
+
+
+def test_fake_cpu_devices_check_the_mesh_without_libtpu(capsys):
+  code, report, err = _run(capsys, [*SMALL, "--topology=cpu:8", "--mesh=2x2x2"])
+  assert code == 0, err
+  assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert report["device_kind"] == "cpu" and report["hbm_bytes"] is None
+  assert report["attention_impl"] == "xla"
+
+
+def test_a_config_over_the_chips_memory_exits_1_with_the_amounts(capsys):
+  _needs_libtpu()
+  code, _, err = _run(capsys, [*SMALL, "--topology=v5e:2x2", "--mesh=1x1x1",
+                               "--gin.ModelConfig.vocab_size=4194304", "--gin.ModelConfig.num_layers=1"])
+  assert code == 1
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: the train step on v5e:2x2"), err
+  assert "but the TPU v5 lite device has 15.75G" in lines[0] and "bigger slice" in lines[0]
+
+
+@pytest.mark.parametrize("flag, words", [
+    ("--mesh=2x2", "write DATAxFSDPxTENSOR"),
+    ("--topology=v9z:2x2", "is not a TPU slice"),
+    ("--topology=cpu:64", "needs 64 CPU devices"),
+    ("--gin.BatchConfig.micro_batch_size=6", "must divide batch_size"),
+])
+def test_bad_flags_stop_with_one_sentence(capsys, flag, words):
+  argv = [*SMALL, "--topology=cpu:8", "--mesh=1x1x1"]
+  argv = [a for a in argv if not a.startswith(flag.split("=")[0] + "=")] + [flag]
+  code, _, err = _run(capsys, argv)
+  assert code == 1
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and words in lines[0], err
