@@ -146,13 +146,14 @@ def compile_train_step(run, devices, topology=""):
   check_batch_fits_mesh(run, mesh, processes=1)
   model = Transformer(run.model)
   tx, schedule = make_optimizer(run.optimizer, run.train.train_steps)
-  abstract, shardings = steps.abstract_state(model, tx, mesh, run.batch.seq_len)
+  abstract, shardings = steps.abstract_state(model, tx, mesh, run.batch.seq_len,
+                                             run.train.spike_window)
   accumulation = run.batch.batch_size // run.batch.micro_batch_size
   batch_shape = (accumulation, run.batch.micro_batch_size, run.batch.seq_len)
   batch = {k: jax.ShapeDtypeStruct(batch_shape, jnp.int32,
                                    sharding=sharding.batch_sharding(mesh, 3, batch_axis=1))
            for k in data.FEATURES}
-  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings)
+  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
   start = time.perf_counter()
   try:
     with sharding.activate(mesh):

@@ -2,21 +2,46 @@
 
 Saves are asynchronous (the step loop goes on while arrays are written) and
 atomic (orbax writes to a temporary directory and renames it when complete, so
-a half-written step is never listed). Restoring takes an abstract state whose
-leaves carry the target shardings, so a checkpoint written on one mesh is read
-directly into another.
+a half-written step is never listed). A temporary directory left by a process
+killed mid-save is reported and removed when the training loop next opens the
+directory (readers such as evaluation leave a live run's saves alone).
+Restoring takes an abstract state whose leaves carry the target shardings, so a
+checkpoint written on one mesh is read directly into another.
 """
 
+import logging
 import os
+import shutil
 
+import jax
 import orbax.checkpoint as ocp
+
+TMP_MARK = ".orbax-checkpoint-tmp"
+log = logging.getLogger(__name__)
+
+
+def remove_partial_saves(directory):
+  """Delete the temporary step directories of interrupted saves (process 0); returns
+  their names. They are never restored: orbax lists finalized steps only."""
+  if not os.path.isdir(directory):
+    return []
+  partial = sorted(n for n in os.listdir(directory) if TMP_MARK in n)
+  for name in partial:
+    log.warning("checkpoint %s in %s was only partly written (the run stopped while saving "
+                    "it); it is skipped and removed.", name.split(TMP_MARK)[0], directory)
+    if jax.process_index() == 0:
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  return partial
 
 
 class Checkpoints:
   """A model_dir/checkpoints manager: save every N steps, keep the last K."""
 
-  def __init__(self, directory, *, every, keep, async_save=True):
+  def __init__(self, directory, *, every, keep, async_save=True, owner=False):
+    """owner: this process trains into `directory` (removes interrupted saves)."""
     self.every = every
+    if owner:
+      remove_partial_saves(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)

@@ -249,7 +249,18 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-  """The loop: length, seeds, and how often to log, evaluate and checkpoint."""
+  """The loop: length, seeds, how often to log, evaluate and checkpoint, and what a
+  bad step does.
+
+  Update guard: a step whose loss or gradient norm is not finite, or is above
+  `loss_spike_factor` / `grad_spike_factor` times the median of the last
+  `spike_window` accepted steps, leaves parameters and optimizer state unchanged
+  (its batch is consumed, the step counts). After `max_skips` skips in a row the run
+  aborts, or with `on_max_skips='rollback'` restores the last checkpoint's weights
+  and goes on with the next batches (PaLM's recipe); a second rollback to the same
+  checkpoint aborts. SIGTERM saves the current step and exits within
+  `preemption_grace_s` seconds.
+  """
   train_steps: int = 200
   seed: int = 0
   log_every: int = 1
@@ -258,11 +269,22 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
+  loss_spike_factor: float = 0.0  # 0: no loss-spike test (non-finite values are always skipped)
+  grad_spike_factor: float = 0.0  # 0: no gradient-norm spike test
+  spike_window: int = 32
+  max_skips: int = 5
+  on_max_skips: Literal["abort", "rollback"] = "abort"
+  preemption_grace_s: float = 120.0
 
   def __post_init__(self):
+    _check_literals(self)
     _check(self.train_steps > 0, self, "train_steps", "it must be positive")
-    for name in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    for name in ("log_every", "checkpoint_every", "keep_checkpoints", "spike_window", "max_skips",
+                 "preemption_grace_s"):
       _check(getattr(self, name) > 0, self, name, "it must be positive")
+    for name in ("loss_spike_factor", "grad_spike_factor"):
+      _check(getattr(self, name) == 0 or getattr(self, name) > 1, self, name,
+             "it must be 0 (off) or above 1")
     _check(self.eval_every >= 0, self, "eval_every", "it must be >= 0")
     _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
 

@@ -5,8 +5,8 @@ s+1 has been dispatched, so the host never waits on the device for logging.
 """
 
 import json
-import math
 import os
+import sys
 import time
 
 import jax
@@ -14,7 +14,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from bigsci_jax import checkpoint, data, flops, sharding
+from bigsci_jax import checkpoint, data, flops, preemption, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import ConfigError, RunConfig
 from bigsci_jax.metrics import MetricsWriter, bits_per_byte
@@ -49,7 +49,7 @@ class Runtime:
     self.model = Transformer(run.model)
     self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps)
     self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
-                                                         run.batch.seq_len)
+                                                         run.batch.seq_len, run.train.spike_window)
     self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
 
   def restore_latest(self, model_dir):
@@ -194,7 +194,7 @@ class _Trainer(Runtime):
     self.ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"),
                                         every=run.train.checkpoint_every,
                                         keep=run.train.keep_checkpoints,
-                                        async_save=run.train.async_checkpoints)
+                                        async_save=run.train.async_checkpoints, owner=True)
     corpus = make_data(run)
     self.source = corpus.train
     self.eval_sets = make_eval_sets(run, corpus.evals, corpus.token_bytes)
@@ -206,7 +206,7 @@ class _Trainer(Runtime):
       write_atomic(os.path.join(model_dir, "config.json"),
                    json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
     self.train_step = steps.make_train_step(self.model, self.tx, self.schedule, self.mesh,
-                                            self.shardings)
+                                            self.shardings, run.train)
     self.batch_sharding = sharding.batch_sharding(self.mesh, 3, batch_axis=1)
     self.flops_per_token = flops.flops_per_token(run.model, run.batch.seq_len)
     peak = flops.peak_flops(jax.devices()[0].device_kind)
@@ -216,7 +216,7 @@ class _Trainer(Runtime):
     start = self.ckpts.latest_step()
     if start is None:
       return steps.init_state(self.model, self.tx, self.mesh, self.run.train.seed,
-                              self.run.batch.seq_len), 0
+                              self.run.batch.seq_len, self.run.train.spike_window), 0
     state, data_state = self.ckpts.restore(self.abstract, start)
     self.source.set_state(data_state)
     return state, start
@@ -224,6 +224,41 @@ class _Trainer(Runtime):
   def evaluate(self, params):
     return evaluate(self.eval_step, params, self.eval_sets, self.mesh,
                     self.run.batch.micro_batch_size)
+
+  def say(self, line):
+    """One line on the terminal (process 0), above the progress bar."""
+    if jax.process_index() == 0:
+      tqdm.tqdm.write(line, file=sys.stderr)
+
+  def _too_many_skips(self, step, reason, loss, first_skip):
+    """After max_skips skips in a row: the checkpoint step to roll back to, or raise.
+
+    The target is the newest checkpoint older than the last update applied before the
+    streak (that update may be what broke the weights)."""
+    train_cfg = self.run.train
+    self.ckpts.wait()
+    last = self.ckpts.latest_step()
+    before = [s for s in self.ckpts.manager.all_steps() if s <= first_skip - 2]
+    target = max(before) if before else None
+    if train_cfg.on_max_skips == "rollback" and target is not None and target != self.rolled_back_to:
+      return target
+    resume = (f"the last checkpoint is step {last} in {self.model_dir}" if last is not None
+              else "no checkpoint was saved yet")
+    again = (f" after a rollback to step {target}" if target is not None
+             and target == self.rolled_back_to else "")
+    raise TrainingError(
+        f"the update was skipped {train_cfg.max_skips} times in a row{again}, up to step {step} "
+        f"({steps.SKIP_REASONS[reason]}, loss {loss:.4g}; {resume}): lower "
+        f"OptimizerConfig.learning_rate or set OptimizerConfig.clip_norm, then run again.")
+
+  def _rollback(self, state, to_step, step, writer):
+    """The state of checkpoint `to_step` with this step's counter: data and schedule go on."""
+    restored, _ = self.ckpts.restore(self.abstract, to_step)
+    writer.write(step, "event", {"event": "rollback", "to_step": to_step})
+    self.say(f"step {step}: {self.run.train.max_skips} updates skipped in a row; weights and "
+             f"optimizer state rolled back to step {to_step}, the data goes on")
+    self.rolled_back_to = to_step
+    return restored.replace(step=state.step)
 
   def run_loop(self):
     run, cfg_batch = self.run, self.run.batch
@@ -234,36 +269,43 @@ class _Trainer(Runtime):
     bar = tqdm.tqdm(total=total, initial=start, disable=not self.progress or jax.process_index() != 0,
                     dynamic_ncols=True, desc="train")
     pending, last_time, summary = None, time.perf_counter(), {"step": start}
+    self.rolled_back_to, self.streak, quiet_until, rollback = None, 0, 0, None
 
     def flush(pending):
+      """Log a dispatched step once its metrics are here; returns a checkpoint step to roll
+      back to, or None."""
       nonlocal last_time
       step, metrics, rows, tokens = pending
       values = jax.device_get(metrics)
       now = time.perf_counter()
       step_time, last_time = now - last_time, now
-      loss = float(values["loss"])
-      if not math.isfinite(loss):
-        self.ckpts.wait()
-        last = self.ckpts.latest_step()
-        resume = (f"the last good checkpoint is step {last} in {self.model_dir}" if last is not None
-                  else "no checkpoint was saved yet")
-        raise TrainingError(
-            f"the training loss became {loss} at step {step} ({resume}): lower "
-            f"OptimizerConfig.learning_rate or set OptimizerConfig.clip_norm, then run again.")
+      loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
+      reason, in_a_row = int(values["skip_reason"]), int(values["skips_in_a_row"])
+      bar.update(1)
+      self.streak = in_a_row
+      if reason:
+        writer.write(step, "event", {"event": "skipped_update", "reason": steps.SKIP_REASONS[reason],
+                                     "loss": loss, "grad_norm": grad_norm, "in_a_row": in_a_row})
+        self.say(f"step {step}: update skipped ({steps.SKIP_REASONS[reason]}: loss {loss:.4g}, "
+                 f"gradient norm {grad_norm:.4g}), {in_a_row} in a row")
+        if in_a_row >= run.train.max_skips and step > quiet_until:
+          return self._too_many_skips(step, reason, loss, step - in_a_row + 1)
+        return None
       batch_tokens = rows * cfg_batch.seq_len
       tokens_per_s = batch_tokens / step_time
       flops_per_s = tokens_per_s * self.flops_per_token
       row = {"loss": loss, "learning_rate": float(values["learning_rate"]),
-             "grad_norm": float(values["grad_norm"]), "batch_tokens": batch_tokens,
+             "grad_norm": grad_norm, "batch_tokens": batch_tokens,
              "tokens_seen": tokens, "flops_seen": tokens * self.flops_per_token,
              "step_time_s": step_time, "tokens_per_s": tokens_per_s,
              "mfu": flops_per_s / self.peak_total if self.peak_total else None}
       if step % run.train.log_every == 0 or step == total:
         writer.write(step, "train", row)
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-      bar.update(1)
       summary.update(step=step, loss=loss)
+      return None
 
+    previous_handler = preemption.install(run.train.preemption_grace_s, self.say)
     try:
       for s in range(start, total):
         rows = data.batch_size_at(cfg_batch, tokens_seen)
@@ -273,31 +315,49 @@ class _Trainer(Runtime):
         state, metrics = self.train_step(state, batch)
         tokens_seen += rows * cfg_batch.seq_len
         if pending is not None:
-          flush(pending)
+          rollback = flush(pending)
         pending = (s + 1, metrics, rows, tokens_seen)
         done = s + 1
+        stop = preemption.reached(done)
         eval_due = run.train.eval_every and done % run.train.eval_every == 0 and done < total
         # The last step is saved after the final evaluation, so a saved final step
         # always has its eval line.
-        save_due = self.ckpts.due(done) and done < total
-        if eval_due or save_due:
-          flush(pending)  # a state is evaluated or saved only once its loss is known finite
-          pending = None
+        save_due = (self.ckpts.due(done) and done < total) or stop
+        if eval_due or save_due or rollback is not None:
+          # A state is evaluated or saved only once its step is known to be good.
+          if rollback is not None:
+            quiet_until = done  # this step ran on the streak's state: it rolls back too
+          again = flush(pending)
+          rollback, pending = (again if rollback is None else rollback), None
+        if rollback is not None:
+          state = self._rollback(state, rollback, done, writer)
+          quiet_until, rollback = done, None
+          continue
         if eval_due:
           writer.write(done, "eval", self.evaluate(state.params))
-        if save_due:
+        if save_due and (self.streak == 0 or stop):  # no scheduled save inside a skip streak
           self.ckpts.save(done, state, self.source.get_state(), run.to_dict())
-      if pending is not None:
-        flush(pending)
-      if start < total:
-        final = self.evaluate(state.params)
-        writer.write(total, "eval", final)
-        summary["eval_loss"] = final["loss"]
-        summary.update({k: v for k, v in final.items() if k.startswith("bpb")})
-      self.ckpts.save(int(jax.device_get(state.step)), state, self.source.get_state(),
-                      run.to_dict())
-      self.ckpts.wait()
+        if stop:
+          self.ckpts.wait()
+          writer.write(done, "event", {"event": "preempted"})
+          self.say(f"step {done}: stopped on SIGTERM; saved step {done} in {self.model_dir}, "
+                   f"the next start resumes there")
+          summary.update(step=done, preempted=True)
+          break
+      else:
+        rollback = flush(pending) if pending is not None else None
+        if rollback is not None:
+          state = self._rollback(state, rollback, total, writer)
+        if start < total:
+          final = self.evaluate(state.params)
+          writer.write(total, "eval", final)
+          summary["eval_loss"] = final["loss"]
+          summary.update({k: v for k, v in final.items() if k.startswith("bpb")})
+        self.ckpts.save(int(jax.device_get(state.step)), state, self.source.get_state(),
+                        run.to_dict())
+        self.ckpts.wait()
     finally:
+      preemption.uninstall(previous_handler)
       bar.close()
       writer.close()
       self.ckpts.close()

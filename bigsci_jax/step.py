@@ -3,7 +3,9 @@
 `train_step(state, batch) -> (state, metrics)`: batch features are int32
 [A, m, L] (A micro-batches of m sequences); gradients of the summed token loss
 are accumulated over the A micro-batches and divided by the total loss weight,
-so the update equals that of one [A*m, L] batch.
+so the update equals that of one [A*m, L] batch. A guarded step (non-finite or
+spiking loss / gradient norm, TrainConfig) keeps parameters and optimizer state
+and says why in `metrics["skip_reason"]` (an index into SKIP_REASONS).
 """
 
 import functools
@@ -16,31 +18,50 @@ import optax
 from flax import struct
 
 from bigsci_jax import sharding
-from bigsci_jax.config import ModelConfig
+from bigsci_jax.config import ModelConfig, TrainConfig
 from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.model import Transformer
 
 
+SKIP_REASONS = ("", "non-finite loss or gradient norm", "loss spike", "gradient-norm spike")
+
+
+class Guard(struct.PyTreeNode):
+  """The update guard's memory: the last W accepted losses and gradient norms."""
+  losses_W: jax.Array      # f32 ring buffer, slot = accepted % W
+  grad_norms_W: jax.Array
+  accepted: jax.Array      # int32: updates applied so far
+  in_a_row: jax.Array      # int32: skipped updates since the last applied one
+
+  @classmethod
+  def empty(cls, window):
+    zeros = jnp.zeros((window,), jnp.float32)
+    return cls(losses_W=zeros, grad_norms_W=zeros, accepted=jnp.zeros((), jnp.int32),
+               in_a_row=jnp.zeros((), jnp.int32))
+
+
 class TrainState(struct.PyTreeNode):
-  step: jax.Array       # int32 scalar: updates applied so far
+  step: jax.Array       # int32 scalar: steps taken (batches consumed), skipped ones included
   params: Any
   opt_state: Any
   rng: jax.Array        # uint32 key data; dropout keys are folded from it per step
+  guard: Guard
 
 
-def _init_boxed(model: Transformer, tx, seed_rng, seq_len):
+def _init_boxed(model: Transformer, tx, seed_rng, seq_len, window):
   """The train state with parameters still boxed in their logical axis names."""
   params_rng, state_rng = jax.random.split(seed_rng)
   tokens_1xL = jnp.zeros((1, seq_len), jnp.int32)
   params = model.init({"params": params_rng}, tokens_1xL)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    opt_state=tx.init(params), rng=jax.random.key_data(state_rng))
+                    opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
+                    guard=Guard.empty(window))
 
 
-def abstract_state(model, tx, mesh, seq_len):
+def abstract_state(model, tx, mesh, seq_len, window=TrainConfig.spike_window):
   """(abstract state with shardings, shardings) without allocating anything."""
-  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, seq_len=seq_len),
-                         jax.random.key(0))
+  boxed = jax.eval_shape(functools.partial(_init_boxed, model, tx, seq_len=seq_len,
+                                           window=window), jax.random.key(0))
   logical = nn.get_partition_spec(boxed)
   shapes = nn.meta.unbox(boxed)
   shardings = sharding.tree_shardings(logical, shapes, mesh)
@@ -49,10 +70,10 @@ def abstract_state(model, tx, mesh, seq_len):
   return with_shardings, shardings
 
 
-def init_state(model, tx, mesh, seed, seq_len):
+def init_state(model, tx, mesh, seed, seq_len, window=TrainConfig.spike_window):
   """The train state, created directly in its shardings (no unsharded copy)."""
-  _, shardings = abstract_state(model, tx, mesh, seq_len)
-  init = jax.jit(lambda key: nn.meta.unbox(_init_boxed(model, tx, key, seq_len)),
+  _, shardings = abstract_state(model, tx, mesh, seq_len, window)
+  init = jax.jit(lambda key: nn.meta.unbox(_init_boxed(model, tx, key, seq_len, window)),
                  out_shardings=shardings)
   # Not under sharding.activate: the logical rules would constrain flax's
   # intermediate (flattened) kernels; out_shardings place the result.
@@ -105,19 +126,54 @@ def accumulate_gradients(params, batch_AxMxL, model, rng=None):
   return grads, weight, ce
 
 
-def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule):
-  """One optimizer update from A accumulated micro-batches. Pure."""
+def skip_reason(guard: Guard, loss, grad_norm, train: TrainConfig):
+  """int32 index into SKIP_REASONS: 0 = apply the update. Spikes are judged once the
+  window holds W accepted steps."""
+  full = guard.accepted >= guard.losses_W.shape[0]
+  reason = jnp.where(jnp.isfinite(loss) & jnp.isfinite(grad_norm), 0, 1)
+  for code, factor, value, window in ((2, train.loss_spike_factor, loss, guard.losses_W),
+                                      (3, train.grad_spike_factor, grad_norm, guard.grad_norms_W)):
+    if factor:
+      spike = full & (value > factor * jnp.median(window))
+      reason = jnp.where((reason == 0) & spike, code, reason)
+  return reason.astype(jnp.int32)
+
+
+def guarded_update(state: TrainState, grads, loss, grad_norm, train: TrainConfig, tx):
+  """(state after the update or, when skip_reason says so, with parameters and optimizer
+  state unchanged; the reason). The choice is an elementwise select that fuses into the
+  update, so it costs no extra copy of the state."""
+  reason = skip_reason(state.guard, loss, grad_norm, train)
+  skip = reason > 0
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  keep = lambda old, new: jnp.where(skip, old, new)  # noqa: E731
+  g = state.guard
+  slot = g.accepted % g.losses_W.shape[0]
+  guard = Guard(losses_W=keep(g.losses_W, g.losses_W.at[slot].set(loss)),
+                grad_norms_W=keep(g.grad_norms_W, g.grad_norms_W.at[slot].set(grad_norm)),
+                accepted=g.accepted + (~skip).astype(jnp.int32),
+                in_a_row=jnp.where(skip, g.in_a_row + 1, 0))
+  return state.replace(step=state.step + 1,
+                       params=jax.tree.map(keep, state.params, params),
+                       opt_state=jax.tree.map(keep, state.opt_state, opt_state),
+                       guard=guard), reason
+
+
+def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=TrainConfig()):
+  """One guarded optimizer update from A accumulated micro-batches. Pure."""
   rng = None
   if model.cfg.dropout > 0:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_sums, weight, ce_sum = accumulate_gradients(state.params, batch_AxMxL, model, rng)
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sums)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": ce_sum / denom, "grad_norm": optax.tree.norm(grads),
-             "learning_rate": schedule(state.step), "loss_weight": weight}
-  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  loss, grad_norm = ce_sum / denom, optax.tree.norm(grads)
+  new_state, reason = guarded_update(state, grads, loss, grad_norm, train, tx)
+  metrics = {"loss": loss, "grad_norm": grad_norm,
+             "learning_rate": schedule(state.step), "loss_weight": weight,
+             "skip_reason": reason, "skips_in_a_row": new_state.guard.in_a_row}
+  return new_state, metrics
 
 
 def eval_sums(params, batch_BxL, *, model):
@@ -126,7 +182,7 @@ def eval_sums(params, batch_BxL, *, model):
   return ce, weight
 
 
-def make_train_step(model, tx, schedule, mesh, state_shardings):
+def make_train_step(model, tx, schedule, mesh, state_shardings, train=TrainConfig()):
   """train_step jitted with explicit shardings, the state donated.
 
   Returns a callable that traces under the mesh and logical rules; each distinct
@@ -134,7 +190,8 @@ def make_train_step(model, tx, schedule, mesh, state_shardings):
   """
   batch_in = sharding.batch_sharding(mesh, 3, batch_axis=1)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  jitted = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule),
+  jitted = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                                     train=train),
                    in_shardings=(state_shardings, batch_in),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 

@@ -1,13 +1,15 @@
-"""Gradient accumulation, the batch-size ramp, the LR schedule and the weight-decay mask."""
+"""Gradient accumulation, the batch-size ramp, the LR schedule, the weight-decay mask and
+the update guard."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bigsci_jax import data, sharding
 from bigsci_jax import step as steps
-from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig
+from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from bigsci_jax.model import Transformer, init_params
 from bigsci_jax.optim import decay_mask, learning_rate_schedule, make_optimizer
 
@@ -109,3 +111,37 @@ def test_weight_decay_skips_norms_biases_and_embeddings():
   updates, _ = tx.update(zeros, tx.init(params), params)
   assert float(jnp.abs(updates["final_norm"]["scale"]).max()) == 0.0
   assert float(jnp.abs(updates["layers"]["block"]["mlp"]["wi"]["kernel"]).max()) > 0.0
+
+
+def test_guard_keeps_the_state_on_non_finite_and_spiking_steps():
+  model = Transformer(CFG)
+  tx, _ = make_optimizer(OptimizerConfig(optimizer="sgd", learning_rate=0.1, clip_norm=None,
+                                         weight_decay=0.0), 10)
+  mesh = sharding.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  state = steps.init_state(model, tx, mesh, 0, 32, window=4)
+  train = TrainConfig(loss_spike_factor=2.0, grad_spike_factor=3.0, spike_window=4)
+  update = jax.jit(lambda state, scale, loss: steps.guarded_update(
+      state, jax.tree.map(lambda p: scale * jnp.ones_like(p), state.params), loss,
+      scale * optax.tree.norm(jax.tree.map(jnp.ones_like, state.params)), train, tx))
+  kernel = lambda s: np.asarray(s.params["layers"]["block"]["mlp"]["wi"]["kernel"])  # noqa: E731
+
+  def step(state, scale, loss, expected_reason):
+    new, reason = update(state, scale, loss)
+    assert int(reason) == expected_reason
+    moved = not np.array_equal(kernel(new), kernel(state))
+    assert moved == (expected_reason == 0)
+    assert int(new.step) == int(state.step) + 1  # a skipped step still consumes its batch
+    return new
+
+  state = step(state, 1.0, 100.0, 0)   # a spike before the window is full is applied
+  for loss in (1.0, 1.2, 0.8):
+    state = step(state, 1.0, loss, 0)
+  assert int(state.guard.accepted) == 4
+  state = step(state, 1.0, jnp.nan, 1)
+  state = step(state, jnp.inf, 1.0, 1)
+  state = step(state, 1.0, 2.5, 2)      # > 2 x median(100, 1, 1.2, 0.8) = 2.2
+  state = step(state, 4.0, 1.0, 3)      # gradient norm 4x its median
+  assert int(state.guard.in_a_row) == 4
+  state = step(state, 2.0, 2.0, 0)      # within both factors
+  assert int(state.guard.in_a_row) == 0 and int(state.guard.accepted) == 5
+  np.testing.assert_array_equal(np.asarray(state.guard.losses_W), np.float32([2.0, 1.0, 1.2, 0.8]))

@@ -150,8 +150,13 @@ def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
   rc = train.main([f"--model_dir={model_dir}", *SYNTHETIC_SMOKE, "--gin.TRAIN_STEPS=30",
                    "--gin.OptimizerConfig.optimizer='sgd'", "--gin.OptimizerConfig.clip_norm=None",
                    "--gin.OptimizerConfig.learning_rate=1e12", "--gin.OptimizerConfig.warmup_steps=0"])
-  err = capsys.readouterr().err.strip().splitlines()[-1]
-  assert rc == 2 and "the training loss became" in err and "learning_rate" in err, err
+  lines = capsys.readouterr().err.strip().splitlines()
+  err = lines[-1]
+  assert rc == 2 and "skipped 5 times in a row" in err and "non-finite" in err, err
+  assert "learning_rate" in err and sum("update skipped" in line for line in lines) == 5
   steps_logged = [r["step"] for r in read_metrics(str(model_dir), "train")]
-  assert steps_logged == list(range(1, len(steps_logged) + 1))  # no bad step was logged
+  assert steps_logged == list(range(1, len(steps_logged) + 1))  # no skipped step is a train line
+  events = read_metrics(str(model_dir), "event")
+  assert [e["in_a_row"] for e in events] == [1, 2, 3, 4, 5]
+  assert [e["step"] for e in events] == list(range(steps_logged[-1] + 1, steps_logged[-1] + 6))
   assert os.listdir(model_dir / "checkpoints") == []  # the diverged state was never saved
