@@ -115,6 +115,7 @@ def main(argv):
   base = open(saved).read() if os.path.exists(saved) else None
   gin_files = flags.gin_file or ([] if base else [DEFAULT_GIN])
   from bigsci_jax import loop, sharding
+  from bigsci_jax.checkpoint import CheckpointMismatch
   from bigsci_jax.config import ConfigError
   from bigsci_jax.corpus import CorpusError
   try:
@@ -123,7 +124,7 @@ def main(argv):
                                           flags.process_id, flags.multihost)
     summary = loop.train(run, model_dir, config_text=config_text,
                          progress=not flags.no_progress)
-  except (ConfigError, CorpusError, FileNotFoundError, loop.TrainingError) as e:
+  except (ConfigError, CorpusError, FileNotFoundError, loop.TrainingError, CheckpointMismatch) as e:
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   summary.pop("state", None)

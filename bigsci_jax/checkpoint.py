@@ -9,6 +9,7 @@ Restoring takes an abstract state whose leaves carry the target shardings, so a
 checkpoint written on one mesh is read directly into another.
 """
 
+import json
 import logging
 import os
 import shutil
@@ -34,6 +35,47 @@ def remove_partial_saves(directory):
   return partial
 
 
+class CheckpointMismatch(ValueError):
+  """A checkpoint's arrays do not fit the state the current config builds."""
+
+
+def _path_name(path):
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree):
+  return {_path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _config_fields(config_dict):
+  """{'model.d_ff': 256, ...} for the parts that decide the state's shapes."""
+  shaped = {"model": None, "optimizer": None, "train": ("spike_window",)}
+  config_dict = json.loads(json.dumps(config_dict or {}))  # tuples read back as lists
+  return {f"{part}.{k}": v for part, only in shaped.items()
+          for k, v in config_dict.get(part, {}).items() if only is None or k in only}
+
+
+def describe_mismatch(saved_shapes, wanted_shapes, saved_config, config):
+  """One sentence naming the differing arrays and config fields, or None if they fit."""
+  differ = [f"{n} {list(saved_shapes[n])} vs {list(wanted_shapes[n])}"
+            for n in wanted_shapes if n in saved_shapes and saved_shapes[n] != wanted_shapes[n]]
+  missing = [n for n in wanted_shapes if n not in saved_shapes]
+  extra = [n for n in saved_shapes if n not in wanted_shapes]
+  if not (differ or missing or extra):
+    return None
+  parts = []
+  for label, names in (("shapes differ (checkpoint vs config)", differ),
+                       ("not in the checkpoint", missing), ("only in the checkpoint", extra)):
+    if names:
+      more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+      parts.append(f"{label}: {', '.join(names[:4])}{more}")
+  saved_fields, fields = _config_fields(saved_config), _config_fields(config)
+  changed = [f"{k}={saved_fields.get(k)!r} in the checkpoint, {fields[k]!r} now"
+             for k in fields if saved_fields and saved_fields.get(k) != fields[k]]
+  cause = (f"; the config fields that differ: {', '.join(changed)}" if changed else "")
+  return "; ".join(parts) + cause
+
+
 class Checkpoints:
   """A model_dir/checkpoints manager: save every N steps, keep the last K."""
 
@@ -45,8 +87,11 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=1, create=True,
         enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                         item_names=("state", "data", "config"))
+    self.directory = os.path.abspath(directory)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": ocp.JsonCheckpointHandler(), "config": ocp.JsonCheckpointHandler()})
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -63,9 +108,26 @@ class Checkpoints:
                               config=ocp.args.JsonSave(config_dict))
     return self.manager.save(step, args=args, force=True)
 
-  def restore(self, abstract_state, step=None):
-    """(state, data_state) of `step` (default: latest), placed as abstract_state says."""
+  def check_fits(self, abstract_state, step, config_dict=None):
+    """Raise CheckpointMismatch naming the arrays (and config fields) that differ between
+    checkpoint `step` and abstract_state."""
+    saved = _shapes(self.manager.item_metadata(step)["state"])
+    message = describe_mismatch(saved, _shapes(abstract_state), None, None)
+    if message is None:
+      return
+    saved_config = self.manager.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    message = describe_mismatch(saved, _shapes(abstract_state), saved_config, config_dict)
+    raise CheckpointMismatch(
+        f"checkpoint step {step} in {self.directory} does not fit this config: {message}. "
+        f"Restore it with the config it was saved with (its config.gin), or train into a new "
+        f"model_dir.")
+
+  def restore(self, abstract_state, step=None, config_dict=None):
+    """(state, data_state) of `step` (default: latest), placed as abstract_state says;
+    config_dict (the current run) names the differing fields if the shapes do not fit."""
     step = self.latest_step() if step is None else step
+    self.check_fits(abstract_state, step, config_dict)
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                               data=ocp.args.JsonRestore())
     restored = self.manager.restore(step, args=args)

@@ -61,7 +61,7 @@ class Runtime:
       if step is None:
         raise RunNotFound(f"{model_dir} has no checkpoint yet; train it first (train.py "
                           f"--model_dir={model_dir}).")
-      state, data_state = ckpts.restore(self.abstract, step)
+      state, data_state = ckpts.restore(self.abstract, step, self.run.to_dict())
     finally:
       ckpts.close()
     return state, data_state, step
@@ -198,13 +198,7 @@ class _Trainer(Runtime):
     corpus = make_data(run)
     self.source = corpus.train
     self.eval_sets = make_eval_sets(run, corpus.evals, corpus.token_bytes)
-    if jax.process_index() == 0:
-      if corpus.vocab_model is not None:  # evaluation and generation read text with it
-        write_atomic(os.path.join(model_dir, VOCAB_FILE), corpus.vocab_model)
-      if config_text:
-        write_atomic(os.path.join(model_dir, "config.gin"), config_text)
-      write_atomic(os.path.join(model_dir, "config.json"),
-                   json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
+    self.vocab_model, self.config_text = corpus.vocab_model, config_text
     self.train_step = steps.make_train_step(self.model, self.tx, self.schedule, self.mesh,
                                             self.shardings, run.train)
     self.batch_sharding = sharding.batch_sharding(self.mesh, 3, batch_axis=1)
@@ -213,13 +207,23 @@ class _Trainer(Runtime):
     self.peak_total = peak * jax.device_count() if peak else None
 
   def restore_or_init(self):
+    """(state, start step); the run's files are written once its checkpoint has restored,
+    so a config that does not fit the checkpoint leaves model_dir as it was."""
     start = self.ckpts.latest_step()
     if start is None:
-      return steps.init_state(self.model, self.tx, self.mesh, self.run.train.seed,
-                              self.run.batch.seq_len, self.run.train.spike_window), 0
-    state, data_state = self.ckpts.restore(self.abstract, start)
-    self.source.set_state(data_state)
-    return state, start
+      state = steps.init_state(self.model, self.tx, self.mesh, self.run.train.seed,
+                               self.run.batch.seq_len, self.run.train.spike_window)
+    else:
+      state, data_state = self.ckpts.restore(self.abstract, start, self.run.to_dict())
+      self.source.set_state(data_state)
+    if jax.process_index() == 0:
+      if self.vocab_model is not None:  # evaluation and generation read text with it
+        write_atomic(os.path.join(self.model_dir, VOCAB_FILE), self.vocab_model)
+      if self.config_text:
+        write_atomic(os.path.join(self.model_dir, "config.gin"), self.config_text)
+      write_atomic(os.path.join(self.model_dir, "config.json"),
+                   json.dumps(self.run.to_dict(), indent=2, sort_keys=True) + "\n")
+    return state, start or 0
 
   def evaluate(self, params):
     return evaluate(self.eval_step, params, self.eval_sets, self.mesh,

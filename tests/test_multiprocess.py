@@ -1,14 +1,17 @@
 """Two real processes (4 fake CPU devices each) form one 8-device mesh through
-jax.distributed, each reading only its own rows, and train like one process."""
+jax.distributed, each reading only its own rows, and train like one process; their
+checkpoint restores in one process on 8 devices and on 1."""
 
 import os
 import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 
 import train
+from bigsci_jax import loop
 from bigsci_jax.metrics import read_metrics
 
 FLAGS = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=256",
@@ -40,3 +43,30 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(multi) == len(single) == 4
   np.testing.assert_allclose(multi, single, rtol=1e-5)
   assert sorted(os.listdir(multi_dir / "checkpoints")) == ["2", "4"]
+
+  # The pair's checkpoint is restored by one process on 8 devices and by one on 1 device.
+  run = loop.read_run(str(multi_dir))
+  state, _, step = loop.Runtime(run).restore_latest(str(multi_dir))
+  assert step == 4
+  params_8 = {"/".join(str(k.key) for k in path): np.asarray(x) for path, x
+              in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
+  one_device = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out_file = tmp_path / "params_1.npz"
+  script = ("import dataclasses, sys, jax, numpy as np; from bigsci_jax import loop; "
+            "from bigsci_jax.config import MeshConfig; "
+            f"run = loop.read_run({str(multi_dir)!r}); "
+            "run = dataclasses.replace(run, mesh=MeshConfig(1, 1, 1)); "
+            f"state, _, step = loop.Runtime(run).restore_latest({str(multi_dir)!r}); "
+            "assert jax.device_count() == 1 and step == 4; "
+            "flat = jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]; "
+            f"np.savez({str(out_file)!r}, **{{'/'.join(str(k.key) for k in p): x for p, x in flat}})")
+  done = subprocess.run([sys.executable, "-c", script], env=one_device, capture_output=True,
+                        text=True, timeout=300, cwd=os.path.dirname(train.__file__))
+  assert done.returncode == 0, done.stderr[-3000:]
+  params_1 = dict(np.load(out_file))
+  assert params_1.keys() == params_8.keys()
+  for name in params_8:
+    np.testing.assert_array_equal(params_1[name], params_8[name])
+  single_state = loop.Runtime(run).restore_latest(str(single_dir))[0]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(state.params), jax.device_get(single_state.params))

@@ -137,3 +137,21 @@ def test_rollback_restores_an_older_checkpoint_then_aborts_on_a_second_streak(tm
   assert [e["in_a_row"] for e in skips_before][-3:] == [1, 2, 3]
   assert "after a rollback to step 4" in err[-1] and "skipped 3 times in a row" in err[-1], err[-1]
   assert any("rolled back to step 4" in line for line in err)
+
+
+def test_restoring_with_other_shapes_names_the_arrays_and_fields(tmp_path, capsys):
+  model_dir = str(tmp_path / "run")
+  small = [*SMALL, "--gin.ModelConfig.d_model=64", "--gin.ModelConfig.num_layers=2"]
+  assert train.main([f"--model_dir={model_dir}", *small, "--gin.TRAIN_STEPS=2"]) == 0
+  capsys.readouterr()
+  files = {n: open(os.path.join(model_dir, n)).read() for n in ("config.gin", "config.json")}
+  rc = train.main([f"--model_dir={model_dir}", "--gin.TRAIN_STEPS=4", "--gin.ModelConfig.d_ff=96",
+                   "--gin.OptimizerConfig.optimizer='sgd'"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert rc == 2 and len(err) == 1, err
+  assert "checkpoint step 2" in err[0] and "does not fit this config" in err[0]
+  assert "params/layers/block/mlp/wi/kernel [2, 64, 512] vs [2, 64, 96]" in err[0]
+  assert "model.d_ff=512 in the checkpoint, 96 now" in err[0]
+  assert "optimizer.optimizer='adamw' in the checkpoint, 'sgd' now" in err[0]
+  assert "no_decay" not in err[0]  # tuples and the lists JSON reads back are the same
+  assert files == {n: open(os.path.join(model_dir, n)).read() for n in files}  # nothing rewritten
