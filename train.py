@@ -58,6 +58,7 @@ def parse_flags(argv):
   parser.add_argument("--multihost", action="store_true",
                       help="join a TPU pod / cluster that jax.distributed detects itself")
   parser.add_argument("--no_progress", action="store_true")
+  parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
   gin_bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
   flags = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
   flags.gin_bindings = gin_bindings
@@ -125,6 +126,8 @@ def main(argv):
     summary = loop.train(run, model_dir, config_text=config_text,
                          progress=not flags.no_progress)
   except (ConfigError, CorpusError, FileNotFoundError, loop.TrainingError, CheckpointMismatch) as e:
+    if flags.verbose:
+      raise
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
     return 2
   summary.pop("state", None)

@@ -37,7 +37,11 @@ def read_run(model_dir) -> RunConfig:
     raise RunNotFound(f"{model_dir} holds no run (no config.json); train it first with "
                       f"train.py --model_dir={model_dir}.")
   with open(path) as f:
-    return RunConfig.from_dict(json.load(f))
+    try:
+      return RunConfig.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise RunNotFound(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); restore it from "
+                        f"the run's config.gin or train into a new model_dir.") from e
 
 
 class Runtime:
