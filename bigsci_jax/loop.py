@@ -254,6 +254,7 @@ class _Trainer(Runtime):
               else "no checkpoint was saved yet")
     again = (f" after a rollback to step {target}" if target is not None
              and target == self.rolled_back_to else "")
+    self.writer.write(step, "event", {"event": "abort", "reason": steps.SKIP_REASONS[reason]})
     raise TrainingError(
         f"the update was skipped {train_cfg.max_skips} times in a row{again}, up to step {step} "
         f"({steps.SKIP_REASONS[reason]}, loss {loss:.4g}; {resume}): lower "
@@ -271,7 +272,7 @@ class _Trainer(Runtime):
   def run_loop(self):
     run, cfg_batch = self.run, self.run.batch
     state, start = self.restore_or_init()
-    writer = MetricsWriter(self.model_dir, resume_step=start)
+    writer = self.writer = MetricsWriter(self.model_dir, resume_step=start)
     tokens_seen = self.source.position * cfg_batch.seq_len
     total = run.train.train_steps
     bar = tqdm.tqdm(total=total, initial=start, disable=not self.progress or jax.process_index() != 0,

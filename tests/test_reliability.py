@@ -135,6 +135,7 @@ def test_rollback_restores_an_older_checkpoint_then_aborts_on_a_second_streak(tm
   assert rc == 2 and len(rollbacks) == 1 and rollbacks[0]["to_step"] == 4
   skips_before = [e for e in events if e["step"] < rollbacks[0]["step"]]
   assert [e["in_a_row"] for e in skips_before][-3:] == [1, 2, 3]
+  assert events[-1]["event"] == "abort"
   assert "after a rollback to step 4" in err[-1] and "skipped 3 times in a row" in err[-1], err[-1]
   assert any("rolled back to step 4" in line for line in err)
 

@@ -157,6 +157,7 @@ def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
   steps_logged = [r["step"] for r in read_metrics(str(model_dir), "train")]
   assert steps_logged == list(range(1, len(steps_logged) + 1))  # no skipped step is a train line
   events = read_metrics(str(model_dir), "event")
-  assert [e["in_a_row"] for e in events] == [1, 2, 3, 4, 5]
-  assert [e["step"] for e in events] == list(range(steps_logged[-1] + 1, steps_logged[-1] + 6))
+  assert [e.get("in_a_row") for e in events] == [1, 2, 3, 4, 5, None]
+  assert [e["step"] for e in events[:5]] == list(range(steps_logged[-1] + 1, steps_logged[-1] + 6))
+  assert events[-1]["event"] == "abort" and events[-1]["step"] == events[-2]["step"]
   assert os.listdir(model_dir / "checkpoints") == []  # the diverged state was never saved
