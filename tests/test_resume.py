@@ -5,6 +5,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from bigsci_jax import checkpoint, loop
 from bigsci_jax import step as steps
@@ -47,6 +48,7 @@ def test_resumed_run_logs_identical_losses(tmp_path):
                jax.device_get(straight["state"].params))
 
 
+@pytest.mark.slow  # the fast suite kills a real train.py mid-save (test_reliability.py)
 def test_kill_after_unsaved_steps_recomputes_them_identically(tmp_path):
   """Steps logged after the last checkpoint are dropped and recomputed on restart."""
   model_dir = str(tmp_path / "killed")

@@ -74,6 +74,7 @@ def test_mesh_matches_single_device(single_device_sgd, shape):
   assert losses1[-1] < losses1[0]  # SGD at this rate does learn
 
 
+@pytest.mark.slow
 def test_adamw_drift_between_meshes_is_small_and_reported():
   """AdamW amplifies reduction-order rounding; report the drift, bound it loosely."""
   adam = OptimizerConfig(learning_rate=3e-3, warmup_steps=0, decay="constant")
