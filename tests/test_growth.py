@@ -221,7 +221,8 @@ def _halves_gap(params, d):
   return float(jnp.abs(kernel[:, :d, :f] - kernel[:, d:, f:]).max())
 
 
-@pytest.mark.parametrize("noise_std", [pytest.param(0.0, marks=pytest.mark.slow), 1e-3])
+@pytest.mark.parametrize("noise_std", [pytest.param(0.0, marks=pytest.mark.slow),
+                                       pytest.param(1e-3, marks=pytest.mark.slow)])
 def test_symmetry_breaker(noise_std):
   """Without a breaker the two copies stay equal through 50 AdamW steps; with noise
   on the off-diagonal blocks they drift apart."""
