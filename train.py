@@ -47,6 +47,12 @@ def _configurables():
   return _REGISTERED
 
 
+def split_gin_bindings(argv):
+  """(['NAME=VALUE' of every --gin.NAME=VALUE], the other arguments)."""
+  return ([a[len("--gin."):] for a in argv if a.startswith("--gin.")],
+          [a for a in argv if not a.startswith("--gin.")])
+
+
 def parse_flags(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,8 +65,8 @@ def parse_flags(argv):
                       help="join a TPU pod / cluster that jax.distributed detects itself")
   parser.add_argument("--no_progress", action="store_true")
   parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
-  gin_bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
-  flags = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
+  gin_bindings, rest = split_gin_bindings(argv)
+  flags = parser.parse_args(rest)
   flags.gin_bindings = gin_bindings
   return flags
 

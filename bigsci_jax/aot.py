@@ -216,8 +216,8 @@ def parse_flags(argv):
   parser.add_argument("--topology", required=True)
   parser.add_argument("--mesh", default=None)
   parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
-  bindings = [a[len("--gin."):] for a in argv if a.startswith("--gin.")]
-  flags = parser.parse_args([a for a in argv if not a.startswith("--gin.")])
+  bindings, rest = _gin_edge().split_gin_bindings(argv)
+  flags = parser.parse_args(rest)
   flags.gin_bindings = bindings
   return flags
 
