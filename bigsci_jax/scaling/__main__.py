@@ -7,6 +7,8 @@
       [--compute C ...] [--out DIR] [--by lang]
   python -m bigsci_jax.scaling fit-hparams --runs SWEEP.csv --out LAWS.json   # for plan --hparams
   python -m bigsci_jax.scaling stages --op width|depth (--params N | --metrics MODEL_DIR)
+  python -m bigsci_jax.scaling diagnose --fit FIT.json (--model_dir DIR | --params N --tokens D --loss L)
+      [--runs CSV --metric NAME [--against params|flops] [--metric_value V]]
 
 Each command prints, as its last line, a JSON object; `fit` gives every fitted
 quantity with its bootstrap 95% interval `<name>_ci`.
@@ -42,6 +44,13 @@ def fit_by_group(args, runs, fitter, kwargs):
   print(json.dumps(result))
 
 
+def write_json(path, value):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1)
+  os.replace(tmp, path)
+
+
 def fit_command(args):
   runs = table.read_csv(args.runs)
   fitter = fit.FITTERS[args.approach]
@@ -69,6 +78,8 @@ def fit_command(args):
   if args.out:
     ci = {k: v for k, v in result.items() if k.endswith("_ci")}
     result["plots"] = plots.write_all(args.approach, runs, point, ci, args.out)
+    result["fit_json"] = os.path.join(args.out, f"fit_approach{args.approach}.json")
+    write_json(result["fit_json"], result)  # `diagnose --fit` reads approach 3's
   for key, value in result.items():
     if isinstance(value, float):
       ci = result.get(f"{key}_ci")
@@ -104,8 +115,7 @@ def fit_hparams_command(args):
     law = result[key]
     print(f"{key:>14} = {law['coefficient']:.4g} * N^{law['exponent']:.4f}  (r2 {law['r2']:.3f})")
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+    write_json(args.out, result)
   print(json.dumps(result))
 
 
@@ -147,6 +157,43 @@ def stages_command(args):
   else:
     result = {**vars(stages.kaplan_stage(args.params, args.op)),
               "threshold": stages.THRESHOLDS[args.op]}
+  print(json.dumps(result))
+
+
+def diagnose_command(args):
+  """Effective model size against an approach-3 law (and a downstream score law)."""
+  from bigsci_jax.scaling import diagnose
+  law = diagnose.read_fit(args.fit)
+  if args.model_dir:
+    point = diagnose.run_point(args.model_dir)
+  else:
+    given = {"--params": args.params, "--tokens": args.tokens, "--loss": args.loss}
+    missing = [k for k, v in given.items() if v is None]
+    if missing:
+      raise table.TableError(f"diagnose needs --model_dir, or all of --params, --tokens and "
+                             f"--loss (missing {', '.join(missing)}).")
+    bad = [k for k, v in given.items() if not v > 0]
+    if bad:
+      raise table.TableError(f"{', '.join(bad)} must be positive.")
+    point = {"N": args.params, "D": args.tokens, "loss": args.loss, "scores": {}}
+  size = diagnose.effective_size(law, point["N"], point["D"], point["loss"])
+  print(size.sentence())
+  result = {k: v for k, v in vars(size).items()}
+  if args.runs:
+    if not args.metric:
+      raise table.TableError("--runs needs --metric NAME, the column of downstream scores.")
+    score_law = diagnose.metric_law(table.read_csv(args.runs), args.metric, args.against)
+    score = args.metric_value if args.metric_value is not None else point["scores"].get(args.metric)
+    if score is None:
+      raise table.TableError(f"no value of '{args.metric}' for this model: pass --metric_value, "
+                             f"or evaluate its model_dir with a task that reports it.")
+    x, outside = diagnose.invert_metric(score_law, score)
+    name = "N" if args.against == "params" else "C"
+    mine = point["N"] if args.against == "params" else 6 * point["N"] * point["D"]
+    print(f"{args.metric} = {score:.4g}: like a run with {name} = {x:.3g} on the reference runs' "
+          f"law ({x / mine:.2f} of this model's{'; extrapolated' if outside else ''}).")
+    result["metric"] = {**score_law, "value": float(score), f"{name}_eff": x,
+                        f"{name}_eff_ratio": x / mine, "extrapolated": outside}
   print(json.dumps(result))
 
 
@@ -192,9 +239,21 @@ def main(argv):
   source.add_argument("--params", type=float, help="non-embedding parameters (Kaplan's law)")
   source.add_argument("--metrics", help="a model_dir whose metrics.jsonl holds the curve")
   p.add_argument("--window", type=float, default=0.5, help="slope window in ln(compute)")
+  p = commands.add_parser("diagnose", help="effective model size on a fitted law")
+  p.add_argument("--fit", required=True, help="approach 3's fit JSON (E, A, B, alpha, beta)")
+  p.add_argument("--model_dir", default=None)
+  p.add_argument("--params", type=float, default=None, help="parameters N (all of them)")
+  p.add_argument("--tokens", type=float, default=None, help="training tokens D")
+  p.add_argument("--loss", type=float, default=None, help="eval loss, nats per token")
+  p.add_argument("--runs", default=None, help="reference runs CSV with a downstream-score column")
+  p.add_argument("--metric", default=None, help="that column's name")
+  p.add_argument("--against", choices=("params", "flops"), default="params")
+  p.add_argument("--metric_value", type=float, default=None,
+                 help="this model's score (default: its eval_results.json)")
   args = parser.parse_args(argv)
   command = {"fit": fit_command, "plan": plan_command, "run": run_command,
-             "fit-hparams": fit_hparams_command, "stages": stages_command}[args.command]
+             "fit-hparams": fit_hparams_command, "stages": stages_command,
+             "diagnose": diagnose_command}[args.command]
   try:
     command(args)
   except (table.TableError, ConfigError, FileNotFoundError) as e:
