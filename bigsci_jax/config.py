@@ -220,6 +220,7 @@ class DataConfig:
   mean_doc_len: int = 96       # synthetic documents: mean length in tokens
   languages: tuple = ()        # (): every really translated handbook language
   alpha: float = 0.3           # mixture temperature (mT5: 0.3)
+  rates: Optional[dict] = None  # {lang: rate}: explicit mixture rates instead of size^alpha
   tfds_pattern: str = ""       # corpora other than 'handbook': TFDS name with {lang}
   data_dir: str = ""           # TFDS data dir; '': $BIGSCI_DATA_DIR or ~/.cache/bigsci_jax
   vocab_size: int = 8192       # SentencePiece vocabulary trained on the mixture
@@ -234,6 +235,10 @@ class DataConfig:
            "'handbook_multilingual' or 'handbook_fr'")
     _check(self.mean_doc_len > 1, self, "mean_doc_len", "it must be > 1")
     _check(self.alpha >= 0, self, "alpha", "it must be >= 0 (0: uniform over languages)")
+    _check(self.rates is None or (isinstance(self.rates, dict) and self.rates and all(
+        isinstance(r, (int, float)) and r > 0 for r in self.rates.values())), self, "rates",
+        "it must be None or a dict of positive rates per language, e.g. {'en': 0.6, 'fr': 0.4} "
+        "(`python -m bigsci_jax.scaling mixture` writes one)")
     _check(self.vocab_size >= 260, self, "vocab_size",
            "SentencePiece with byte fallback needs at least 256 byte pieces plus specials")
     _check(corpus in ("synthetic", "handbook") or "{lang}" in self.tfds_pattern, self,

@@ -150,12 +150,19 @@ def register_language(lang, vocab_path, *, text_dir=None, tfds_name=None, data_d
 
 
 def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False,
-             pattern=HANDBOOK_PATTERN, corpus="handbook"):
+             pattern=HANDBOOK_PATTERN, corpus="handbook", rates=None):
   """Register one Task per language of `sizes` ({lang: size}) over the TFDS dataset
-  `pattern.format(lang=lang)` in data_dir, and the mixture whose rates are
-  proportional to size^alpha. Returns the mixture name."""
+  `pattern.format(lang=lang)` in data_dir, and the mixture whose rates are `rates`
+  ({lang: rate}, normalised) or else proportional to size^alpha. Returns the
+  mixture name."""
   vocabulary = seqio.SentencePieceVocabulary(vocab_path)
-  rates = temperature_rates(sizes, alpha)
+  if rates is None:
+    rates = temperature_rates(sizes, alpha)
+  elif set(rates) != set(sizes):
+    raise CorpusError(f"DataConfig.rates names {', '.join(sorted(rates))} but the mixture has "
+                      f"{', '.join(sorted(sizes))}; give one rate per language of the mixture.")
+  else:
+    rates = {lang: rates[lang] / sum(rates.values()) for lang in sizes}
   for lang in sizes:
     source = seqio.TfdsDataSource(pattern.format(lang=lang), tfds_data_dir=data_dir)
     _add(task_name(lang, prefix_lm, corpus), source, vocabulary, prefix_lm, _cleaner(pattern))
@@ -253,7 +260,8 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
     raise CorpusError(f"DataConfig.vocab_path={vocab_path} does not exist: point it at a "
                       f"SentencePiece .model file, or leave it empty to train one on the corpus.")
   if which == "multilingual":
-    mixture = register(data_dir, vocab_path, sizes, data_cfg.alpha, prefix_lm, pattern, corpus)
+    mixture = register(data_dir, vocab_path, sizes, data_cfg.alpha, prefix_lm, pattern, corpus,
+                       data_cfg.rates)
   else:
     vocabulary = seqio.SentencePieceVocabulary(vocab_path)
     source = seqio.TfdsDataSource(pattern.format(lang=which), tfds_data_dir=data_dir)

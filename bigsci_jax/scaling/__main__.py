@@ -9,6 +9,9 @@
   python -m bigsci_jax.scaling stages --op width|depth (--params N | --metrics MODEL_DIR)
   python -m bigsci_jax.scaling diagnose --fit FIT.json (--model_dir DIR | --params N --tokens D --loss L)
       [--runs CSV --metric NAME [--against params|flops] [--metric_value V]]
+  python -m bigsci_jax.scaling mixture --runs LANG_CSV --budget TOKENS [--sizes SIZES.json]
+      [--epochs_max 4] [--objective mean|max]
+  python -m bigsci_jax.scaling transfer --runs CSV [--out DIR]   # k (source x target), heatmap
 
 Each command prints, as its last line, a JSON object; `fit` gives every fitted
 quantity with its bootstrap 95% interval `<name>_ci`.
@@ -18,6 +21,8 @@ import argparse
 import json
 import os
 import sys
+
+import numpy as np
 
 from bigsci_jax.config import ConfigError, RunConfig
 from bigsci_jax.scaling import fit, plan, plots, table
@@ -197,6 +202,84 @@ def diagnose_command(args):
   print(json.dumps(result))
 
 
+def _read_sizes(path):
+  """{language: available tokens} from a JSON object."""
+  try:
+    with open(path) as f:
+      sizes = json.load(f)
+  except FileNotFoundError:
+    raise table.TableError(f"sizes file {path} does not exist; write a JSON object "
+                           f"{{language: available training tokens}}.") from None
+  except json.JSONDecodeError as e:
+    raise table.TableError(f"sizes file {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+  if not isinstance(sizes, dict) or not all(isinstance(v, (int, float)) and v > 0
+                                            for v in sizes.values()):
+    raise table.TableError(f"sizes file {path} must be a JSON object of positive token counts "
+                           f"per language, e.g. {{\"en\": 3e9, \"sw\": 2e7}}.")
+  return {k: float(v) for k, v in sizes.items()}
+
+
+def mixture_command(args):
+  """Per-language laws L_l(D) = E_l + B_l D^-beta_l and the rates they imply."""
+  from bigsci_jax.scaling import mixture
+  if not args.budget > 0:
+    raise table.TableError(f"--budget must be a positive number of tokens, got {args.budget:g}.")
+  points = mixture.read_language_runs(args.runs)
+  laws = {lang: mixture.fit_data_law(d, l, lang, args.runs) for lang, (d, l) in points.items()}
+  sizes = caps = None
+  if args.sizes:
+    sizes = _read_sizes(args.sizes)
+    missing = sorted(set(laws) - set(sizes))
+    if missing:
+      raise table.TableError(f"{args.sizes} has no size for {', '.join(missing)}; give every "
+                             f"language of {args.runs} its available tokens.")
+    caps = {lang: args.epochs_max * sizes[lang] / args.budget for lang in laws}
+  rates = mixture.optimal_rates(laws, args.budget, args.objective, caps)
+  predicted = {lang: float(laws[lang].loss(rates[lang] * args.budget)) for lang in laws}
+  alone = {lang: float(laws[lang].loss(args.budget)) for lang in laws}
+  alpha = None
+  print(f"{'language':>10} {'E':>8} {'B':>10} {'beta':>7} {'rate':>7} {'loss':>8} {'given up':>9}")
+  for lang, law in laws.items():
+    capped = caps is not None and rates[lang] >= caps[lang] * (1 - 1e-9)
+    print(f"{lang:>10} {law.E:8.4f} {law.B:10.4g} {law.beta:7.4f} {rates[lang]:7.4f} "
+          f"{predicted[lang]:8.4f} {predicted[lang] - alone[lang]:9.4f}"
+          + ("  (epoch cap)" if capped else ""))
+  if sizes:
+    alpha, distance = mixture.closest_temperature(rates, sizes)
+    print(f"closest temperature sampling: rates proportional to size^{alpha:.3f} "
+          f"(squared distance {distance:.2g})")
+  snippet = mixture.gin_snippet(rates)
+  print(snippet, end="")
+  print(json.dumps({"objective": args.objective, "budget": args.budget, "rates": rates,
+                    "alpha": alpha, "predicted_loss": predicted,
+                    "laws": {lang: vars(law) for lang, law in laws.items()}, "gin": snippet}))
+
+
+def transfer_command(args):
+  """Effective data transferred between languages, D_T = k D_F^alpha N^beta per pair."""
+  from bigsci_jax.scaling import transfer
+  results = transfer.fit_transfer(transfer.read_transfer_runs(args.runs), args.runs)
+  sources, targets, k = transfer.k_matrix(results)
+  out = args.out or os.path.dirname(os.path.abspath(args.runs))
+  os.makedirs(out, exist_ok=True)
+  print(f"{'source':>10} {'target':>10} {'k':>10} {'alpha':>7} {'beta':>7}  points")
+  for (src, tgt), e in results.items():
+    fitted = (f"{e['k']:10.4g} {e['alpha']:7.4f} "
+              + (f"{e['beta']:7.4f}" if e["beta"] is not None else f"{'-':>7}")
+              if e["k"] is not None else f"{'not fitted':>26}")
+    print(f"{src:>10} {tgt:>10} {fitted}  {e['points']}"
+          + (f" ({e['negative']} without transfer)" if e["negative"] else ""))
+  result = {"pairs": {f"{s}->{t}": e for (s, t), e in results.items()},
+            "sources": sources, "targets": targets,
+            "k": [[None if np.isnan(v) else float(v) for v in row] for row in k]}
+  result["json"] = os.path.join(out, "transfer.json")
+  write_json(result["json"], result)
+  result["plot"] = plots.heatmap(k, sources, targets, os.path.join(out, "transfer_k.png"),
+                                 "effective data transferred: k in D_T = k D_F^alpha N^beta",
+                                 "source", "target", "k")
+  print(json.dumps(result))
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m bigsci_jax.scaling", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -250,10 +333,22 @@ def main(argv):
   p.add_argument("--against", choices=("params", "flops"), default="params")
   p.add_argument("--metric_value", type=float, default=None,
                  help="this model's score (default: its eval_results.json)")
+  p = commands.add_parser("mixture", help="mixture rates from per-language data laws")
+  p.add_argument("--runs", required=True, help="CSV: language, tokens (of it seen), loss (on it)")
+  p.add_argument("--budget", type=float, required=True, help="training tokens of the planned run")
+  p.add_argument("--sizes", default=None, help="JSON {language: available tokens}")
+  p.add_argument("--epochs_max", type=float, default=4.0,
+                 help="with --sizes: at most this many passes over a language's data")
+  p.add_argument("--objective", choices=("mean", "max"), default="mean")
+  p = commands.add_parser("transfer", help="effective data transferred between languages")
+  p.add_argument("--runs", required=True, help="CSV: target, source, params, tokens, loss")
+  p.add_argument("--out", default=None, help="folder for transfer.json and transfer_k.png "
+                 "(default: the CSV's)")
   args = parser.parse_args(argv)
   command = {"fit": fit_command, "plan": plan_command, "run": run_command,
              "fit-hparams": fit_hparams_command, "stages": stages_command,
-             "diagnose": diagnose_command}[args.command]
+             "diagnose": diagnose_command, "mixture": mixture_command,
+             "transfer": transfer_command}[args.command]
   try:
     command(args)
   except (table.TableError, ConfigError, FileNotFoundError) as e:

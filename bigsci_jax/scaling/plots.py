@@ -124,3 +124,26 @@ def write_all(approach, runs, result, ci, out_dir):
     paths.append(os.path.join(out_dir, "residuals.png"))
     residuals(runs, result, paths[-1])
   return paths
+
+
+def heatmap(matrix, rows, columns, path, title, row_label, column_label, value_label):
+  """A rows x columns matrix of positive values on a log colour scale, each cell labelled
+  (blank where NaN)."""
+  from matplotlib.colors import LogNorm
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(1.2 * len(columns) + 2, 1.0 * len(rows) + 1.5))
+  finite = matrix[np.isfinite(matrix)]
+  norm = LogNorm(finite.min(), finite.max()) if finite.size and finite.min() > 0 else None
+  image = ax.imshow(np.ma.masked_invalid(matrix), cmap="viridis", norm=norm)
+  fig.colorbar(image, label=value_label)
+  for (i, j), value in np.ndenumerate(matrix):
+    if np.isfinite(value):
+      bright = norm is not None and norm(value) > 0.6  # viridis is yellow at the top
+      ax.text(j, i, f"{value:.2g}", ha="center", va="center", color="k" if bright else "w",
+              fontsize=8)
+  ax.set_xticks(range(len(columns)), columns)
+  ax.set_yticks(range(len(rows)), rows)
+  ax.set(xlabel=column_label, ylabel=row_label, title=title)
+  _save(fig, path)
+  plt.close(fig)
+  return path
