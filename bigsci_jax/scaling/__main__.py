@@ -12,12 +12,14 @@
   python -m bigsci_jax.scaling mixture --runs LANG_CSV --budget TOKENS [--sizes SIZES.json]
       [--epochs_max 4] [--objective mean|max]
   python -m bigsci_jax.scaling transfer --runs CSV [--out DIR]   # k (source x target), heatmap
+  python -m bigsci_jax.scaling spectra --model_dir DIR [--out DIR] [--per_head]
 
 Each command prints, as its last line, a JSON object; `fit` gives every fitted
 quantity with its bootstrap 95% interval `<name>_ci`.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -280,6 +282,39 @@ def transfer_command(args):
   print(json.dumps(result))
 
 
+def spectra_command(args):
+  """Power-law exponents of every weight matrix's spectrum, a table, a plot, warnings."""
+  from bigsci_jax import evaluate, loop
+  from bigsci_jax.scaling import spectra
+  try:
+    run, _, params, step = evaluate.restore(args.model_dir)
+  except loop.RunNotFound as e:
+    raise table.TableError(str(e)) from None
+  found, skipped = spectra.analyse(params, spectra.logical_names(run.model),
+                                   args.per_head, args.min_tail)
+  print(f"{'matrix':<48} {'shape':>12} {'alpha':>7} {'xmin':>9} {'tail':>5}")
+  for s in found:
+    print(f"{s.name:<48} {'x'.join(map(str, s.shape)):>12} {s.alpha:7.3f} {s.xmin:9.3g} "
+          f"{s.tail:5d}" + ("" if s.healthy else "  <- outside [2, 6]"))
+  out = args.out or args.model_dir
+  os.makedirs(out, exist_ok=True)
+  result = {"step": step, "matrices": [dataclasses.asdict(s) for s in found],
+            "skipped": skipped, "outside": [s.name for s in found if not s.healthy]}
+  if found:
+    result["plot"] = spectra.plot(found, os.path.join(out, "spectra.png"))
+  result["json"] = os.path.join(out, "spectra.json")
+  write_json(result["json"], result)
+  if skipped:
+    print(f"{len(skipped)} matrices have fewer than {args.min_tail} non-zero eigenvalues and no "
+          f"tail fit (e.g. {skipped[0]}).", file=sys.stderr)
+  if result["outside"]:
+    high = sum(s.alpha > spectra.HEALTHY[1] for s in found if not s.healthy)
+    print(f"warning: {len(result['outside'])} of {len(found)} matrices have alpha outside [2, 6] "
+          f"({high} above: random-like, under-trained; {len(result['outside']) - high} below: "
+          f"over-fitted or too large a learning rate).", file=sys.stderr)
+  print(json.dumps(result))
+
+
 def main(argv):
   parser = argparse.ArgumentParser(prog="python -m bigsci_jax.scaling", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -344,11 +379,19 @@ def main(argv):
   p.add_argument("--runs", required=True, help="CSV: target, source, params, tokens, loss")
   p.add_argument("--out", default=None, help="folder for transfer.json and transfer_k.png "
                  "(default: the CSV's)")
+  p = commands.add_parser("spectra", help="weight-spectrum power-law exponents (weightwatcher's)")
+  p.add_argument("--model_dir", required=True)
+  p.add_argument("--out", default=None, help="folder for spectra.png and spectra.json "
+                 "(default: model_dir)")
+  p.add_argument("--per_head", action="store_true", help="attention projections per head")
+  p.add_argument("--min_tail", type=int, default=50,
+                 help="matrices with fewer non-zero eigenvalues are skipped")
   args = parser.parse_args(argv)
   command = {"fit": fit_command, "plan": plan_command, "run": run_command,
              "fit-hparams": fit_hparams_command, "stages": stages_command,
              "diagnose": diagnose_command, "mixture": mixture_command,
-             "transfer": transfer_command}[args.command]
+             "transfer": transfer_command,
+             "spectra": spectra_command}[args.command]
   try:
     command(args)
   except (table.TableError, ConfigError, FileNotFoundError) as e:
