@@ -52,7 +52,7 @@ def main(argv):
 
   mesh = sharding.make_mesh(run.mesh)
   model = Transformer(run.model)
-  tx, schedule = make_optimizer(run.optimizer, run.train.train_steps)
+  tx, schedule = make_optimizer(run.optimizer, run.train.train_steps, run.batch.batch_size)
   _, shardings = steps.abstract_state(model, tx, mesh, seq_len)
   state = steps.init_state(model, tx, mesh, 0, seq_len)
   train_step = steps.make_train_step(model, tx, schedule, mesh, shardings)

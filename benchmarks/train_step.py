@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -60,7 +59,7 @@ def main(argv):
   run = dataclasses.replace(run, mesh=MeshConfig(*[int(x) for x in args.mesh.split(",")]))
   mesh = sharding.make_mesh(run.mesh)
   model = Transformer(run.model)
-  tx, schedule = make_optimizer(run.optimizer, 1000)
+  tx, schedule = make_optimizer(run.optimizer, 1000, run.batch.batch_size)
   _, shardings = steps.abstract_state(model, tx, mesh, args.seq_len)
   state = steps.init_state(model, tx, mesh, 0, args.seq_len)
   train_step = steps.make_train_step(model, tx, schedule, mesh, shardings)

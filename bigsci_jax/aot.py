@@ -145,7 +145,7 @@ def compile_train_step(run, devices, topology=""):
               axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
   check_batch_fits_mesh(run, mesh, processes=1)
   model = Transformer(run.model)
-  tx, schedule = make_optimizer(run.optimizer, run.train.train_steps)
+  tx, schedule = make_optimizer(run.optimizer, run.train.train_steps, run.batch.batch_size)
   abstract, shardings = steps.abstract_state(model, tx, mesh, run.batch.seq_len,
                                              run.train.spike_window)
   accumulation = run.batch.batch_size // run.batch.micro_batch_size

@@ -153,12 +153,20 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BatchConfig:
-  """Global batch, micro-batch (gradient accumulation) and batch-size warmup.
+  """Global batch, micro-batch (gradient accumulation) and the batch-size schedule.
 
-  Batch-size warmup (BigScience, after Megatron's rampup): the global batch starts
-  at `warmup_start` sequences and grows by `warmup_increment` in equal token
-  intervals until `batch_size` is reached after `warmup_tokens` tokens. Every size
-  is a multiple of `micro_batch_size`, the one shape the step is compiled for.
+  schedule='linear' with `warmup_start` (BigScience, after Megatron's rampup): the
+  global batch starts at `warmup_start` sequences and grows by `warmup_increment`
+  in equal token intervals until `batch_size` is reached after `warmup_tokens`
+  tokens; without `warmup_start` it is `batch_size` throughout.
+
+  schedule='gns': the batch follows the measured gradient noise scale
+  (TrainConfig.gns_every must be on). Every `gns_adapt_every` steps it becomes
+  `gns_factor` x B_simple (converted from tokens to sequences), rounded up to a
+  multiple of `warmup_increment`, within [warmup_start, batch_size], and never
+  shrinks. Its state (the current size) is part of the train state.
+
+  Every size is a multiple of `micro_batch_size`, the one shape the step is compiled for.
   """
   batch_size: int = 16        # sequences per global batch
   seq_len: int = 128
@@ -166,14 +174,22 @@ class BatchConfig:
   warmup_start: Optional[int] = None      # None: no batch-size warmup
   warmup_increment: Optional[int] = None  # None: micro_batch_size
   warmup_tokens: int = 0
+  schedule: Literal["linear", "gns"] = "linear"
+  gns_adapt_every: int = 10
+  gns_factor: float = 1.0
 
   def __post_init__(self):
+    _check_literals(self)
     _check(self.batch_size > 0, self, "batch_size", "it must be positive")
     _check(self.seq_len > 0, self, "seq_len", "it must be positive")
     if self.micro_batch_size is None:
       object.__setattr__(self, "micro_batch_size", self.batch_size)
     _check(self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0, self,
            "micro_batch_size", f"it must divide batch_size={self.batch_size}")
+    _check(self.gns_adapt_every > 0, self, "gns_adapt_every", "it must be positive")
+    _check(self.gns_factor > 0, self, "gns_factor", "it must be positive")
+    _check(self.schedule == "linear" or self.warmup_start is not None, self, "warmup_start",
+           "schedule='gns' starts from warmup_start sequences; set it (the smallest batch)")
     if self.warmup_start is None:
       return
     if self.warmup_increment is None:
@@ -183,10 +199,11 @@ class BatchConfig:
              self, name, f"it must be a positive multiple of micro_batch_size={self.micro_batch_size}")
     _check(self.warmup_start <= self.batch_size, self, "warmup_start",
            f"it must be at most batch_size={self.batch_size}")
-    _check((self.batch_size - self.warmup_start) % self.warmup_increment == 0, self,
+    _check((self.batch_size - self.warmup_start) % self.warmup_increment == 0
+           or self.schedule == "gns", self,
            "warmup_increment", f"it must divide batch_size - warmup_start="
            f"{self.batch_size - self.warmup_start}")
-    _check(self.warmup_tokens > 0, self, "warmup_tokens",
+    _check(self.warmup_tokens > 0 or self.schedule == "gns", self, "warmup_tokens",
            "a batch-size warmup needs a positive token budget")
 
 
@@ -280,6 +297,9 @@ class TrainConfig:
   max_skips: int = 5
   on_max_skips: Literal["abort", "rollback"] = "abort"
   preemption_grace_s: float = 120.0
+  gns_every: int = 0       # gradient noise scale: 0 off; else sampled every step with gradient
+                           # accumulation, every gns_every steps (two half batches) without
+  gns_ema: float = 0.95    # its moving averages' decay per sample
 
   def __post_init__(self):
     _check_literals(self)
@@ -291,6 +311,8 @@ class TrainConfig:
       _check(getattr(self, name) == 0 or getattr(self, name) > 1, self, name,
              "it must be 0 (off) or above 1")
     _check(self.eval_every >= 0, self, "eval_every", "it must be >= 0")
+    _check(self.gns_every >= 0, self, "gns_every", "it must be >= 0 (0: off)")
+    _check(0 < self.gns_ema < 1, self, "gns_ema", "it must be in (0, 1)")
     _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
 
 
@@ -311,6 +333,11 @@ class RunConfig:
     _check(self.data.mixture == "synthetic" or self.data.vocab_path
            or self.model.vocab_size >= self.data.vocab_size, self.model, "vocab_size",
            f"it must hold DataConfig.vocab_size={self.data.vocab_size} SentencePiece pieces")
+    _check(self.train.train_steps * self.batch.batch_size < 2 ** 31, self.train, "train_steps",
+           "train_steps x batch_size must stay below 2^31 sequences (the LR clock is int32); "
+           "use longer sequences or fewer steps")
+    _check(self.batch.schedule != "gns" or self.train.gns_every > 0, self.train, "gns_every",
+           "BatchConfig.schedule='gns' follows the measured noise scale; set gns_every > 0")
     _check(self.train.eval_batches > 0 or self.data.mixture != "synthetic", self.train,
            "eval_batches", "synthetic data has no end, so evaluate a fixed number (> 0) of batches")
 

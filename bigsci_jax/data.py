@@ -12,6 +12,7 @@ Batch contract (DESIGN.md): int32 [batch, length] features
 This module imports no TensorFlow: the model, the step and the benchmarks use it.
 """
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -47,6 +48,19 @@ def batch_size_at(cfg: BatchConfig, tokens_seen: int) -> int:
   tokens_per_increment = cfg.warmup_tokens / num_increments
   done = int(tokens_seen // tokens_per_increment)
   return min(cfg.batch_size, cfg.warmup_start + done * cfg.warmup_increment)
+
+
+def gns_batch_size(cfg: BatchConfig, current: int, b_simple_tokens: float,
+                   tokens_per_row: float) -> int:
+  """The 'gns' schedule's next global batch (sequences): gns_factor x B_simple in
+  sequences, rounded up to a multiple of warmup_increment, within [warmup_start,
+  batch_size], never below `current`. A noise scale not measured yet (NaN) keeps it."""
+  if not (math.isfinite(b_simple_tokens) and b_simple_tokens > 0 and tokens_per_row > 0):
+    return max(current, cfg.warmup_start)
+  rows = cfg.gns_factor * b_simple_tokens / tokens_per_row
+  step = cfg.warmup_increment
+  rounded = cfg.warmup_start + step * max(0, math.ceil((rows - cfg.warmup_start) / step))
+  return min(cfg.batch_size, max(current, cfg.warmup_start, rounded))
 
 
 def batch_schedule(cfg: BatchConfig, num_steps: int, tokens_seen: int = 0):

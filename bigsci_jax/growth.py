@@ -29,6 +29,7 @@ import optax
 
 from bigsci_jax.config import ModelConfig
 from bigsci_jax.model import Transformer
+from bigsci_jax.optim import set_schedule_count
 
 WIDE_AXES = ("embed", "heads", "kv_heads", "mlp")
 OPS = ("width", "depth")
@@ -173,19 +174,21 @@ def _map_adam(opt_state, fn):
                       is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
 
 
-def _set_schedule_count(opt_state, step):
-  def one(s):
-    if isinstance(s, optax.ScaleByScheduleState):
-      return s._replace(count=jnp.asarray(step, s.count.dtype))
-    return s
-  return jax.tree.map(one, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+def jump_to(state, step, rows_per_step):
+  """The state with its step counter at `step` and its LR schedule at step x
+  rows_per_step rows seen."""
+  rows = step * rows_per_step
+  return state.replace(step=jnp.asarray(step, state.step.dtype),
+                       rows_seen=jnp.asarray(rows, state.rows_seen.dtype),
+                       opt_state=set_schedule_count(state.opt_state, rows))
 
 
 def grow_state(state, cfg: ModelConfig, op, *, depth_mode="interleave", noise_std=0.0,
-               key=None, step=None):
+               key=None, step=None, rows_per_step=None):
   """The grown TrainState (and the target ModelConfig): parameters and Adam moments
   mapped, Adam's count carried over; with `step`, the step counter and the LR
-  schedule's count jump there (Shen et al.: R = S_small / c)."""
+  schedule (which counts rows seen: `rows_per_step`, the grown run's batch size,
+  per step) jump there (Shen et al.: R = S_small / c)."""
   target = grown_config(cfg, op)
   if op == "width":
     axes = logical_axes(cfg)
@@ -200,8 +203,9 @@ def grow_state(state, cfg: ModelConfig, op, *, depth_mode="interleave", noise_st
         nu=deepen(s.nu, cfg, depth_mode, new_layer=zeros)))
   grown = state.replace(params=params, opt_state=opt_state)
   if step is not None:
-    grown = grown.replace(step=jnp.asarray(step, state.step.dtype),
-                          opt_state=_set_schedule_count(grown.opt_state, step))
+    if rows_per_step is None:
+      raise ValueError("grow_state(step=...) needs rows_per_step, the grown run's batch size.")
+    grown = jump_to(grown, step, rows_per_step)
   return grown, target
 
 

@@ -67,12 +67,13 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   jump = max(1, int(round(small_steps / constant_op)))
 
   grown, target_model = growth.grow_state(state, small.model, op, depth_mode=depth_mode,
-                                          noise_std=noise_std, key=jax.random.key(seed), step=jump)
+                                          noise_std=noise_std, key=jax.random.key(seed))
   target = dataclasses.replace(
       small, model=target_model,
       optimizer=dataclasses.replace(small.optimizer, rewarm_start=jump if rewarm_steps else 0,
                                     rewarm_steps=rewarm_steps))
   target = _override(target, overrides)
+  grown = growth.jump_to(grown, jump, target.batch.batch_size)
   if target.train.train_steps <= jump:
     raise GrowthError(f"the grown run starts at step {jump} (= {small_steps} / c={constant_op:.3g}); "
                       f"set --set TrainConfig.train_steps=... above it.")

@@ -51,7 +51,8 @@ class Runtime:
     self.run = run
     self.mesh = sharding.make_mesh(run.mesh)
     self.model = Transformer(run.model)
-    self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps)
+    self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps,
+                                            run.batch.batch_size)
     self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
                                                          run.batch.seq_len, run.train.spike_window)
     self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
@@ -93,6 +94,14 @@ def check_batch_fits_mesh(run: RunConfig, mesh, processes=None):
   if run.batch.micro_batch_size % processes:
     raise ConfigError(f"BatchConfig.micro_batch_size={run.batch.micro_batch_size} must be a multiple "
                       f"of the {processes} processes.")
+  smallest = run.batch.warmup_start or run.batch.batch_size
+  half = run.batch.micro_batch_size // 2
+  if run.train.gns_every and smallest == run.batch.micro_batch_size and (
+      run.batch.micro_batch_size % 2 or half % shards or half % processes):
+    raise ConfigError(f"TrainConfig.gns_every splits a batch without gradient accumulation into two "
+                      f"halves of {run.batch.micro_batch_size / 2:g} sequences, which must be a whole "
+                      f"multiple of the mesh's data*fsdp={shards} and of the {processes} processes; "
+                      f"use an even micro_batch_size that allows it, or accumulate gradients.")
 
 
 def make_data(run: RunConfig, split="validation") -> data.Corpus:
@@ -238,6 +247,20 @@ class _Trainer(Runtime):
     if jax.process_index() == 0:
       tqdm.tqdm.write(line, file=sys.stderr)
 
+  def batch_rows(self, state, step, current, tokens_seen):
+    """The global batch (sequences) of `step`, a pure function of the state before it: the
+    linear ramp's size at tokens_seen, or the 'gns' schedule's (which reads the device
+    state only at its adaptation steps and on the first step of a run)."""
+    cfg = self.run.batch
+    if cfg.schedule == "linear":
+      return data.batch_size_at(cfg, tokens_seen)
+    if current is None:  # a fresh run: 0 -> the smallest batch; resumed: the last step's
+      current = max(int(jax.device_get(state.batch_rows)), cfg.warmup_start)
+    if step == 0 or step % cfg.gns_adapt_every:
+      return current
+    noise = jax.device_get(state.noise)
+    return data.gns_batch_size(cfg, current, float(noise.b_simple()), float(noise.tokens_per_row))
+
   def _too_many_skips(self, step, reason, loss, first_skip):
     """After max_skips skips in a row: the checkpoint step to roll back to, or raise.
 
@@ -267,7 +290,8 @@ class _Trainer(Runtime):
     self.say(f"step {step}: {self.run.train.max_skips} updates skipped in a row; weights and "
              f"optimizer state rolled back to step {to_step}, the data goes on")
     self.rolled_back_to = to_step
-    return restored.replace(step=state.step)
+    # the data and the LR schedule go on; batches never shrink
+    return restored.replace(step=state.step, batch_rows=state.batch_rows, rows_seen=state.rows_seen)
 
   def run_loop(self):
     run, cfg_batch = self.run, self.run.batch
@@ -308,6 +332,9 @@ class _Trainer(Runtime):
              "tokens_seen": tokens, "flops_seen": tokens * self.flops_per_token,
              "step_time_s": step_time, "tokens_per_s": tokens_per_s,
              "mfu": flops_per_s / self.peak_total if self.peak_total else None}
+      for key in ("gns", "gns_g2", "gns_trace"):  # NaN (logged null) until first measured
+        if key in values:
+          row[key] = float(values[key])
       if step % run.train.log_every == 0 or step == total:
         writer.write(step, "train", row)
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
@@ -316,11 +343,14 @@ class _Trainer(Runtime):
 
     previous_handler = preemption.install(run.train.preemption_grace_s, self.say)
     try:
+      rows = None
       for s in range(start, total):
-        rows = data.batch_size_at(cfg_batch, tokens_seen)
-        accumulation = rows // cfg_batch.micro_batch_size
+        rows = self.batch_rows(state, s, rows, tokens_seen)
+        accumulation, micro = rows // cfg_batch.micro_batch_size, cfg_batch.micro_batch_size
+        if run.train.gns_every and accumulation == 1 and s % run.train.gns_every == 0:
+          accumulation, micro = 2, micro // 2  # two half batches: a noise-scale sample
         host = data.split_micro_batches(self.source.take(rows), accumulation)
-        batch = data.to_global(host, self.batch_sharding, cfg_batch.micro_batch_size)
+        batch = data.to_global(host, self.batch_sharding, micro)
         state, metrics = self.train_step(state, batch)
         tokens_seen += rows * cfg_batch.seq_len
         if pending is not None:

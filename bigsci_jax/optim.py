@@ -55,9 +55,33 @@ def decay_mask(params, no_decay):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(cfg: OptimizerConfig, train_steps: int):
-  """Returns (optax transformation, schedule)."""
-  schedule = learning_rate_schedule(cfg, train_steps)
+def set_schedule_count(opt_state, count):
+  """opt_state with every optax schedule count set to `count`."""
+  def one(s):
+    if isinstance(s, optax.ScaleByScheduleState):
+      return s._replace(count=jnp.asarray(count, s.count.dtype))
+    return s
+  return jax.tree.map(one, opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
+
+
+def make_optimizer(cfg: OptimizerConfig, train_steps: int, rows_per_step: int = 1):
+  """Returns (optax transformation, rows -> learning rate).
+
+  The learning rate follows the sequences (rows) trained on, not the updates: the
+  train step sets the transformation's schedule count to the rows seen, and the rate
+  is the step schedule at rows / rows_per_step full batches (rows_per_step = the
+  run's batch_size). A batch that ramps up or follows the noise scale therefore
+  moves warmup and decay by the tokens it really trains on, and a skipped update
+  does not hold the schedule back (its batch was consumed).
+  """
+  by_steps = learning_rate_schedule(cfg, train_steps)
+
+  def schedule(rows):
+    rows = jnp.asarray(rows, jnp.int32)
+    # whole steps and the fraction apart: exact in float32 up to 2^24 steps
+    return by_steps((rows // rows_per_step).astype(jnp.float32)
+                    + (rows % rows_per_step).astype(jnp.float32) / rows_per_step)
+
   if cfg.optimizer == "sgd":
     update = optax.sgd(schedule)
   else:

@@ -3,7 +3,9 @@
 `train_step(state, batch) -> (state, metrics)`: batch features are int32
 [A, m, L] (A micro-batches of m sequences); gradients of the summed token loss
 are accumulated over the A micro-batches and divided by the total loss weight,
-so the update equals that of one [A*m, L] batch. A guarded step (non-finite or
+so the update equals that of one [A*m, L] batch. With TrainConfig.gns_every, a
+step of A >= 2 micro-batches also updates the gradient noise scale from its
+micro-batch gradient norms (scaling/noise.py). A guarded step (non-finite or
 spiking loss / gradient norm, TrainConfig) keeps parameters and optimizer state
 and says why in `metrics["skip_reason"]` (an index into SKIP_REASONS).
 """
@@ -21,6 +23,8 @@ from bigsci_jax import sharding
 from bigsci_jax.config import ModelConfig, TrainConfig
 from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.model import Transformer
+from bigsci_jax.optim import set_schedule_count
+from bigsci_jax.scaling.noise import NoiseScale, estimates
 
 
 SKIP_REASONS = ("", "non-finite loss or gradient norm", "loss spike", "gradient-norm spike")
@@ -46,6 +50,9 @@ class TrainState(struct.PyTreeNode):
   opt_state: Any
   rng: jax.Array        # uint32 key data; dropout keys are folded from it per step
   guard: Guard
+  noise: NoiseScale     # gradient noise scale averages (zeros unless TrainConfig.gns_every)
+  batch_rows: jax.Array  # int32: sequences in the last step's batch (the batch schedule's state)
+  rows_seen: jax.Array   # int32: sequences trained on so far; the LR schedule's clock
 
 
 def _init_boxed(model: Transformer, tx, seed_rng, seq_len, window):
@@ -55,7 +62,8 @@ def _init_boxed(model: Transformer, tx, seed_rng, seq_len, window):
   params = model.init({"params": params_rng}, tokens_1xL)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params), rng=jax.random.key_data(state_rng),
-                    guard=Guard.empty(window))
+                    guard=Guard.empty(window), noise=NoiseScale.empty(),
+                    batch_rows=jnp.zeros((), jnp.int32), rows_seen=jnp.zeros((), jnp.int32))
 
 
 def abstract_state(model, tx, mesh, seq_len, window=TrainConfig.spike_window):
@@ -108,8 +116,9 @@ def loss_sums(params, batch, model, dropout_rng=None):
   return jnp.sum((ce_BxL + z_BxL) * w_BxL), (jnp.sum(w_BxL), jnp.sum(ce_BxL * w_BxL))
 
 
-def accumulate_gradients(params, batch_AxMxL, model, rng=None):
-  """Sums of gradients and losses over the A micro-batches (scanned)."""
+def accumulate_gradients(params, batch_AxMxL, model, rng=None, micro_norms=False):
+  """Sums of gradients and losses over the A micro-batches (scanned); with micro_norms,
+  also each micro-batch's squared mean-gradient norm and loss weight, [A] each (else None)."""
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
   def micro(carry, inputs):
@@ -117,13 +126,15 @@ def accumulate_gradients(params, batch_AxMxL, model, rng=None):
     index, micro_batch = inputs
     key = None if rng is None else jax.random.fold_in(rng, index)
     g, (w, c) = grad_fn(params, micro_batch, model, key)
-    return (jax.tree.map(jnp.add, grads, g), weight + w, ce + c), None
+    norms = (jnp.square(optax.tree.norm(g)) / jnp.square(jnp.maximum(w, 1.0)), w) \
+        if micro_norms else None
+    return (jax.tree.map(jnp.add, grads, g), weight + w, ce + c), norms
 
   zeros = jax.tree.map(jnp.zeros_like, params)
   num_micro = jax.tree.leaves(batch_AxMxL)[0].shape[0]
-  (grads, weight, ce), _ = jax.lax.scan(
+  (grads, weight, ce), norms = jax.lax.scan(
       micro, (zeros, jnp.zeros(()), jnp.zeros(())), (jnp.arange(num_micro), batch_AxMxL))
-  return grads, weight, ce
+  return grads, weight, ce, norms
 
 
 def skip_reason(guard: Guard, loss, grad_norm, train: TrainConfig):
@@ -145,7 +156,8 @@ def guarded_update(state: TrainState, grads, loss, grad_norm, train: TrainConfig
   update, so it costs no extra copy of the state."""
   reason = skip_reason(state.guard, loss, grad_norm, train)
   skip = reason > 0
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  opt_state_in = set_schedule_count(state.opt_state, state.rows_seen)  # the LR follows rows
+  updates, opt_state = tx.update(grads, opt_state_in, state.params)
   params = optax.apply_updates(state.params, updates)
   keep = lambda old, new: jnp.where(skip, old, new)  # noqa: E731
   g = state.guard
@@ -166,14 +178,27 @@ def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=Tra
   rng = None
   if model.cfg.dropout > 0:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_sums, weight, ce_sum = accumulate_gradients(state.params, batch_AxMxL, model, rng)
+  num_micro, micro_rows = batch_AxMxL["decoder_target_tokens"].shape[:2]
+  sample_noise = bool(train.gns_every) and num_micro >= 2  # static: A is a shape
+  grad_sums, weight, ce_sum, micro = accumulate_gradients(state.params, batch_AxMxL, model, rng,
+                                                          micro_norms=sample_noise)
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sums)
   loss, grad_norm = ce_sum / denom, optax.tree.norm(grads)
   new_state, reason = guarded_update(state, grads, loss, grad_norm, train, tx)
+  noise = state.noise
+  if sample_noise:
+    g2, trace = estimates(*micro, jnp.square(grad_norm), weight)
+    sampled = noise.update(g2, trace, weight / (num_micro * micro_rows), train.gns_ema)
+    noise = jax.tree.map(lambda old, new: jnp.where(reason > 0, old, new), noise, sampled)
+  rows = num_micro * micro_rows
+  new_state = new_state.replace(noise=noise, batch_rows=jnp.asarray(rows, jnp.int32),
+                                rows_seen=state.rows_seen + rows)
   metrics = {"loss": loss, "grad_norm": grad_norm,
-             "learning_rate": schedule(state.step), "loss_weight": weight,
+             "learning_rate": schedule(state.rows_seen), "loss_weight": weight,
              "skip_reason": reason, "skips_in_a_row": new_state.guard.in_a_row}
+  if train.gns_every:
+    metrics.update(noise.metrics())
   return new_state, metrics
 
 

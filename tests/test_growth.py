@@ -135,7 +135,7 @@ def test_depth_growth_is_an_exact_identity(mode, overrides):
 def test_grown_state_moments_and_counters():
   cfg = BASE
   state, _ = _trained(cfg)
-  wide, target = growth.grow_state(state, cfg, "width", step=3)
+  wide, target = growth.grow_state(state, cfg, "width", step=3, rows_per_step=8)
   adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda s: isinstance(
       s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)][0]
   wide_adam = [s for s in jax.tree.leaves(wide.opt_state, is_leaf=lambda s: isinstance(
@@ -153,7 +153,7 @@ def test_grown_state_moments_and_counters():
   schedule_counts = [int(s.count) for s in jax.tree.leaves(
       wide.opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByScheduleState))
       if isinstance(s, optax.ScaleByScheduleState)]
-  assert schedule_counts == [3]
+  assert schedule_counts == [24] and int(wide.rows_seen) == 24  # the LR clock counts rows
   assert target.d_model == 2 * cfg.d_model and target.head_dim == cfg.head_dim
 
 

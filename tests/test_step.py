@@ -30,7 +30,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(mask):
 
   @jax.jit
   def mean_grad(params, batch):
-    grads, weight, _ = steps.accumulate_gradients(params, batch, model)
+    grads, weight, _, _ = steps.accumulate_gradients(params, batch, model)
     return jax.tree.map(lambda g: g / weight, grads)
 
   with jax.default_matmul_precision("highest"):
