@@ -131,7 +131,8 @@ def main(argv):
                                           flags.process_id, flags.multihost)
     summary = loop.train(run, model_dir, config_text=config_text,
                          progress=not flags.no_progress)
-  except (ConfigError, CorpusError, FileNotFoundError, loop.TrainingError, CheckpointMismatch) as e:
+  except (ConfigError, CorpusError, FileNotFoundError, loop.TrainingError, loop.RunNotFound,
+          CheckpointMismatch) as e:
     if flags.verbose:
       raise
     print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)

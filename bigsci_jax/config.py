@@ -300,6 +300,8 @@ class TrainConfig:
   gns_every: int = 0       # gradient noise scale: 0 off; else sampled every step with gradient
                            # accumulation, every gns_every steps (two half batches) without
   gns_ema: float = 0.95    # its moving averages' decay per sample
+  init_from: str = ""      # a model_dir whose latest weights start a fresh run (new optimizer,
+                           # data and schedule): continued pretraining on other data
 
   def __post_init__(self):
     _check_literals(self)

@@ -4,6 +4,7 @@ Device metrics are fetched one step late: step s's scalars are read after step
 s+1 has been dispatched, so the host never waits on the device for logging.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -226,6 +227,8 @@ class _Trainer(Runtime):
     if start is None:
       state = steps.init_state(self.model, self.tx, self.mesh, self.run.train.seed,
                                self.run.batch.seq_len, self.run.train.spike_window)
+      if self.run.train.init_from:
+        state = state.replace(params=self.warm_start_params(self.run.train.init_from))
     else:
       state, data_state = self.ckpts.restore(self.abstract, start, self.run.to_dict())
       self.source.set_state(data_state)
@@ -237,6 +240,28 @@ class _Trainer(Runtime):
       write_atomic(os.path.join(self.model_dir, "config.json"),
                    json.dumps(self.run.to_dict(), indent=2, sort_keys=True) + "\n")
     return state, start or 0
+
+  def warm_start_params(self, source_dir):
+    """The latest weights of source_dir's run, in this run's shardings; its model must match."""
+    source = read_run(source_dir)
+    if source.model != self.run.model:
+      fields = [f for f in source.model.__dataclass_fields__
+                if getattr(source.model, f) != getattr(self.run.model, f)]
+      raise ConfigError(f"TrainConfig.init_from={source_dir} holds a different model (ModelConfig "
+                        f"{', '.join(fields)} differ); start from a run of the same architecture.")
+    ckpts = checkpoint.Checkpoints(os.path.join(source_dir, "checkpoints"), every=1, keep=1)
+    try:
+      step = ckpts.latest_step()
+      if step is None:
+        raise RunNotFound(f"TrainConfig.init_from={source_dir} has no checkpoint yet; train it "
+                          f"first.")
+      state, _ = ckpts.restore(Runtime(dataclasses.replace(source, mesh=self.run.mesh)).abstract,
+                               step)
+    finally:
+      ckpts.close()
+    self.say(f"starting from the weights of {source_dir} (step {step}); optimizer, data and "
+             f"schedule start afresh")
+    return state.params
 
   def evaluate(self, params):
     return evaluate(self.eval_step, params, self.eval_sets, self.mesh,

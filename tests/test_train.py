@@ -161,3 +161,25 @@ def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
   assert [e["step"] for e in events[:5]] == list(range(steps_logged[-1] + 1, steps_logged[-1] + 6))
   assert events[-1]["event"] == "abort" and events[-1]["step"] == events[-2]["step"]
   assert os.listdir(model_dir / "checkpoints") == []  # the diverged state was never saved
+
+
+def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, capsys):
+  common = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=64",
+            "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=16", "--gin.ModelConfig.d_model=32",
+            "--gin.ModelConfig.d_ff=64", "--gin.TrainConfig.eval_batches=1"]
+  source = str(tmp_path / "source")
+  assert train.main([f"--model_dir={source}", "--gin.TRAIN_STEPS=25",
+                     "--gin.OptimizerConfig.learning_rate=0.01", *common]) == 0
+  warm = str(tmp_path / "warm")
+  assert train.main([f"--model_dir={warm}", "--gin.TRAIN_STEPS=2", f"--gin.TrainConfig.init_from='{source}'",
+                     *common]) == 0
+  cold = str(tmp_path / "cold")
+  assert train.main([f"--model_dir={cold}", "--gin.TRAIN_STEPS=2", *common]) == 0
+  first = lambda d: read_metrics(d, "train")[0]  # noqa: E731
+  # the warm run (data from row 0 again, a fresh optimizer) starts at the source's lower loss
+  assert first(warm)["loss"] < first(cold)["loss"] - 0.3
+  assert first(warm)["step"] == 1 and first(warm)["tokens_seen"] == 4 * 16
+  capsys.readouterr()
+  assert train.main([f"--model_dir={tmp_path / 'bad'}", "--gin.TRAIN_STEPS=2", *common,
+                     f"--gin.TrainConfig.init_from='{source}'", "--gin.ModelConfig.d_ff=128"]) == 2
+  assert "ModelConfig d_ff differ" in capsys.readouterr().err
