@@ -1,6 +1,8 @@
 """Scaling-law sweeps and fits.
 
   python -m bigsci_jax.scaling plan --budgets 1e15 3e15 1e16 --out PLAN [--base model_dir/config.json]
+  python -m bigsci_jax.scaling plan-languages --languages en fr de --tokens 1e6 3e6 1e7
+      --source_tokens 1e7 --base model_dir/config.json --out PLAN   # data laws and transfer runs
   python -m bigsci_jax.scaling run --plan PLAN          # trains every run, writes PLAN/runs.csv
                                                         # (+ runs_by_lang.csv, curves.csv)
   python -m bigsci_jax.scaling fit --approach 1|2|3|kaplan --runs CSV [--bootstrap N]
@@ -115,6 +117,28 @@ def plan_command(args):
   print(json.dumps({"plan": os.path.join(args.out, "plan.csv"), "runs": len(runs)}))
 
 
+def plan_languages_command(args):
+  from bigsci_jax.scaling import languages
+  if not args.base:
+    raise table.TableError("plan-languages needs --base, a RunConfig JSON (e.g. a model_dir's "
+                           "config.json) whose DataConfig names the corpus.")
+  with open(args.base) as f:
+    base = RunConfig.from_dict(json.load(f))
+  pairs = None
+  if args.pairs:
+    if not all(p.count(":") == 1 for p in args.pairs):
+      raise table.TableError(f"--pairs takes source:target pairs such as en:fr, got "
+                             f"{' '.join(args.pairs)}.")
+    pairs = [tuple(p.split(":")) for p in args.pairs]
+  runs = languages.make_language_plan(base, args.languages, args.tokens, args.source_tokens,
+                                      args.out, pairs)
+  plan.write_plan(runs, args.out)
+  for _, _, row in runs:
+    print(f"{row['run']:>16}  {row['kind']:>4}  {row['language']:>6}  tokens={row['tokens']:.3g}  "
+          f"steps={row['train_steps']}")
+  print(json.dumps({"plan": os.path.join(args.out, "plan.csv"), "runs": len(runs)}))
+
+
 def fit_hparams_command(args):
   from bigsci_jax.scaling import hparams
   result = hparams.fit_hparams(table.read_csv(args.runs))
@@ -141,6 +165,9 @@ def run_command(args):
   rows = sweep.run_plan(args.plan, progress=not args.no_progress)
   result = {"runs_csv": os.path.join(args.plan, "runs.csv"), "runs": len(rows),
             "curves_csv": os.path.join(args.plan, "curves.csv")}
+  for name in ("languages.csv", "transfer.csv", "sizes.json"):  # a language plan's
+    if os.path.exists(os.path.join(args.plan, name)):
+      result[name.replace(".", "_")] = os.path.join(args.plan, name)
   by_lang = os.path.join(args.plan, "runs_by_lang.csv")
   if os.path.exists(by_lang):
     result["runs_by_lang_csv"] = by_lang
@@ -285,10 +312,11 @@ def transfer_command(args):
 def spectra_command(args):
   """Power-law exponents of every weight matrix's spectrum, a table, a plot, warnings."""
   from bigsci_jax import evaluate, loop
+  from bigsci_jax.checkpoint import CheckpointMismatch
   from bigsci_jax.scaling import spectra
   try:
     run, _, params, step = evaluate.restore(args.model_dir)
-  except loop.RunNotFound as e:
+  except (loop.RunNotFound, CheckpointMismatch) as e:
     raise table.TableError(str(e)) from None
   found, skipped = spectra.analyse(params, spectra.logical_names(run.model),
                                    args.per_head, args.min_tail)
@@ -345,6 +373,16 @@ def main(argv):
   p.add_argument("--b2", type=float, default=0.95)
   p.add_argument("--hparams", default=None,
                  help="a fit-hparams JSON: learning rate and batch size as power laws in N")
+  p = commands.add_parser("plan-languages", help="runs for per-language data laws and transfer")
+  p.add_argument("--languages", nargs="+", required=True)
+  p.add_argument("--tokens", type=float, nargs="+", required=True,
+                 help="target-token amounts (at least 3) per language")
+  p.add_argument("--source_tokens", type=float, required=True,
+                 help="tokens each source language is pretrained on before the transfer runs")
+  p.add_argument("--pairs", nargs="*", default=None,
+                 help="source:target pairs for the transfer runs (default: every ordered pair)")
+  p.add_argument("--base", default=None, help="a RunConfig JSON naming the corpus and the model")
+  p.add_argument("--out", required=True)
   p = commands.add_parser("fit-hparams", help="optimal LR and batch size as power laws in N")
   p.add_argument("--runs", required=True, help="CSV: params, loss, learning_rate, batch_size")
   p.add_argument("--out", default=None, help="write the laws here (for plan --hparams)")
@@ -389,6 +427,7 @@ def main(argv):
   args = parser.parse_args(argv)
   command = {"fit": fit_command, "plan": plan_command, "run": run_command,
              "fit-hparams": fit_hparams_command, "stages": stages_command,
+             "plan-languages": plan_languages_command,
              "diagnose": diagnose_command, "mixture": mixture_command,
              "transfer": transfer_command,
              "spectra": spectra_command}[args.command]

@@ -3,7 +3,9 @@ ones) and collect the final evaluation losses into `runs.csv`, and, when the run
 evaluate per language, one row per run and language into `runs_by_lang.csv`
 (`loss` = that language's loss in nats per token, plus its `bpb`), for
 `scaling fit --by lang`; every logged training step goes into `curves.csv`
-(tokens and FLOPs seen so far, train loss), for `scaling fit --approach 1`."""
+(tokens and FLOPs seen so far, train loss), for `scaling fit --approach 1`. A
+language plan (scaling/languages.py) also gets languages.csv, transfer.csv and
+sizes.json."""
 
 import csv
 import json
@@ -53,7 +55,7 @@ def run_plan(plan_dir, progress=True):
   """Train every run of plan_dir; returns the rows written to plan_dir/runs.csv."""
   with open(os.path.join(plan_dir, "plan.csv"), newline="") as f:
     plan = list(csv.DictReader(f))
-  results, by_lang, curves = [], [], []
+  results, by_lang, curves, finished = [], [], [], []
   for row in tqdm.tqdm(plan, desc="sweep", disable=not progress):
     with open(os.path.join(plan_dir, "configs", f"{row['run']}.json")) as f:
       run = RunConfig.from_dict(json.load(f))
@@ -64,6 +66,7 @@ def run_plan(plan_dir, progress=True):
       final = _final_eval(model_dir, run.train.train_steps)
     planned = {k: row[k] for k in RESULT_COLUMNS if k in row}
     results.append({**planned, "loss": final["loss"]})
+    finished.append((row, final, run))
     curves += _curve(model_dir, planned)
     for key in sorted(k for k in final if k.startswith("loss/")):
       lang = key.split("/", 1)[1]
@@ -72,4 +75,7 @@ def run_plan(plan_dir, progress=True):
   _write_csv(os.path.join(plan_dir, "curves.csv"), CURVE_COLUMNS, curves)
   if by_lang:
     _write_csv(os.path.join(plan_dir, "runs_by_lang.csv"), LANG_COLUMNS, by_lang)
+  if plan and "kind" in plan[0]:  # a language plan (scaling/languages.py)
+    from bigsci_jax.scaling import languages
+    languages.write_tables(plan_dir, finished)
   return results
