@@ -4,9 +4,10 @@ over a run as the training loop runs it.
   python benchmarks/noise_scale.py [--gin_file=models/125m.gin] --seq_len=256 --micro_batch=8 \
       --accumulation=4 --gns_every=1 [--steps=40] [--results=benchmarks/RESULTS.md]
 
-With gradient accumulation every step samples the noise scale from its micro-batch
-gradients (one extra norm per micro-batch). Without it (--accumulation=1), every
-gns_every-th step runs as two half batches, as the loop does. The same synthetic
+Every gns_every-th step samples the noise scale: with gradient accumulation from its
+micro-batch gradients (one extra squared norm per micro-batch, skipped by a conditional on
+the other steps); without it (--accumulation=1), that step runs as two half batches, as
+the loop does. The same synthetic
 batches run with the noise scale off and on, interleaved in blocks so machine noise
 hits both; the overhead is the ratio of total times minus one. Last stdout line: JSON.
 """

@@ -297,8 +297,8 @@ class TrainConfig:
   max_skips: int = 5
   on_max_skips: Literal["abort", "rollback"] = "abort"
   preemption_grace_s: float = 120.0
-  gns_every: int = 0       # gradient noise scale: 0 off; else sampled every step with gradient
-                           # accumulation, every gns_every steps (two half batches) without
+  gns_every: int = 0       # gradient noise scale: 0 off; else sampled every gns_every steps
+                           # (from the micro-batches; without accumulation, two half batches)
   gns_ema: float = 0.95    # its moving averages' decay per sample
   init_from: str = ""      # a model_dir whose latest weights start a fresh run (new optimizer,
                            # data and schedule): continued pretraining on other data

@@ -3,9 +3,9 @@
 `train_step(state, batch) -> (state, metrics)`: batch features are int32
 [A, m, L] (A micro-batches of m sequences); gradients of the summed token loss
 are accumulated over the A micro-batches and divided by the total loss weight,
-so the update equals that of one [A*m, L] batch. With TrainConfig.gns_every, a
-step of A >= 2 micro-batches also updates the gradient noise scale from its
-micro-batch gradient norms (scaling/noise.py). A guarded step (non-finite or
+so the update equals that of one [A*m, L] batch. With TrainConfig.gns_every = k,
+every k-th step of A >= 2 micro-batches also updates the gradient noise scale from
+its micro-batch gradient norms (scaling/noise.py). A guarded step (non-finite or
 spiking loss / gradient norm, TrainConfig) keeps parameters and optimizer state
 and says why in `metrics["skip_reason"]` (an index into SKIP_REASONS).
 """
@@ -117,8 +117,9 @@ def loss_sums(params, batch, model, dropout_rng=None):
 
 
 def accumulate_gradients(params, batch_AxMxL, model, rng=None, micro_norms=False):
-  """Sums of gradients and losses over the A micro-batches (scanned); with micro_norms,
-  also each micro-batch's squared mean-gradient norm and loss weight, [A] each (else None)."""
+  """Sums of gradients and losses over the A micro-batches (scanned); with micro_norms
+  (False, True or a traced bool), also each micro-batch's squared mean-gradient norm
+  (0 where micro_norms is false) and loss weight, [A] each (else None)."""
   grad_fn = jax.grad(loss_sums, has_aux=True)
 
   def micro(carry, inputs):
@@ -126,8 +127,10 @@ def accumulate_gradients(params, batch_AxMxL, model, rng=None, micro_norms=False
     index, micro_batch = inputs
     key = None if rng is None else jax.random.fold_in(rng, index)
     g, (w, c) = grad_fn(params, micro_batch, model, key)
-    norms = (jnp.square(optax.tree.norm(g)) / jnp.square(jnp.maximum(w, 1.0)), w) \
-        if micro_norms else None
+    norms = None
+    if micro_norms is not False:  # a conditional: steps that do not sample skip the pass
+      sq = jax.lax.cond(micro_norms, lambda: jnp.square(optax.tree.norm(g)), lambda: 0.0)
+      norms = (sq / jnp.square(jnp.maximum(w, 1.0)), w)
     return (jax.tree.map(jnp.add, grads, g), weight + w, ce + c), norms
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -179,18 +182,20 @@ def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=Tra
   if model.cfg.dropout > 0:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   num_micro, micro_rows = batch_AxMxL["decoder_target_tokens"].shape[:2]
-  sample_noise = bool(train.gns_every) and num_micro >= 2  # static: A is a shape
+  can_sample = bool(train.gns_every) and num_micro >= 2  # static: A is a shape
+  sample_now = (state.step % max(train.gns_every, 1) == 0) if can_sample else False
   grad_sums, weight, ce_sum, micro = accumulate_gradients(state.params, batch_AxMxL, model, rng,
-                                                          micro_norms=sample_noise)
+                                                          micro_norms=sample_now)
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sums)
   loss, grad_norm = ce_sum / denom, optax.tree.norm(grads)
   new_state, reason = guarded_update(state, grads, loss, grad_norm, train, tx)
   noise = state.noise
-  if sample_noise:
+  if can_sample:
     g2, trace = estimates(*micro, jnp.square(grad_norm), weight)
     sampled = noise.update(g2, trace, weight / (num_micro * micro_rows), train.gns_ema)
-    noise = jax.tree.map(lambda old, new: jnp.where(reason > 0, old, new), noise, sampled)
+    keep = (reason > 0) | ~sample_now
+    noise = jax.tree.map(lambda old, new: jnp.where(keep, old, new), noise, sampled)
   rows = num_micro * micro_rows
   new_state = new_state.replace(noise=noise, batch_rows=jnp.asarray(rows, jnp.int32),
                                 rows_seen=state.rows_seen + rows)

@@ -60,6 +60,7 @@ def test_kill_after_unsaved_steps_recomputes_them_identically(tmp_path):
   assert _losses(model_dir) == _losses(str(tmp_path / "straight"))
 
 
+@pytest.mark.slow  # the fast suite restores a 2-process checkpoint on 8 and 1 devices (test_multiprocess)
 def test_restore_onto_a_different_mesh(tmp_path):
   model_dir = str(tmp_path / "run")
   saved = loop.train(_with(RUN, train_steps=N), model_dir, progress=False)

@@ -161,7 +161,11 @@ def _hparam_rules(args):
 
 
 def run_command(args):
+  import jax
+
   from bigsci_jax.scaling import sweep  # imports the training stack
+  if not jax.config.jax_compilation_cache_dir:  # runs of one shape compile once across the plan
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.plan, "xla_cache"))
   rows = sweep.run_plan(args.plan, progress=not args.no_progress)
   result = {"runs_csv": os.path.join(args.plan, "runs.csv"), "runs": len(rows),
             "curves_csv": os.path.join(args.plan, "curves.csv")}
