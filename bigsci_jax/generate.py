@@ -34,6 +34,72 @@ class Sampling:
   top_p: float = 1.0         # 1: no nucleus cut
 
 
+LOGPROBS_MAX = 20  # the most top alternatives a caller may ask for per position
+
+
+def sampling_rows(samplings):
+  """[Sampling] -> (temperature f32 [B], top_k i32 [B], top_p f32 [B]) for `sample`."""
+  return (np.asarray([s.temperature for s in samplings], np.float32),
+          np.asarray([s.top_k for s in samplings], np.int32),
+          np.asarray([s.top_p for s in samplings], np.float32))
+
+
+def sample(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
+  """One token per row, each row with its own settings: temperature <= 0 is greedy,
+  top_k 0 keeps every token, top_p 1 keeps the whole distribution (else the smallest
+  set of tokens whose probability reaches top_p, after the top-k cut)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  # the sorts below cost more than a small model's step: all-greedy batches skip them
+  return jax.lax.cond(jnp.any(temperature_B > 0), _draw, lambda *_: greedy_B,
+                      logits_BxV, keys_B, temperature_B, top_k_B, top_p_B, greedy_B)
+
+
+def _draw(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B, greedy_B):
+  vocab = logits_BxV.shape[-1]
+  scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+  sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
+  k_B = jnp.where(top_k_B > 0, jnp.minimum(top_k_B, vocab), vocab)
+  kth_Bx1 = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)
+  scaled_BxV = jnp.where(scaled_BxV < kth_Bx1, -jnp.inf, scaled_BxV)
+  sorted_BxV = jnp.where(jnp.arange(vocab) < k_B[:, None], sorted_BxV, -jnp.inf)
+  cumulative_BxV = jnp.cumsum(jax.nn.softmax(sorted_BxV, axis=-1), axis=-1)
+  keep_B = jnp.minimum(jnp.sum(cumulative_BxV < top_p_B[:, None], axis=-1), vocab - 1)
+  cut_Bx1 = jnp.take_along_axis(sorted_BxV, keep_B[:, None], axis=-1)
+  scaled_BxV = jnp.where((top_p_B[:, None] < 1.0) & (scaled_BxV < cut_Bx1), -jnp.inf, scaled_BxV)
+  drawn_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
+  return jnp.where(temperature_B <= 0, greedy_B, drawn_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class Picked:
+  """What one decoding position produced, per row: the token, its log-probability under
+  the model (temperature 1, before any cut), the top alternatives (ids and
+  log-probabilities, best first; `top` columns, 0 unless asked for) and the raw logits."""
+  token: jax.Array           # int32 [B]
+  logprob: jax.Array         # f32 [B]
+  top_ids: jax.Array         # int32 [B, top]
+  top_logprobs: jax.Array    # f32 [B, top]
+  logits: jax.Array          # f32 [B, V]
+
+
+jax.tree_util.register_dataclass(Picked, data_fields=["token", "logprob", "top_ids",
+                                                      "top_logprobs", "logits"], meta_fields=[])
+
+
+def _pick(logits_BxV, keys_B, step, rows, top, vocab):
+  """Sample each row's next token among the first `vocab` ids (the tokenizer's; a model's
+  embedding table may be padded past it); log-probabilities are over the whole table."""
+  temperature_B, top_k_B, top_p_B = rows
+  step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+  allowed_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
+  token_B = sample(allowed_BxV, step_keys_B, temperature_B, top_k_B, top_p_B)
+  logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+  top_lp_BxK, top_ids_BxK = jax.lax.top_k(logp_BxV, top)
+  return Picked(token_B, jnp.take_along_axis(logp_BxV, token_B[:, None], axis=-1)[:, 0],
+                top_ids_BxK.astype(jnp.int32), top_lp_BxK, logits_BxV.astype(jnp.float32))
+
+
 def _reset(path, x):
   name = path[-1].key
   if name == "positions":
@@ -41,10 +107,13 @@ def _reset(path, x):
   return jnp.zeros_like(x)
 
 
-def empty_cache(model, batch_size):
-  """The decoding cache for batch_size rows of model.cfg.max_len slots."""
+def empty_cache(model, batch_size, length=None):
+  """The decoding cache for batch_size rows of `length` slots (default model.cfg.max_len;
+  the cache's arrays, not the model, fix how many slots there are)."""
+  cfg = model.cfg if length is None else dataclasses.replace(model.cfg, max_len=length)
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True)["cache"])
+  shapes = jax.eval_shape(lambda: type(model)(cfg).init(jax.random.key(0), tokens,
+                                                        decode=True)["cache"])
   return jax.tree_util.tree_map_with_path(
       _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
@@ -65,62 +134,117 @@ def prompt_batch(prompts, prefix_lm, min_width=0):
   return tokens, positions, segments, prefix
 
 
-def sample(logits_BxV, key, sampling: Sampling):
-  if sampling.temperature <= 0:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  logits = logits_BxV / sampling.temperature
-  if sampling.top_k:
-    kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if sampling.top_p < 1.0:
-    sorted_desc = jnp.sort(logits, axis=-1)[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_desc, axis=-1), axis=-1)
-    # the smallest set whose probability reaches top_p: keep logits >= the cut-off one
-    cut = jnp.take_along_axis(sorted_desc, jnp.sum(cumulative < sampling.top_p, axis=-1,
-                                                   keepdims=True), axis=-1)
-    logits = jnp.where(logits < cut, -jnp.inf, logits)
-  return jax.random.categorical(key, logits).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _forward(model, params, cache, tokens, positions, segments, prefix):
+def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, prefix, keys, rows):
+  cache = empty_cache(model, tokens.shape[0], cache_len)
   logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                 prefix, decode=True, mutable=["cache"])
-  return logits[:, -1], mutated["cache"]
+  return _pick(logits[:, -1], keys, 0, rows, top, vocab), mutated["cache"]
+
+
+def _step(model, vocab, top, params, cache, token_B, positions_B, keys, step, rows):
+  ones = jnp.ones_like(token_B)[:, None]
+  logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None],
+                                positions_B[:, None], ones, 0 * ones, decode=True,
+                                mutable=["cache"])
+  return _pick(logits[:, -1], keys, step, rows, top, vocab), mutated["cache"]
+
+
+def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, keys, rows):
+  """A causal pass over left-padded [BOS] + prompt rows: column i (i >= 1) gets the
+  log-probability of tokens[:, i] after the columns before it, and the top
+  alternatives there; also what the last column picks next."""
+  logits_BxPxV = model.apply({"params": params}, tokens, positions, segments, None)
+  logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
+  before_BxPxV = jnp.pad(logp_BxPxV[:, :-1], ((0, 0), (1, 0), (0, 0)))
+  token_lp_BxP = jnp.take_along_axis(before_BxPxV, tokens[..., None], axis=-1)[..., 0]
+  top_lp_BxPxK, top_ids_BxPxK = jax.lax.top_k(before_BxPxV, top)
+  return (token_lp_BxP, top_ids_BxPxK.astype(jnp.int32), top_lp_BxPxK,
+          _pick(logits_BxPxV[:, -1], keys, 0, rows, top, vocab))
+
+
+class Decoder:
+  """The jitted pieces of decoding for one model, each compiled once per shape:
+  `prefill` (prompt rows into a fresh cache of cache_len slots, then the first pick),
+  `step` (one more token per row) and `prompt_logprobs` (every prompt token's
+  log-probability under a causal pass, for scoring). `top` is how many alternatives
+  each pick reports (static); tokens are drawn from the first `vocab` ids (default: the
+  model's whole table). With a mesh, the model traces under its logical rules."""
+
+  def __init__(self, model, mesh=None, vocab=None):
+    self.model, self.mesh = model, mesh
+    vocab = vocab or model.cfg.vocab_size
+    self._prefill = jax.jit(functools.partial(_prefill, model, vocab), static_argnums=(0, 1))
+    self._step = jax.jit(functools.partial(_step, model, vocab), static_argnums=(0,),
+                         donate_argnums=(2,))
+    self._prompt = jax.jit(functools.partial(_prompt_logprobs, model, vocab),
+                           static_argnums=(0,))
+
+  def _run(self, fn, *args):
+    if self.mesh is None:
+      return fn(*args)
+    from bigsci_jax import sharding
+    with sharding.activate(self.mesh):
+      return fn(*args)
+
+  def prefill(self, params, batch, keys, rows, cache_len, top=0):
+    return self._run(self._prefill, cache_len, top, params, *batch, keys, rows)
+
+  def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0):
+    return self._run(self._step, top, params, cache, token_B, positions_B, keys, step, rows)
+
+  def prompt_logprobs(self, params, batch, keys, rows, top=0):
+    tokens, positions, segments, _ = batch
+    return self._run(self._prompt, top, params, tokens, positions, segments, keys, rows)
+
+  def compiled_shapes(self):
+    """How many shapes the three functions have compiled (a warm server's count stays)."""
+    return sum(f._cache_size() for f in (self._prefill, self._step, self._prompt))
+
+
+@functools.lru_cache(maxsize=8)
+def decoder_for(model, vocab=None):
+  return Decoder(model, vocab=vocab)
+
+
+def row_keys(seeds):
+  """One sampling key per row from each row's integer seed."""
+  return jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
 
 
 def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0,
-             return_logits=False, stop_fn=None, min_width=0):
+             return_logits=False, stop_fn=None, min_width=0, vocab=None):
   """Token lists continuing each prompt (and, with return_logits, the [B, V] logits
-  each generated token was drawn from).
+  each generated token was drawn from), drawn from the first `vocab` ids (default all).
 
   stop_fn(generated token lists) -> one bool per row, True where that row is done;
   generation ends early once every row is (rows keep their extra tokens: the
-  caller cuts them). min_width pads the prompt batch to at least that width.
+  caller cuts them). min_width pads the prompt batch to at least that width. Row r
+  samples with seed + r.
   """
   cfg = model.cfg
-  tokens, positions, segments, prefix = prompt_batch(prompts, cfg.mask == "prefix", min_width)
-  if tokens.shape[1] + max_new_tokens > cfg.max_len:
-    raise GenerationError(f"a prompt of {tokens.shape[1] - 1} tokens plus {max_new_tokens} new "
+  batch = prompt_batch(prompts, cfg.mask == "prefix", min_width)
+  width = batch[0].shape[1]
+  if width + max_new_tokens - 1 > cfg.max_len:  # the last new token is not fed back
+    raise GenerationError(f"a prompt of {width - 1} tokens plus {max_new_tokens} new "
                           f"tokens exceeds the context window of {cfg.max_len}; shorten the "
                           f"prompt or generate fewer tokens.")
-  cache = empty_cache(model, len(prompts))
-  logits, cache = _forward(model, params, cache, tokens, positions, segments, prefix)
-  next_pos = positions[:, -1:] + 1
-  key = jax.random.key(seed)
+  if max_new_tokens <= 0:
+    return ([[] for _ in prompts], []) if return_logits else [[] for _ in prompts]
+  decoder, keys = decoder_for(model, vocab), row_keys(seed + np.arange(len(prompts)))
+  rows = sampling_rows([sampling] * len(prompts))
+  picked, cache = decoder.prefill(params, batch, keys, rows, cfg.max_len)
+  next_pos = batch[1][:, -1] + 1
   out, all_logits = [], []
-  ones = np.ones((len(prompts), 1), np.int32)
   for i in range(max_new_tokens):
-    key, sub = jax.random.split(key)
-    token = sample(logits, sub, sampling)
-    out.append(np.asarray(token))
-    all_logits.append(np.asarray(logits))
+    token = np.asarray(picked.token)
+    out.append(token)
+    all_logits.append(np.asarray(picked.logits))
     if i + 1 == max_new_tokens or (
         stop_fn is not None and all(stop_fn(np.stack(out, axis=1).tolist()))):
       break
-    logits, cache = _forward(model, params, cache, token[:, None], next_pos, ones, 0 * ones)
+    picked, cache = decoder.step(params, cache, token, next_pos, keys, i + 1, rows)
     next_pos = next_pos + 1
-  generated = np.stack(out, axis=1).tolist() if out else [[] for _ in prompts]
+  generated = np.stack(out, axis=1).tolist()
   return (generated, all_logits) if return_logits else generated
 
 
@@ -144,7 +268,7 @@ def main(argv):
     sp = loop.read_vocab(args.model_dir)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outputs = generate(runtime.model, jax.device_get(params), [sp.encode(t) for t in args.prompt],
-                       args.max_new_tokens, sampling, args.seed)
+                       args.max_new_tokens, sampling, args.seed, vocab=sp.get_piece_size())
   except (GenerationError, evaluate.EvaluationError, loop.RunNotFound) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

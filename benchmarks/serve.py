@@ -1,0 +1,94 @@
+"""Completions-server throughput: generated tokens/s with 1 and with N concurrent clients.
+
+  python benchmarks/serve.py --model_dir=DIR [--concurrency=1,16] [--requests=8]
+      [--prompt_tokens=32] [--max_tokens=32] [--max_batch=16] [--results=benchmarks/RESULTS.md]
+
+Starts `python -m bigsci_jax.serve --warmup` on the run, then for each concurrency
+level C runs C clients, each sending `--requests` greedy requests back to back (a
+prompt of --prompt_tokens random in-vocabulary ids, up to --max_tokens new tokens;
+a row that reaches EOS stops early, so tokens are counted from each response's
+`usage`). Throughput = completion tokens / wall time of the level; one
+warm-up level at the same concurrency runs first and is not counted. The last
+stdout line is a JSON object; with --results a row per level is appended.
+"""
+
+import argparse
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.results_table import append_row  # noqa: E402
+
+
+def _level(url, clients, count, prompts, max_tokens):
+  def client(c):
+    tokens = 0
+    for k in range(count):
+      r = requests.post(f"{url}/v1/completions", timeout=600, json={
+          "prompt": prompts[(c * count + k) % len(prompts)], "max_tokens": max_tokens,
+          "temperature": 0})
+      r.raise_for_status()
+      tokens += r.json()["usage"]["completion_tokens"]
+    return tokens
+
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+    tokens = sum(pool.map(client, range(clients)))
+  return tokens, time.perf_counter() - start
+
+
+def main(argv):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model_dir", required=True)
+  p.add_argument("--concurrency", default="1,16")
+  p.add_argument("--requests", type=int, default=8)
+  p.add_argument("--prompt_tokens", type=int, default=32)
+  p.add_argument("--max_tokens", type=int, default=32)
+  p.add_argument("--max_batch", type=int, default=16)
+  p.add_argument("--results", default=None)
+  args = p.parse_args(argv)
+  proc = subprocess.Popen([sys.executable, "-m", "bigsci_jax.serve",
+                           f"--model_dir={args.model_dir}", "--port=0", "--warmup",
+                           f"--max_batch={args.max_batch}"], stdout=subprocess.PIPE, text=True)
+  try:
+    line = proc.stdout.readline()
+    if not line.startswith("serving"):
+      raise SystemExit(f"the server did not start: {line}")
+    url = line.split(" on ")[1].strip()
+    info = requests.get(f"{url}/tokenizer_info", timeout=60).json()
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, info["vocab_size"], (64, args.prompt_tokens)).tolist()
+    levels = []
+    for clients in (int(c) for c in args.concurrency.split(",")):
+      _level(url, clients, 1, prompts, args.max_tokens)  # warm-up
+      tokens, seconds = _level(url, clients, args.requests, prompts, args.max_tokens)
+      levels.append({"clients": clients, "tokens": tokens, "seconds": seconds,
+                     "tokens_per_s": tokens / seconds})
+  finally:
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(120)
+  import jax
+  device = jax.devices()[0].device_kind
+  base = levels[0]["tokens_per_s"]
+  for level in levels:
+    level["speedup"] = level["tokens_per_s"] / base
+    if args.results:
+      append_row(args.results, [
+          os.path.basename(os.path.normpath(args.model_dir)), device, level["clients"],
+          args.prompt_tokens, args.max_tokens, args.max_batch, level["tokens"],
+          f"{level['seconds']:.1f}", f"{level['tokens_per_s']:,.0f}", f"{level['speedup']:.1f}x",
+          f"jax {jax.__version__}"])
+  print(json.dumps({"model_dir": args.model_dir, "device": device, "levels": levels}))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

@@ -1,0 +1,1 @@
+"""Serving a trained run: an OpenAI-compatible completions server (python -m bigsci_jax.serve)."""

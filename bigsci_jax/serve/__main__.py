@@ -1,0 +1,113 @@
+"""Serve a run's latest checkpoint over HTTP with OpenAI's legacy completions API.
+
+  python -m bigsci_jax.serve --model_dir=DIR [--host 127.0.0.1 --port 8000] [--name NAME]
+      [--max_batch 16 --gather_ms 5] [--warmup]
+
+Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
+`stream` for server-sent events), GET /v1/models, GET /health, GET /tokenizer_info,
+POST /tokenize, POST /detokenize (vLLM's shapes). lm-evaluation-harness drives it
+with `--model local-completions --model_args base_url=http://HOST:PORT/v1/completions,
+model=NAME,tokenizer_backend=remote`. The checkpoint is placed on every device
+present (data parallel when they divide --max_batch). Concurrent requests are
+batched (serve/engine.py); --warmup compiles every bucket before the port opens.
+SIGTERM stops accepting connections, finishes what is in flight and exits 0.
+Needs the [serve] extra (FastAPI, uvicorn). Port 0 picks a free port; the line
+`serving NAME on http://HOST:PORT` says which.
+"""
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+
+def bind(host, port):
+  """A listening socket on (host, port); OSError if the port is taken."""
+  family = socket.AF_INET6 if ":" in host else socket.AF_INET
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  try:
+    sock.bind((host, port))
+  except OSError:
+    sock.close()
+    raise
+  sock.listen(2048)
+  sock.set_inheritable(True)
+  return sock
+
+
+def load(model_dir, max_batch):
+  """(engine, tokenizer, name metadata) for a run's latest checkpoint."""
+  from bigsci_jax import evaluate, loop
+  from bigsci_jax.serve.engine import Engine
+  from bigsci_jax.tokenizer import Tokenizer
+  run, runtime, params, step = evaluate.restore(model_dir, max_batch)
+  vocab = os.path.join(model_dir, loop.VOCAB_FILE)
+  if not os.path.exists(vocab):
+    raise loop.RunNotFound(f"{model_dir} has no {loop.VOCAB_FILE}: it trained on synthetic data, "
+                           f"which has no text vocabulary to serve.")
+  tokenizer = Tokenizer.from_file(vocab)
+  engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
+  metadata = {"attention": run.model.mask, "step": step, "bos_token_id": 0,
+              "max_model_len": run.model.max_len,
+              "echo_logprobs": "causal: each prompt token after the tokens before it"
+                               + (" (not inside the bidirectional prefix, where it would see "
+                                  "itself); generated tokens follow the prompt as the prefix"
+                                  if run.model.mask == "prefix" else "")}
+  return engine, tokenizer, metadata
+
+
+def main(argv):
+  p = argparse.ArgumentParser(prog="python -m bigsci_jax.serve", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model_dir", required=True)
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--name", default=None, help="the model's name in the API (default: the "
+                 "model_dir's last component)")
+  p.add_argument("--max_batch", type=int, default=16, help="rows decoded together")
+  p.add_argument("--gather_ms", type=float, default=5.0, help="how long a batch waits to fill")
+  p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
+  args = p.parse_args(argv)
+  try:
+    import uvicorn
+    from bigsci_jax.serve.api import make_app
+  except ImportError:
+    print("error: the server needs the [serve] extra: pip install -e '.[serve]'.", file=sys.stderr)
+    return 2
+  from bigsci_jax import evaluate, loop
+  from bigsci_jax.checkpoint import CheckpointMismatch
+  try:
+    sock = bind(args.host, args.port)
+  except OSError as e:
+    print(f"error: cannot listen on {args.host}:{args.port} ({e.strerror}): stop what is using "
+          f"the port or pass another --port.", file=sys.stderr)
+    return 2
+  name = args.name or os.path.basename(os.path.normpath(args.model_dir))
+  try:
+    engine, tokenizer, metadata = load(args.model_dir, args.max_batch)
+  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch) as e:
+    sock.close()
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  if args.warmup:
+    engine.warmup()
+  app = make_app(engine, tokenizer, name, metadata)
+  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=600))
+  # uvicorn re-raises the signal that stopped it once it has shut down gracefully; this
+  # handler takes it, so SIGTERM ends the process with 0.
+  signal.signal(signal.SIGTERM, lambda *_: None)
+  host, port = sock.getsockname()[:2]
+  print(f"serving {name} on http://{host}:{port}", flush=True)
+  try:
+    server.run(sockets=[sock])
+  finally:
+    engine.stop()
+  logging.getLogger(__name__).info("stopped")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

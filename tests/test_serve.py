@@ -1,0 +1,315 @@
+"""The completions server: echo log-probabilities against the model's own, greedy
+completions against `generate`, batching without recompiles, the harness through
+HTTP against the in-process adapter, concurrent load with malformed requests,
+disconnects, SIGTERM and bad input."""
+
+import concurrent.futures
+import importlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+requests = pytest.importorskip("requests")
+
+from bigsci_jax import evaluate, generate, loop  # noqa: E402
+from bigsci_jax.serve import api  # noqa: E402
+from bigsci_jax.serve.engine import Choice, Engine, Job  # noqa: E402
+from bigsci_jax.tokenizer import Tokenizer  # noqa: E402
+
+PROMPTS = ["Debian is", "Le projet Debian", "The package manager installs", "apt"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, handbook_data_dir):
+  pytest.importorskip("seqio")
+  import train
+  model_dir = str(tmp_path_factory.mktemp("serve") / "run")
+  assert train.main([f"--model_dir={model_dir}", "--no_progress", "--gin.TRAIN_STEPS=6",
+                     f"--gin.DataConfig.data_dir='{handbook_data_dir}'",
+                     "--gin.DataConfig.languages=['en', 'fr']", "--gin.DataConfig.vocab_size=1000",
+                     "--gin.TrainConfig.eval_batches=1", "--gin.BATCH_SIZE=8",
+                     "--gin.ModelConfig.max_len=128", "--gin.TrainConfig.checkpoint_every=6"]) == 0
+  return model_dir
+
+
+@pytest.fixture(scope="module")
+def restored(run_dir):
+  run, runtime, params, _ = evaluate.restore(run_dir, 1)
+  return runtime.model, jax.device_get(params), Tokenizer.from_file(
+      os.path.join(run_dir, loop.VOCAB_FILE))
+
+
+def _submit(engine, choices):
+  """Submit the choices as one job; a function that waits for it and returns it."""
+  changed = threading.Event()
+  job = Job(choices, changed.set)
+  engine.submit(job)
+
+  def wait(timeout=120):
+    deadline = time.time() + timeout
+    while not job.done and time.time() < deadline:
+      changed.wait(1)
+      changed.clear()
+    assert job.done and job.error is None, job.error
+    return job
+  return wait
+
+
+def test_tokenizer_special_tokens_round_trip(restored):
+  _, _, tok = restored
+  assert tok.encode("a</s>b<pad>")[-4:] == tok.encode("a")[-1:] + [1] + tok.encode("b") + [0]
+  assert tok.encode("</s>")[0] == 1 and tok.encode("</s>", special_tokens=False) != [1]
+  text = "Debian — ünïcode 🦜"
+  ids = tok.encode(text)
+  assert tok.decode(ids) == text
+  assert tok.decode(ids + [1], special_tokens=True) == text + "</s>"
+  offsets = tok.offsets(ids)
+  assert offsets[0] == 0 and offsets == sorted(offsets) and offsets[-1] < len(text)
+  assert "".join(tok.token_text(i) for i in tok.encode("Debian is")) == "Debian is"
+
+
+def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_dir, capsys):
+  model, params, tok = restored
+  engine = Engine(model, params, tok, max_batch=4)
+  try:
+    ids = [tok.encode(p) for p in PROMPTS]
+    echo = [Choice(p, 0, generate.Sampling(), 0, logprobs=2, echo=True) for p in ids]
+    greedy = [Choice(p, 12, generate.Sampling(), 0) for p in ids]
+    _submit(engine, echo + greedy)()
+  finally:
+    engine.stop()
+  for p, c in zip(ids, echo):
+    row = jnp.asarray([[generate.BOS_ID] + p])
+    with jax.default_matmul_precision("highest"):
+      logp = jax.nn.log_softmax(model.apply({"params": params}, row)[0], axis=-1)
+    want = [float(logp[i, p[i]]) for i in range(1, len(p))]  # logits at column i predict p[i]
+    assert c.prompt_logprobs[0] is None and len(c.prompt_logprobs) == len(p)
+    np.testing.assert_allclose(c.prompt_logprobs[1:], want, atol=1e-5, rtol=0)
+    best = [max(t, key=lambda x: x[1]) for t in c.prompt_top[1:]]
+    assert [b[0] for b in best] == [int(jnp.argmax(logp[i])) for i in range(1, len(p))]
+    assert c.finish_reason == "length" and c.tokens == []
+  assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS],
+                        "--max_new_tokens=12"]) == 0
+  cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"]
+  assert [c.text for c in greedy] == cli
+  assert all(c.finish_reason in ("length", "stop") for c in greedy)
+
+
+def test_batches_of_any_mix_compile_nothing_after_warmup(restored):
+  model, params, tok = restored
+  engine = Engine(model, params, tok, max_batch=4, gather_ms=50)
+  try:
+    engine.warmup(row_counts=[1, 2, 4], widths=[32, 64])
+    compiled = engine.decoder.compiled_shapes()
+    rng = np.random.default_rng(0)
+    waits, rows, batches = [], 0, engine.batches
+    for i in range(10):
+      prompt = rng.integers(3, 900, rng.integers(1, 60)).tolist()
+      echo = bool(i % 2)
+      rows += 1 + i % 3
+      waits.append(_submit(engine, [
+          Choice(prompt, 1 if echo else int(rng.integers(2, 8)),
+                 generate.Sampling(float(i % 3) * 0.5, int(i % 4), 0.9), i,
+                 logprobs=1 if echo else None, echo=echo) for _ in range(1 + i % 3)]))
+    jobs = [wait() for wait in waits]
+    assert all(len(c.tokens) >= 1 for j in jobs for c in j.choices)
+    assert engine.decoder.compiled_shapes() == compiled, [
+        f._cache_size() for f in (engine.decoder._prefill, engine.decoder._step,
+                                  engine.decoder._prompt)]
+    assert engine.batches - batches < rows  # rows really were batched
+  finally:
+    engine.stop()
+
+
+def test_request_checks_name_the_field(restored):
+  _, _, tok = restored
+
+  def refused(body, status=400):
+    with pytest.raises(api.RequestError) as e:
+      api.parse_completion(body, tok, 128, "m")
+    assert e.value.status == status
+    return str(e.value)
+
+  assert "'max_tokens' must be at least 0" in refused({"prompt": "a", "max_tokens": -1})
+  assert "must be an integer" in refused({"prompt": "a", "max_tokens": "8"})
+  assert "unknown field 'foo'" in refused({"prompt": "a", "foo": 1})
+  assert "needs 129 of the context window's 128" in refused({"prompt": [5] * 100,
+                                                             "max_tokens": 29})
+  api.parse_completion({"prompt": [5] * 127, "max_tokens": 1}, tok, 128, "m")  # fits exactly
+  assert "outside the vocabulary" in refused({"prompt": [5, 10**6]})
+  assert "'temperature' must be at least 0" in refused({"prompt": "a", "temperature": -1})
+  assert "does not exist" in refused({"prompt": "a", "model": "other"}, 404)
+  assert "'prompt' is required" in refused({"max_tokens": 1})
+  prompts, opts, choices = api.parse_completion(
+      {"prompt": [[0, 5, 6], [7]], "n": 2, "max_tokens": 3, "seed": 1}, tok, 128, "m")
+  assert [c.prompt for c in choices] == [[5, 6], [5, 6], [7], [7]]  # a leading BOS is the BOS
+  assert len({c.seed for c in choices}) == 4 and opts["n"] == 2
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _serve(model_dir, *args):
+  """A server subprocess and its base URL, once it listens."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen([sys.executable, "-m", "bigsci_jax.serve", f"--model_dir={model_dir}",
+                           "--port=0", *args], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  line = proc.stdout.readline()
+  if not line.startswith("serving"):
+    proc.kill()
+    raise AssertionError(f"the server did not start: {line} {proc.stderr.read()[-2000:]}")
+  return proc, line.split(" on ")[1].strip()
+
+
+@pytest.fixture(scope="module")
+def server(run_dir):
+  proc, url = _serve(run_dir, "--name=tiny", "--max_batch=16")
+  yield url
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(60) == 0
+
+
+def test_the_harness_through_the_server_matches_the_in_process_adapter(server, run_dir,
+                                                                       tmp_path, monkeypatch):
+  pytest.importorskip("lm_eval")
+  pytest.importorskip("tenacity")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+  import lm_eval
+  import lm_eval.models.openai_completions  # noqa: F401  (registers local-completions)
+  from lm_eval.tasks import TaskManager
+  importlib.import_module("bigsci_jax.lm_eval")  # registers the model bigsci_jax
+  from bigsci_jax import mc_tasks
+  from test_lm_eval import MULTIPLE_CHOICE, _mc_rows, _task
+  tok = Tokenizer.from_file(os.path.join(run_dir, loop.VOCAB_FILE))
+  items = [i for i in mc_tasks.next_sentence_items("en", limit=40)  # no truncation either side
+           if max(len(tok.encode(i.context + " " + c)) for c in i.choices) < 120][:20]
+  assert len(items) >= 12
+  _task(tmp_path, "bj_serve_mc", _mc_rows(items), MULTIPLE_CHOICE)
+  manager = TaskManager(include_path=str(tmp_path))
+  remote = lm_eval.simple_evaluate(
+      model="local-completions", model_args=f"base_url={server}/v1/completions,model=tiny,"
+      f"tokenizer_backend=remote,num_concurrent=8,max_length=128", tasks=["bj_serve_mc"],
+      task_manager=manager, log_samples=True, bootstrap_iters=0)
+  local = lm_eval.simple_evaluate(
+      model="bigsci_jax", model_args=f"model_dir={run_dir}", tasks=["bj_serve_mc"],
+      task_manager=manager, log_samples=True, bootstrap_iters=0)
+  r, l = remote["results"]["bj_serve_mc"], local["results"]["bj_serve_mc"]
+  assert r["acc,none"] == l["acc,none"] and r["acc_bytes,none"] == l["acc_bytes,none"]
+  by_doc = lambda out: {s["doc_id"]: [x[0][0] for x in s["resps"]]  # noqa: E731
+                        for s in out["samples"]["bj_serve_mc"]}
+  remote_ll, local_ll = by_doc(remote), by_doc(local)
+  for doc, values in local_ll.items():
+    np.testing.assert_allclose(remote_ll[doc], values, atol=1e-4)
+
+
+def test_concurrent_clients_with_malformed_requests(server):
+  """64 clients x 4 requests, every 10th malformed: good ones answered exactly as alone."""
+  def good(i):
+    return {"model": "tiny", "prompt": PROMPTS[i % 4], "max_tokens": 1 + i % 5, "temperature": 0,
+            "logprobs": 1, "echo": bool(i % 2)}
+  bad_bodies = ['{"prompt": "a", "max_tokens": -3}', '{"prompt": ', '{"prompt": "a", "n": "x"}',
+                json.dumps({"prompt": [7] * 200}), '{"prompt": "a", "echo": 3}']
+  expected = {}
+  for i in range(20):  # each distinct good body, alone
+    r = requests.post(f"{server}/v1/completions", json=good(i), timeout=60)
+    assert r.status_code == 200, r.text
+    expected[json.dumps(good(i))] = r.json()["choices"][0]
+
+  def client(c):
+    out = []
+    for k in range(4):
+      i = 4 * c + k
+      if i % 10 == 3:
+        r = requests.post(f"{server}/v1/completions", data=bad_bodies[i % 5], timeout=60,
+                          headers={"Content-Type": "application/json"})
+        out.append(("bad", r.status_code, r.json()))
+      else:
+        r = requests.post(f"{server}/v1/completions", json=good(i), timeout=120)
+        out.append((json.dumps(good(i)), r.status_code, r.json()))
+    return out
+
+  with concurrent.futures.ThreadPoolExecutor(64) as pool:
+    results = [x for xs in pool.map(client, range(64)) for x in xs]
+  bad = [r for r in results if r[0] == "bad"]
+  assert len(bad) == 26 and all(s == 400 and r["error"]["message"] for _, s, r in bad)
+  for key, status, body in results:
+    if key == "bad":
+      continue
+    assert status == 200, body
+    got, want = body["choices"][0], expected[key]
+    assert got["text"] == want["text"]
+    np.testing.assert_allclose([x for x in got["logprobs"]["token_logprobs"] if x is not None],
+                               [x for x in want["logprobs"]["token_logprobs"] if x is not None],
+                               atol=1e-4)
+  assert requests.get(f"{server}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_a_client_that_goes_away_frees_its_row(server):
+  body = json.dumps({"prompt": "Debian", "max_tokens": 120, "temperature": 0}).encode()
+  with socket.create_connection(tuple(server[len("http://"):].split(":")[:1]) +
+                                (int(server.rsplit(":", 1)[1]),)) as s:
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    time.sleep(0.3)
+  deadline = time.time() + 30
+  while time.time() < deadline:
+    health = requests.get(f"{server}/health", timeout=10).json()
+    if health["cancelled"] >= 1 and health["running"] == 0:
+      break
+    time.sleep(0.05)
+  assert health["cancelled"] >= 1 and health["running"] == 0, health
+
+
+def test_sigterm_finishes_in_flight_work_and_exits_0(run_dir):
+  proc, url = _serve(run_dir)
+  try:
+    port = int(url.rsplit(":", 1)[1])
+    taken = subprocess.run([sys.executable, "-m", "bigsci_jax.serve", f"--model_dir={run_dir}",
+                            f"--port={port}"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert taken.returncode == 2 and "cannot listen on 127.0.0.1" in taken.stderr
+    assert len(taken.stderr.strip().splitlines()) == 1
+    result = {}
+
+    def long_request():
+      result["r"] = requests.post(f"{url}/v1/completions", json={
+          "prompt": "Debian", "max_tokens": 100, "temperature": 0}, timeout=120)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    thread.join(120)
+    assert result["r"].status_code == 200
+    assert len(result["r"].json()["choices"][0]["text"]) > 0
+    assert proc.wait(60) == 0
+    with pytest.raises(requests.ConnectionError):
+      requests.get(f"{url}/health", timeout=5)
+  finally:
+    proc.kill()
+
+
+def test_a_model_dir_without_a_checkpoint_is_one_sentence(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "bigsci_jax.serve",
+                         f"--model_dir={tmp_path}", f"--port={_free_port()}"],
+                        capture_output=True, text=True, timeout=120,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and "holds no run" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
