@@ -179,6 +179,7 @@ def _float64_run(cfg, opt, state, batches, mask=None):
   return np.array(losses), params
 
 
+@pytest.mark.slow  # 13 s; the fast tests check logits and loss are kept exactly
 def test_width_growth_keeps_training_dynamics_in_float64():
   """Grown Adam steps reproduce the small model's: off-diagonal updates masked, the
   final norm's LR halved (its two copies add up), eps negligible against sqrt(v).

@@ -46,6 +46,7 @@ def _plan_and_run(tmp_path, capsys, data_dir, languages, tokens, source_tokens, 
   return out, result, by_language, transfer
 
 
+@pytest.mark.slow  # 40 s; the mixture and transfer fits have fast tests of their own
 def test_a_two_language_plan_gives_laws_rates_and_transfer(tmp_path, capsys, handbook_data_dir):
   out, result, by_language, transfer = _plan_and_run(
       tmp_path, capsys, handbook_data_dir, ("en", "fr"), (256, 768, 2304), 2304, ["en:fr"])
