@@ -25,7 +25,7 @@ from bigsci_jax import generate, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.vocab import EOS_ID, UNK_ID
 
-_MIN_WIDTH = 32
+MIN_WIDTH = 32
 log = logging.getLogger(__name__)
 
 
@@ -79,9 +79,10 @@ def windows(tokens, first, window):
   return pairs
 
 
-def _width(length, seq_len):
-  """The smallest power of two >= length (at least _MIN_WIDTH), capped at seq_len."""
-  return min(seq_len, max(_MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length()))
+def bucket_width(length, seq_len):
+  """The smallest power of two >= length (at least MIN_WIDTH), capped at seq_len: the
+  few row widths batches are padded to, so each compiles once."""
+  return min(seq_len, max(MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length()))
 
 
 def _sums_and_greedy(params, batch, *, model):
@@ -146,7 +147,7 @@ class Scorer:
     summed log-likelihoods, bool [N] greedy)."""
     sums, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
     for ids, chunk in self._batches(pairs, lambda pair: len(pair[0]) + len(pair[1])):
-      width = _width(len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
+      width = bucket_width(len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
       chunk_sums, chunk_greedy = jax.device_get(
           self._apply(token_rows(chunk, width, self.prefix_lm)))
       sums[ids] = chunk_sums[:len(ids)]
@@ -211,7 +212,7 @@ class Scorer:
 
     outputs = [None] * len(prompts)
     for n, (ids, chunk) in enumerate(self._batches(prompts, len)):
-      width = min(_width(1 + len(chunk[0]), self.seq_len), 1 + room)
+      width = min(bucket_width(1 + len(chunk[0]), self.seq_len), 1 + room)
       generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
                                     seed + n * self.batch_size, stop_fn=done, min_width=width)
       for i, row in zip(ids, generated):

@@ -12,7 +12,7 @@ therefore also the beginning-of-sequence token.
 import codecs
 import re
 
-from bigsci_jax.vocab import EOS_ID, PAD_ID, UNK_ID
+from bigsci_jax.vocab import EOS_ID, PAD_ID, UNK_ID, piece_bytes
 
 
 class Tokenizer:
@@ -63,13 +63,7 @@ class Tokenizer:
   def token_bytes(self, i):
     """The UTF-8 bytes token i spells (b'' for special tokens and for ids past the
     vocabulary, which a model's padded embedding table has)."""
-    if i >= self.vocab_size:
-      return b""
-    if self.sp.is_byte(i):
-      return bytes([int(self.sp.id_to_piece(i)[3:5], 16)])
-    if i in (PAD_ID, EOS_ID, UNK_ID):
-      return b""
-    return self.sp.id_to_piece(i).replace("\u2581", " ").encode()
+    return b"" if i >= self.vocab_size else piece_bytes(self.sp, i)
 
   def token_text(self, i):
     """A token as log-probability listings show it: its text, the special token's

@@ -91,10 +91,14 @@ def token_bytes(model_proto):
   is the serialized SentencePiece model (a .model file's bytes)."""
   import sentencepiece as spm
   sp = spm.SentencePieceProcessor(model_proto=model_proto)
-  lengths = np.zeros(sp.get_piece_size(), np.int64)
-  for i in range(sp.get_piece_size()):
-    if sp.is_byte(i):
-      lengths[i] = 1
-    elif not (sp.is_control(i) or sp.is_unknown(i)):
-      lengths[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode())
-  return lengths
+  return np.array([len(piece_bytes(sp, i)) for i in range(sp.get_piece_size())], np.int64)
+
+
+def piece_bytes(sp, i):
+  """The UTF-8 bytes piece i of a SentencePieceProcessor spells: its byte for a byte
+  piece, nothing for control and unknown pieces, else its text (U+2581 is a space)."""
+  if sp.is_byte(i):
+    return bytes([int(sp.id_to_piece(i)[3:5], 16)])
+  if sp.is_control(i) or sp.is_unknown(i):
+    return b""
+  return sp.id_to_piece(i).replace("\u2581", " ").encode()

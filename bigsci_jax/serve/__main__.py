@@ -16,7 +16,6 @@ Needs the [serve] extra (FastAPI, uvicorn). Port 0 picks a free port; the line
 """
 
 import argparse
-import logging
 import os
 import signal
 import socket
@@ -105,7 +104,6 @@ def main(argv):
     server.run(sockets=[sock])
   finally:
     engine.stop()
-  logging.getLogger(__name__).info("stopped")
   return 0
 
 

@@ -155,11 +155,11 @@ def parse_completion(body, tokenizer, max_len, model_name):
   return prompts, opts, choices
 
 
-def _logprobs_block(tokenizer, ids, logprobs, tops, start):
+def _logprobs_block(tokenizer, ids, logprobs, tops, offsets):
   texts = [tokenizer.token_text(t) for t in ids]
   top = [None if t is None else {tokenizer.token_text(i): lp for i, lp in t} for t in tops]
   return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": top,
-          "text_offset": tokenizer.offsets(ids, start)}
+          "text_offset": offsets}
 
 
 def choice_body(index, choice, prompt, tokenizer, echo, logprobs):
@@ -170,9 +170,10 @@ def choice_body(index, choice, prompt, tokenizer, echo, logprobs):
           "finish_reason": choice.finish_reason if choice.finish_reason != "cancelled" else None}
   if logprobs is not None:
     block = _logprobs_block(tokenizer, choice.tokens, choice.token_logprobs, choice.top,
-                            len(prompt_text))
+                            tokenizer.offsets(choice.tokens, len(prompt_text)))
     if echo:
-      head = _logprobs_block(tokenizer, choice.prompt, choice.prompt_logprobs, choice.prompt_top, 0)
+      head = _logprobs_block(tokenizer, choice.prompt, choice.prompt_logprobs, choice.prompt_top,
+                             tokenizer.offsets(choice.prompt))
       block = {k: head[k] + block[k] for k in block}
     body["logprobs"] = block
   return body
@@ -209,6 +210,10 @@ def make_app(engine, tokenizer, model_name, metadata):
     return error(RequestError(f"{request.method} {request.url.path}: {exc.detail}.", None,
                               exc.status_code, kind))
 
+  @app.exception_handler(RequestError)
+  async def request_error(request, exc):
+    return error(exc)
+
   @app.exception_handler(RequestValidationError)
   async def validation_error(request, exc):
     return error(RequestError(f"the request does not fit the endpoint: {exc.errors()[:1]}."))
@@ -237,38 +242,37 @@ def make_app(engine, tokenizer, model_name, metadata):
             "max_model_len": max_len, "vocab_size": tokenizer.vocab_size,
             "tokenizer_class": "SentencePiece", "add_bos_token": False}
 
+  async def changed_or_timeout(changed):
+    """Wait until the engine reports a change, at most 0.1 s (to look for a gone client)."""
+    try:
+      await asyncio.wait_for(changed.wait(), 0.1)
+    except asyncio.TimeoutError:
+      pass
+    changed.clear()
+
   @app.post("/tokenize")
   async def tokenize(request: Request):
-    try:
-      body = await json_body(request)
-      if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
-        raise RequestError("/tokenize takes {\"prompt\": string}.", "prompt")
-      special = body.get("add_special_tokens", False)
-      if not isinstance(special, bool):
-        raise RequestError("'add_special_tokens' must be true or false.", "add_special_tokens")
-    except RequestError as e:
-      return error(e)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+      raise RequestError("/tokenize takes {\"prompt\": string}.", "prompt")
+    special = body.get("add_special_tokens", False)
+    if not isinstance(special, bool):
+      raise RequestError("'add_special_tokens' must be true or false.", "add_special_tokens")
     ids = ([generate.BOS_ID] if special else []) + tokenizer.encode(body["prompt"])
     return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
   @app.post("/detokenize")
   async def detokenize(request: Request):
-    try:
-      body = await json_body(request)
-      if not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
-        raise RequestError("/detokenize takes {\"tokens\": [token ids]}.", "tokens")
-      ids = _token_list(body["tokens"], tokenizer.vocab_size, "'tokens'")
-    except RequestError as e:
-      return error(e)
+    body = await json_body(request)
+    if not isinstance(body, dict) or not isinstance(body.get("tokens"), list):
+      raise RequestError("/detokenize takes {\"tokens\": [token ids]}.", "tokens")
+    ids = _token_list(body["tokens"], tokenizer.vocab_size, "'tokens'")
     return {"prompt": tokenizer.decode(ids, special_tokens=True)}
 
   @app.post("/v1/completions")
   async def completions(request: Request):
-    try:
-      prompts, opts, choices = parse_completion(await json_body(request), tokenizer, max_len,
-                                                model_name)
-    except RequestError as e:
-      return error(e)
+    prompts, opts, choices = parse_completion(await json_body(request), tokenizer, max_len,
+                                              model_name)
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     job = Job(choices, lambda: loop.call_soon_threadsafe(changed.set))
@@ -281,11 +285,7 @@ def make_app(engine, tokenizer, model_name, metadata):
       return StreamingResponse(_stream(job, changed, request_id, created, prompts, opts),
                                media_type="text/event-stream")
     while not job.done:
-      try:
-        await asyncio.wait_for(changed.wait(), 0.1)
-      except asyncio.TimeoutError:
-        pass
-      changed.clear()
+      await changed_or_timeout(changed)
       if not job.done and await request.is_disconnected():
         job.cancel()
         return JSONResponse({}, status_code=499)
@@ -308,23 +308,17 @@ def make_app(engine, tokenizer, model_name, metadata):
           "choices": [{"index": k, "text": text, "logprobs": block,
                        "finish_reason": reason}]}) + "\n\n"
 
-    async def changes():
-      try:
-        await asyncio.wait_for(changed.wait(), 0.1)
-      except asyncio.TimeoutError:
-        pass
-      changed.clear()
-
     try:
       if opts["echo"]:
         while opts["logprobs"] is not None and not job.done and any(
             c.prompt_logprobs is None for c in job.choices):
-          await changes()
+          await changed_or_timeout(changed)
         for k, c in enumerate(job.choices):
           text, ids = prompts[k // n]
           block = None
           if opts["logprobs"] is not None and c.prompt_logprobs is not None:
-            block = _logprobs_block(tokenizer, c.prompt, c.prompt_logprobs, c.prompt_top, 0)
+            block = _logprobs_block(tokenizer, c.prompt, c.prompt_logprobs, c.prompt_top,
+                                    tokenizer.offsets(c.prompt))
           yield chunk(k, text if text is not None else tokenizer.decode(ids), block, None)
       while not all(final) and not job.error:
         done = job.done
@@ -334,6 +328,8 @@ def make_app(engine, tokenizer, model_name, metadata):
           with job.lock:
             tokens, text, reason = list(c.tokens), c.text, c.finish_reason
             lps, tops = list(c.token_logprobs), list(c.top)
+          if not reason:  # the engine decodes a row's text when it ends
+            text = tokenizer.decode(tokens)
           hold = 0 if reason else max([len(s) - 1 for s in c.stop] + [0])
           if not reason and text.endswith("\ufffd"):
             hold = max(hold, 1)
@@ -344,13 +340,13 @@ def make_app(engine, tokenizer, model_name, metadata):
           if opts["logprobs"] is not None:
             start = len(prompts[k // n][0] or "") if opts["echo"] else 0
             block = _logprobs_block(tokenizer, tokens[sent_tokens[k]:], lps[sent_tokens[k]:],
-                                    tops[sent_tokens[k]:], 0)
-            block["text_offset"] = tokenizer.offsets(tokens, start)[sent_tokens[k]:]
+                                    tops[sent_tokens[k]:],
+                                    tokenizer.offsets(tokens, start)[sent_tokens[k]:])
           yield chunk(k, text[sent_text[k]:ready], block,
                       reason if reason and reason != "cancelled" else None)
           sent_tokens[k], sent_text[k], final[k] = len(tokens), ready, reason is not None
         if not done:
-          await changes()
+          await changed_or_timeout(changed)
       if job.error:
         yield "data: " + json.dumps(RequestError(f"the model failed: {job.error}", None, 500,
                                                  "server_error").body()) + "\n\n"

@@ -32,10 +32,10 @@ import jax
 import numpy as np
 
 from bigsci_jax import generate
+from bigsci_jax.likelihood import bucket_width
 from bigsci_jax.vocab import EOS_ID
 
 log = logging.getLogger(__name__)
-MIN_WIDTH = 32
 
 
 class EngineStopped(RuntimeError):
@@ -49,7 +49,7 @@ class EngineBusy(RuntimeError):
 class Choice:
   """One row: a prompt (token ids, no BOS) and how to continue it; the engine fills
   in the outcome (generated ids, their log-probabilities and alternatives, the
-  prompt's, the text and why it finished)."""
+  prompt's, and — once it has finished — the text and why)."""
 
   def __init__(self, prompt, max_tokens, sampling, seed, logprobs=None, echo=False, stop=()):
     self.prompt, self.max_tokens, self.sampling, self.seed = list(prompt), max_tokens, sampling, seed
@@ -80,10 +80,6 @@ class Job:
     self.cancelled = True
 
 
-def _bucket(n, sizes):
-  return next(s for s in sizes if s >= n)
-
-
 class Engine:
   def __init__(self, model, params, tokenizer, *, mesh=None, max_batch=16, gather_ms=5.0,
                max_queue=4096):
@@ -93,10 +89,10 @@ class Engine:
     self.prefix_lm = model.cfg.mask == "prefix"
     step = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in mesh.axis_names
                                                if a in ("data", "fsdp")]))
-    self.row_buckets = sorted({max(step, 1 << i) for i in range(max(max_batch, step).bit_length())
-                               if max(step, 1 << i) <= max(max_batch, step)})
+    # row counts: the batch-parallel size times powers of two, up to max_batch
+    self.row_buckets = [step << i for i in range(max(max_batch // step, 1).bit_length())]
     self.max_batch = self.row_buckets[-1]
-    self.widths = sorted({min(self.max_len, max(MIN_WIDTH, 1 << i))
+    self.widths = sorted({bucket_width(1 << i, self.max_len)
                           for i in range(self.max_len.bit_length() + 1)})
     self.gather_s, self.max_queue = gather_ms / 1000.0, max_queue
     self._queue = collections.deque()  # (job, choice)
@@ -180,7 +176,6 @@ class Engine:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
       for cache_len in (self.max_len, 2 * self.max_len):
-        cache = None
         for width in widths or self.widths:
           batch = generate.prompt_batch([[3] * (width - 1)] * rows, self.prefix_lm, width)
           if cache_len == self.max_len:
@@ -194,11 +189,11 @@ class Engine:
 
   def _run(self, rows):
     choices = [c for _, c in rows]
-    count = _bucket(len(choices), self.row_buckets)
+    count = next(s for s in self.row_buckets if s >= len(choices))
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
     padded = choices + [pad] * (count - len(choices))
-    width = _bucket(1 + max(len(c.prompt) for c in padded), self.widths)
+    width = bucket_width(1 + max(len(c.prompt) for c in padded), self.max_len)
     steps = max(c.max_tokens for c in padded)
     cache_len = self.max_len if width + steps - 1 <= self.max_len else 2 * self.max_len
     top = generate.LOGPROBS_MAX  # one shape whatever the rows ask for; rows take their share
@@ -258,23 +253,26 @@ class Engine:
 
   def _finish(self, job, c, reason):
     with job.lock:
-      c.finish_reason = reason
+      self._end(c, reason)
+
+  def _end(self, c, reason):
+    """A row's text is decoded once, when it ends (_stopped cuts it at a stop string)."""
+    c.text = self.tokenizer.decode(c.tokens)
+    c.finish_reason = reason
 
   def _append(self, job, c, token, logprob, top):
     """Add one generated token to a row; end it at EOS, a stop string or max_tokens."""
     with job.lock:
       if token == EOS_ID:
-        c.finish_reason = "stop"
+        self._end(c, "stop")
         return
       c.tokens.append(token)
       c.token_logprobs.append(logprob)
       c.top.append(top)
       if c.stop and self._stopped(c):
         c.finish_reason = "stop"
-        return
-      c.text = self.tokenizer.decode(c.tokens)
-      if len(c.tokens) >= c.max_tokens:
-        c.finish_reason = "length"
+      elif len(c.tokens) >= c.max_tokens:
+        self._end(c, "length")
 
   def _stopped(self, c):
     """True (and the text and tokens cut before the stop string) if the newest token
