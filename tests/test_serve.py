@@ -261,6 +261,26 @@ def test_concurrent_clients_with_malformed_requests(server):
   assert requests.get(f"{server}/health", timeout=10).json()["status"] == "ok"
 
 
+def test_streamed_chunks_add_up_to_the_plain_response(server):
+  for extra in ({}, {"stop": [" "], "n": 2}, {"echo": True, "logprobs": 1}):
+    body = {"prompt": "Debian is", "max_tokens": 12, "temperature": 0, **extra}
+    plain = requests.post(f"{server}/v1/completions", json=body, timeout=60).json()["choices"]
+    with requests.post(f"{server}/v1/completions", json=body | {"stream": True}, timeout=60,
+                       stream=True) as r:
+      events = [line[len("data: "):] for line in r.iter_lines(decode_unicode=True) if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    for want in plain:
+      mine = [c for c in chunks if c["index"] == want["index"]]
+      assert "".join(c["text"] for c in mine) == want["text"]
+      assert mine[-1]["finish_reason"] == want["finish_reason"]
+      assert all(c["finish_reason"] is None for c in mine[:-1])
+      if want["logprobs"]:
+        assert [t for c in mine for t in c["logprobs"]["tokens"]] == want["logprobs"]["tokens"]
+        assert [o for c in mine for o in c["logprobs"]["text_offset"]] == \
+            want["logprobs"]["text_offset"]
+
+
 def test_a_client_that_goes_away_frees_its_row(server):
   body = json.dumps({"prompt": "Debian", "max_tokens": 120, "temperature": 0}).encode()
   with socket.create_connection(tuple(server[len("http://"):].split(":")[:1]) +
