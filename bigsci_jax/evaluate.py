@@ -2,7 +2,7 @@
 multiple-choice tasks, from each run's latest checkpoint.
 
   python -m bigsci_jax.evaluate --model_dir=DIR [--model_dir=DIR2 ...] [--tasks=next_sentence/en,cloze/fr,...]
-      [--split=validation|test] [--limit=200] [--out=DIR]
+      [--split=validation|test] [--limit=200] [--out=DIR] [--prompt_dir=P]
 
 The checkpoint is restored onto whatever devices are present (all of them data
 parallel when they divide the micro-batch, else one). Writes eval_results.json
@@ -11,7 +11,9 @@ comparison.md and comparison.png in --out (default: the first model_dir). The
 last stdout line is a JSON object of the results. Tasks (mc_tasks:
 next_sentence/<lang>, translation/<lang>, cloze/<lang>) read text with the run's
 SentencePiece vocabulary (model_dir/vocab.model), so a synthetic run gets losses
-only.
+only. With --prompt_dir (a soft prompt from python -m bigsci_jax.prompt_tune, one
+model_dir) the tasks are scored with the prompt starting every input (the corpus
+losses stay the base model's) and eval_results.json goes to the prompt directory.
 """
 
 import argparse
@@ -28,7 +30,8 @@ from bigsci_jax.corpus import CorpusError
 
 TASKS = {"next_sentence": mc_tasks.next_sentence_items,
          "translation": mc_tasks.translation_items,
-         "cloze": mc_tasks.cloze_items}
+         "cloze": mc_tasks.cloze_items,
+         "word_choice": mc_tasks.word_choice_items}
 
 
 class EvaluationError(ValueError):
@@ -43,11 +46,12 @@ def default_tasks(run: RunConfig, languages):
           + [f"cloze/{lang}" for lang in languages if lang not in mc_tasks.NO_SPACES])
 
 
-def _parse_task(name):
+def parse_task(name):
   kind, _, lang = name.partition("/")
   if kind not in TASKS or not lang:
     raise EvaluationError(f"unknown task {name!r}: tasks are next_sentence/<lang>, "
-                          f"translation/<lang> and cloze/<lang> (e.g. next_sentence/fr).")
+                          f"translation/<lang>, cloze/<lang> and word_choice/<lang> (e.g. "
+                          f"next_sentence/fr).")
   return kind, lang
 
 
@@ -69,38 +73,41 @@ def restore(model_dir, batch_size=None):
   return run, runtime, state.params, step
 
 
-def make_scorer(model_dir, run, runtime, params, batch_size=None):
-  """A likelihood.Scorer of these params with the run's vocabulary."""
+def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=None):
+  """A likelihood.Scorer of these params (with the soft prompt of prompt_dir attached,
+  if given) with the run's vocabulary."""
+  from bigsci_jax.adapt import soft_prompt
+  params = soft_prompt.attach_dir(params, prompt_dir, run.model)
   return likelihood.Scorer(runtime.model, params, loop.read_vocab(model_dir), run.batch.seq_len,
                            batch_size or run.batch.micro_batch_size, runtime.mesh)
 
 
 def score_task(name, scorer, limit=200):
-  kind, lang = _parse_task(name)
+  kind, lang = parse_task(name)
   items = TASKS[kind](lang, limit=limit)
   if kind == "cloze":
     return mc_tasks.score_cloze(items, scorer)
   return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
 
 
-def evaluate_dir(model_dir, tasks=None, split="validation", limit=200):
+def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_dir=None):
   for name in tasks or ():
-    _parse_task(name)  # a wrong name stops before anything is restored
+    parse_task(name)  # a wrong name stops before anything is restored
   run, runtime, params, step = restore(model_dir)
   if tasks and run.data.mixture == "synthetic":
     raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
                           f"text tasks; evaluate losses only (--tasks=).")
   corpus = loop.make_data(run, split)
   eval_sets = loop.make_eval_sets(run, corpus.evals, corpus.token_bytes, split)
-  result = {"model_dir": model_dir, "step": step, "split": split,
+  result = {"model_dir": model_dir, "step": step, "split": split, "prompt_dir": prompt_dir,
             **loop.evaluate(runtime.eval_step, params, eval_sets, runtime.mesh,
                             run.batch.micro_batch_size)}
   languages = sorted(corpus.evals) if run.data.mixture != "synthetic" else []
   names = default_tasks(run, languages) if tasks is None else tasks
   if names:
-    text_scorer = make_scorer(model_dir, run, runtime, params)
+    text_scorer = make_scorer(model_dir, run, runtime, params, prompt_dir=prompt_dir)
     result["tasks"] = {name: score_task(name, text_scorer, limit) for name in names}
-  loop.write_atomic(os.path.join(model_dir, "eval_results.json"),
+  loop.write_atomic(os.path.join(prompt_dir or model_dir, "eval_results.json"),
                     json.dumps(result, indent=1, sort_keys=True) + "\n")
   return result
 
@@ -147,11 +154,17 @@ def main(argv):
   p.add_argument("--split", default="validation", choices=("validation", "test"))
   p.add_argument("--limit", type=int, default=200, help="items per task")
   p.add_argument("--out", default=None)
+  p.add_argument("--prompt_dir", default=None, help="a soft prompt to score the tasks with")
   args = p.parse_args(argv)
   tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
+  from bigsci_jax.adapt.soft_prompt import PromptError
   try:
-    results = [evaluate_dir(d, tasks, args.split, args.limit) for d in args.model_dir]
-  except (EvaluationError, ConfigError, CorpusError, loop.TrainingError, loop.RunNotFound) as e:
+    if args.prompt_dir and len(args.model_dir) > 1:
+      raise EvaluationError("--prompt_dir goes with one --model_dir (the model it was tuned for).")
+    results = [evaluate_dir(d, tasks, args.split, args.limit, args.prompt_dir)
+               for d in args.model_dir]
+  except (EvaluationError, ConfigError, CorpusError, loop.TrainingError, loop.RunNotFound,
+          PromptError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for result in results:

@@ -7,7 +7,9 @@ prefix, as in training), then tokens are generated causally. A prompt that does
 not fit the context window with the tokens to generate is refused.
 
   python -m bigsci_jax.generate --model_dir=DIR --prompt="Debian est" [--max_new_tokens=40]
-      [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0]
+      [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--prompt_dir=P]
+
+--prompt_dir: a soft prompt (python -m bigsci_jax.prompt_tune) starts every prompt.
 """
 
 import argparse
@@ -19,6 +21,8 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bigsci_jax.model import soft_prompt_ids
 
 BOS_ID = 0  # seqio decoders start from token 0 (also the padding id)
 
@@ -118,15 +122,17 @@ def empty_cache(model, batch_size, length=None):
       _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
-def prompt_batch(prompts, prefix_lm, min_width=0):
-  """Left-padded [BOS] + prompt rows: tokens, positions, segment ids, prefix flags [B, P],
-  P at least min_width (fewer distinct shapes to compile)."""
-  width = max(min_width, 1 + max(len(p) for p in prompts))
+def prompt_batch(prompts, prefix_lm, min_width=0, lead=()):
+  """Left-padded [BOS] + lead + prompt rows: tokens, positions, segment ids, prefix flags
+  [B, P], P at least min_width (fewer distinct shapes to compile). `lead` is a soft
+  prompt's virtual-token ids (model.soft_prompt_ids), inside a prefix LM's prefix."""
+  lead = list(lead)
+  width = max(min_width, 1 + len(lead) + max(len(p) for p in prompts))
   b = len(prompts)
   tokens, positions = np.zeros((b, width), np.int32), np.full((b, width), -1, np.int32)
   segments = np.zeros((b, width), np.int32)
   for r, prompt in enumerate(prompts):
-    row = [BOS_ID] + list(prompt)
+    row = [BOS_ID] + lead + list(prompt)
     tokens[r, width - len(row):] = row
     positions[r, width - len(row):] = np.arange(len(row))
     segments[r, width - len(row):] = 1
@@ -219,15 +225,17 @@ def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0
   stop_fn(generated token lists) -> one bool per row, True where that row is done;
   generation ends early once every row is (rows keep their extra tokens: the
   caller cuts them). min_width pads the prompt batch to at least that width. Row r
-  samples with seed + r.
+  samples with seed + r. A soft prompt attached to params starts every prompt.
   """
   cfg = model.cfg
-  batch = prompt_batch(prompts, cfg.mask == "prefix", min_width)
+  lead = soft_prompt_ids(params)
+  batch = prompt_batch(prompts, cfg.mask == "prefix", min_width, lead)
   width = batch[0].shape[1]
   if width + max_new_tokens - 1 > cfg.max_len:  # the last new token is not fed back
-    raise GenerationError(f"a prompt of {width - 1} tokens plus {max_new_tokens} new "
-                          f"tokens exceeds the context window of {cfg.max_len}; shorten the "
-                          f"prompt or generate fewer tokens.")
+    soft = f" after a soft prompt of {len(lead)}" if lead else ""
+    raise GenerationError(f"a prompt of {width - 1 - len(lead)} tokens{soft} plus "
+                          f"{max_new_tokens} new tokens exceeds the context window of "
+                          f"{cfg.max_len}; shorten the prompt or generate fewer tokens.")
   if max_new_tokens <= 0:
     return ([[] for _ in prompts], []) if return_logits else [[] for _ in prompts]
   decoder, keys = decoder_for(model, vocab), row_keys(seed + np.arange(len(prompts)))
@@ -258,18 +266,22 @@ def main(argv):
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every prompt with")
   args = p.parse_args(argv)
   from bigsci_jax import evaluate, loop
+  from bigsci_jax.adapt import soft_prompt
   try:
     run, runtime, params, _ = evaluate.restore(args.model_dir)
+    params = soft_prompt.attach_dir(jax.device_get(params), args.prompt_dir, run.model)
     if run.data.mixture == "synthetic":
       raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
                             f"to turn a prompt into tokens.")
     sp = loop.read_vocab(args.model_dir)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    outputs = generate(runtime.model, jax.device_get(params), [sp.encode(t) for t in args.prompt],
+    outputs = generate(runtime.model, params, [sp.encode(t) for t in args.prompt],
                        args.max_new_tokens, sampling, args.seed, vocab=sp.get_piece_size())
-  except (GenerationError, evaluate.EvaluationError, loop.RunNotFound) as e:
+  except (GenerationError, evaluate.EvaluationError, loop.RunNotFound,
+          soft_prompt.PromptError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   texts = [sp.decode([t for t in ids if t > 1]) for ids in outputs]

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigsci_jax import generate, sharding
+from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax import step as steps
 from bigsci_jax.vocab import EOS_ID, UNK_ID
 
@@ -39,23 +40,31 @@ def split_pair(context, continuation):
   return stripped, context[len(stripped):] + continuation
 
 
-def token_rows(pairs, width, prefix_lm=False):
+def encode_request(tokenizer, context, continuation):
+  """(context ids, continuation ids) of one request, encoded apart after split_pair."""
+  context, continuation = split_pair(context, continuation)
+  return tokenizer.encode(context) if context else [], tokenizer.encode(continuation)
+
+
+def token_rows(pairs, width, prefix_lm=False, lead=()):
   """[(context ids, continuation ids)] -> batch features [N, width] (numpy int32);
-  contexts lose tokens from the left to fit."""
-  n = len(pairs)
+  contexts lose tokens from the left to fit. `lead` (a soft prompt's virtual-token
+  ids, model.soft_prompt_ids) starts every context, never cut; it is input only."""
+  n, lead = len(pairs), list(lead)
+  room = width - len(lead)
   rows = {k: np.zeros((n, width), np.int32) for k in (
       "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights",
       "decoder_segment_ids", "decoder_positions", "decoder_causal_attention")}
   for r, (ctx, cont) in enumerate(pairs):
     if not len(cont):
       raise LikelihoodError(f"request {r} has an empty continuation.")
-    if len(cont) > width:
+    if len(cont) > room:
       raise LikelihoodError(f"request {r}'s continuation is {len(cont)} tokens; the context "
-                            f"window is {width}.")
-    ctx = list(ctx)[max(0, len(ctx) + len(cont) - width):]
+                            f"window is {room}.")
+    ctx = lead + list(ctx)[max(0, len(ctx) + len(cont) - room):]
     tokens = ctx + list(cont)
     length = len(tokens)
-    rows["decoder_target_tokens"][r, :length] = tokens
+    rows["decoder_target_tokens"][r, :length] = np.maximum(tokens, 0)
     rows["decoder_input_tokens"][r, 1:length] = tokens[:-1]
     rows["decoder_loss_weights"][r, len(ctx):length] = 1
     rows["decoder_segment_ids"][r, :length] = 1
@@ -85,8 +94,9 @@ def bucket_width(length, seq_len):
   return min(seq_len, max(MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length()))
 
 
-def _sums_and_greedy(params, batch, *, model):
-  """(summed continuation log-likelihood, whether greedy decoding yields it) per row."""
+def row_logliks(params, batch, *, model):
+  """(summed continuation log-likelihood, whether greedy decoding yields it) per row of
+  token_rows features (differentiable in params: prompt tuning trains through it)."""
   logits_BxLxV = model.apply({"params": params}, **steps.model_inputs(model.cfg, batch))
   logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
   targets_BxL = batch["decoder_target_tokens"]
@@ -100,14 +110,17 @@ class Scorer:
   """Log-likelihoods and generations of one model's params.
 
   With a mesh, each batch is placed sharded over its batch axes (batch_size must
-  divide them) and the model traces under the mesh's logical rules.
+  divide them) and the model traces under the mesh's logical rules. A soft prompt
+  attached to params (adapt.soft_prompt) starts every row and takes its share of
+  the window.
   """
 
   def __init__(self, model, params, tokenizer, seq_len, batch_size=16, mesh=None):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.seq_len, self.batch_size, self.mesh = seq_len, batch_size, mesh
     self.prefix_lm = model.cfg.mask == "prefix"
-    self._score = jax.jit(functools.partial(_sums_and_greedy, model=model))
+    self.lead = soft_prompt_ids(params)
+    self._score = jax.jit(functools.partial(row_logliks, model=model))
 
   def _batches(self, items, size):
     """(indices, items padded to batch_size with the first) per batch, longest items
@@ -133,7 +146,7 @@ class Scorer:
       if not len(continuation):
         raise LikelihoodError(f"request {i} has an empty continuation.")
       tokens = list(context) + list(continuation)
-      pieces = windows(tokens, len(context), self.seq_len)
+      pieces = windows(tokens, len(context), self.seq_len - len(self.lead))
       rows += pieces
       owner += [i] * len(pieces)
     sums, greedy = self.score_tokens(rows)
@@ -147,21 +160,16 @@ class Scorer:
     summed log-likelihoods, bool [N] greedy)."""
     sums, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
     for ids, chunk in self._batches(pairs, lambda pair: len(pair[0]) + len(pair[1])):
-      width = bucket_width(len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
+      width = bucket_width(len(self.lead) + len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
       chunk_sums, chunk_greedy = jax.device_get(
-          self._apply(token_rows(chunk, width, self.prefix_lm)))
+          self._apply(token_rows(chunk, width, self.prefix_lm, self.lead)))
       sums[ids] = chunk_sums[:len(ids)]
       greedy[ids] = chunk_greedy[:len(ids)]
     return sums, greedy
 
   def loglikelihood(self, requests):
     """[(context, continuation)] -> (float64 [N], bool [N] greedy)."""
-    pairs = []
-    for context, continuation in requests:
-      context, continuation = split_pair(context, continuation)
-      pairs.append((self.tokenizer.encode(context) if context else [],
-                    self.tokenizer.encode(continuation)))
-    return self.score_requests(pairs)
+    return self.score_requests([encode_request(self.tokenizer, *r) for r in requests])
 
   def loglikelihood_rolling(self, texts):
     """[text] -> float64 [N]: each text's log-likelihood from BOS, in context windows
@@ -178,7 +186,7 @@ class Scorer:
     """[context] -> [generated text, cut before the first stop string of `until`]; a
     row also stops at EOS. A context too long for the window with max_new_tokens
     loses tokens from the left, with a warning."""
-    room = self.model.cfg.max_len - 1 - max_new_tokens
+    room = self.model.cfg.max_len - 1 - len(self.lead) - max_new_tokens
     if room < 1:
       raise LikelihoodError(f"max_new_tokens={max_new_tokens} leaves no room for a context in "
                             f"the window of {self.model.cfg.max_len} tokens.")
@@ -212,7 +220,8 @@ class Scorer:
 
     outputs = [None] * len(prompts)
     for n, (ids, chunk) in enumerate(self._batches(prompts, len)):
-      width = min(bucket_width(1 + len(chunk[0]), self.seq_len), 1 + room)
+      width = min(bucket_width(1 + len(self.lead) + len(chunk[0]), self.seq_len),
+                  1 + len(self.lead) + room)
       generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
                                     seed + n * self.batch_size, stop_fn=done, min_width=width)
       for i, row in zip(ids, generated):

@@ -1,7 +1,7 @@
 """EleutherAI lm-evaluation-harness adapter: importing this module registers the
 model `bigsci_jax` with the harness (the optional `[eval]` extra, package lm-eval).
 
-  python -m bigsci_jax.lm_eval --model bigsci_jax --model_args model_dir=DIR \
+  python -m bigsci_jax.lm_eval --model bigsci_jax --model_args model_dir=DIR[,prompt_dir=P] \
       --tasks lambada_openai,hellaswag [--num_fewshot 5] [--batch_size 16] [--include_path DIR]
 
 hands every argument unchanged to the harness's own command line, after the
@@ -41,11 +41,11 @@ class BigsciLM(LM):
   """A bigsci_jax run's latest checkpoint (model_dir) as a harness model."""
 
   def __init__(self, model_dir=None, batch_size=None, max_batch_size=None, device=None,
-               *, scorer=None, **unknown):
+               prompt_dir=None, *, scorer=None, **unknown):
     super().__init__()
     if unknown:
       raise EvaluationError(f"unknown model_args {sorted(unknown)} for bigsci_jax: it takes "
-                            f"model_dir and batch_size.")
+                            f"model_dir, batch_size and prompt_dir.")
     if scorer is None:
       if not model_dir:
         raise EvaluationError("the bigsci_jax model needs --model_args model_dir=DIR "
@@ -53,7 +53,7 @@ class BigsciLM(LM):
       from bigsci_jax import evaluate
       size = int(batch_size) if batch_size not in (None, "", "auto") else None
       run, runtime, params, self.step = evaluate.restore(model_dir, size)
-      scorer = evaluate.make_scorer(model_dir, run, runtime, params, size)
+      scorer = evaluate.make_scorer(model_dir, run, runtime, params, size, prompt_dir)
     self.scorer = scorer
 
   @classmethod
@@ -110,10 +110,11 @@ def main(argv):
   for a model_dir that cannot be evaluated."""
   from lm_eval.__main__ import cli_evaluate
   from bigsci_jax import likelihood, loop
+  from bigsci_jax.adapt.soft_prompt import PromptError
   sys.argv = ["lm-eval", *argv]
   try:
     cli_evaluate()
-  except (loop.RunNotFound, EvaluationError, likelihood.LikelihoodError) as e:
+  except (loop.RunNotFound, EvaluationError, likelihood.LikelihoodError, PromptError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -1,5 +1,6 @@
 """Built-in multiple-choice tasks that run offline, made from the handbook's held-out
-(test) chapters, and harness-style scoring.
+(test) chapters — or, for prompt tuning, its train chapters (split="train") — and
+harness-style scoring.
 
   next_sentence/<lang>  a paragraph's first sentence as context; its true next
                         sentence against 3 sentences from other pages of the
@@ -11,6 +12,9 @@
   cloze/<lang>          LAMBADA-style: a paragraph without its last word, which
                         the model must predict (languages that separate words
                         with spaces).
+  word_choice/<lang>    the cloze items as multiple choice: the last word among
+                        itself and 3 other words of the paragraph (Children's
+                        Book Test style).
 
 They exist so the whole evaluation loop can be run and tested without the
 internet; real benchmarks come through the lm-evaluation-harness. Scoring follows
@@ -69,10 +73,10 @@ def _locale(root, lang):
                            f"{', '.join(corpus.lang_code(l, corpus.locales(root)) for l in corpus.locales(root))}.")
 
 
-def _test_pages(root):
-  test = split_chapters(root)["test"]
+def _pages(root, split):
+  chapters = split_chapters(root)[split]
   return [(chapter, page) for chapter, pages in corpus.chapters(root, corpus.ENGLISH)
-          if chapter in test for page in pages]
+          if chapter in chapters for page in pages]
 
 
 def _choices(rng, answer, pool):
@@ -84,21 +88,21 @@ def _choices(rng, answer, pool):
   return tuple(options[i] for i in order), int(np.argmin(order))
 
 
-def _test_paragraphs(lang, root):
-  """(page index, paragraph) over `lang`'s test-chapter pages, untranslated paragraphs
-  (identical to English) left out."""
+def _paragraphs(lang, root, split):
+  """(page index, paragraph) over `lang`'s pages in the split's chapters, untranslated
+  paragraphs (identical to English) left out."""
   root = corpus.handbook_root(root)
   locale = _locale(root, lang)
   english = corpus.english_paragraphs(root) if locale != corpus.ENGLISH else frozenset()
-  test = split_chapters(root)["test"]
-  for page, doc in enumerate(corpus.documents(root, locale, english, chapter_filter=test)):
+  chapters = split_chapters(root)[split]
+  for page, doc in enumerate(corpus.documents(root, locale, english, chapter_filter=chapters)):
     for paragraph in doc["text"].split("\n"):
       yield page, paragraph
 
 
-def next_sentence_items(lang, *, root=None, limit=200, seed=0):
+def next_sentence_items(lang, *, root=None, limit=200, seed=0, split="test"):
   pairs, page_of = [], {}
-  for page, paragraph in _test_paragraphs(lang, root):
+  for page, paragraph in _paragraphs(lang, root, split):
     parts = sentences(paragraph)
     for s in parts[1:]:
       page_of.setdefault(s, page)
@@ -114,13 +118,13 @@ def next_sentence_items(lang, *, root=None, limit=200, seed=0):
   return items
 
 
-def aligned_paragraphs(lang, root=None, min_chars=40, max_chars=300):
-  """[(English paragraph, its translation)] over the test chapters' pages whose
+def aligned_paragraphs(lang, root=None, min_chars=40, max_chars=300, split="test"):
+  """[(English paragraph, its translation)] over the split's chapters' pages whose
   paragraphs line up one to one with the English ones (same count, same order)."""
   root = corpus.handbook_root(root)
   locale = _locale(root, lang)
   pairs = []
-  for _, page in _test_pages(root):
+  for _, page in _pages(root, split):
     en_path, xx_path = (os.path.join(root, l, page) for l in (corpus.ENGLISH, locale))
     if not (os.path.isfile(en_path) and os.path.isfile(xx_path)):
       continue
@@ -132,8 +136,8 @@ def aligned_paragraphs(lang, root=None, min_chars=40, max_chars=300):
   return pairs
 
 
-def translation_items(lang, *, shots=2, root=None, limit=200, seed=0):
-  pairs = aligned_paragraphs(lang, root)
+def translation_items(lang, *, shots=2, root=None, limit=200, seed=0, split="test"):
+  pairs = aligned_paragraphs(lang, root, split=split)
   if len(pairs) < CHOICES + shots:
     raise corpus.CorpusError(f"only {len(pairs)} aligned paragraphs for {lang!r}: too few for "
                              f"{CHOICES}-way translation items with {shots} shots.")
@@ -148,14 +152,14 @@ def translation_items(lang, *, shots=2, root=None, limit=200, seed=0):
   return items
 
 
-def cloze_items(lang, *, root=None, limit=200, seed=0, min_chars=60):
-  """Test-chapter paragraphs of `lang` whose last word (before closing punctuation) is
-  made of letters; the context is the paragraph before that word."""
+def cloze_items(lang, *, root=None, limit=200, seed=0, min_chars=60, split="test"):
+  """Paragraphs of `lang` (the split's chapters) whose last word (before closing
+  punctuation) is made of letters; the context is the paragraph before that word."""
   if lang in NO_SPACES:
     raise corpus.CorpusError(f"no cloze task for {lang!r}: its script does not separate words "
                              f"with spaces; use next_sentence/{lang}.")
   items = []
-  for _, paragraph in _test_paragraphs(lang, root):
+  for _, paragraph in _paragraphs(lang, root, split):
     match = _LAST_WORD.search(paragraph)
     if (len(paragraph) >= min_chars and match and match.group(1).isalpha()
         and len(match.group(1)) >= 2):
@@ -164,22 +168,46 @@ def cloze_items(lang, *, root=None, limit=200, seed=0, min_chars=60):
   return [items[i] for i in rng.permutation(len(items))[:limit]]
 
 
+_WORD = re.compile(r"\w+")
+
+
+def word_choice_items(lang, *, root=None, limit=200, seed=0, split="test"):
+  """The cloze items as multiple choice, in the manner of the Children's Book Test (Hill
+  et al. 2016): the paragraph's last word among itself and 3 other words of the same
+  paragraph (letters only, 2 characters or more)."""
+  rng = np.random.default_rng(seed)
+  items = []
+  for item in cloze_items(lang, root=root, limit=None, seed=seed, split=split):
+    pool = sorted({w for w in _WORD.findall(item.context)
+                   if w.isalpha() and len(w) >= 2 and w != item.word})
+    if len(pool) >= CHOICES - 1:
+      choices, answer = _choices(rng, item.word, pool)
+      items.append(Item(item.context, choices, answer))
+  return items[:limit]
+
+
 def _stderr(mean, n):
   """Standard error of a mean of n 0/1 outcomes (sample variance, as the harness)."""
   return math.sqrt(mean * (1 - mean) / max(n - 1, 1))
 
 
 def score(items, loglik_fn):
-  """Harness-style multiple-choice metrics. loglik_fn([(context, continuation)]) returns
-  the summed log-likelihood of each continuation given its context."""
+  """Harness-style multiple-choice metrics (items may have different numbers of
+  choices). loglik_fn([(context, continuation)]) returns the summed log-likelihood of
+  each continuation given its context."""
   requests = [(item.context, item.delimiter + choice) for item in items
               for choice in item.choices]
-  logliks = np.asarray(loglik_fn(requests), float).reshape(len(items), CHOICES)
-  sizes = np.array([[len(c.encode()) for c in item.choices] for item in items], float)
-  answers = np.array([item.answer for item in items])
-  result = {"items": len(items), "chance": 1.0 / CHOICES}
-  for name, values in (("acc", logliks), ("acc_norm", logliks / sizes)):
-    mean = float((values.argmax(axis=1) == answers).mean())
+  logliks = np.asarray(loglik_fn(requests), float)
+  ends = np.cumsum([len(item.choices) for item in items])
+  hits = {"acc": [], "acc_norm": []}
+  for item, values in zip(items, np.split(logliks, ends[:-1])):
+    sizes = np.array([len(c.encode()) for c in item.choices], float)
+    hits["acc"].append(values.argmax() == item.answer)
+    hits["acc_norm"].append((values / sizes).argmax() == item.answer)
+  result = {"items": len(items),
+            "chance": float(np.mean([1.0 / len(item.choices) for item in items]))}
+  for name, values in hits.items():
+    mean = float(np.mean(values))
     result[name], result[f"{name}_stderr"] = mean, _stderr(mean, len(items))
   return result
 

@@ -20,6 +20,16 @@ from bigsci_jax.config import ModelConfig
 from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.sharding import constrain
 
+SOFT_PROMPT = "soft_prompt"  # the params entry of an attached soft prompt [P, D]
+
+
+def soft_prompt_ids(params):
+  """The token ids standing for the virtual tokens of the soft prompt attached to params
+  (-1, -2, ..., -P), to put after BOS in every row; [] when none is attached."""
+  if SOFT_PROMPT not in params:
+    return []
+  return [-1 - i for i in range(params[SOFT_PROMPT].shape[0])]
+
 
 def compute_dtype(cfg: ModelConfig):
   """The activations' dtype: float64 only for exactness tests (needs jax_enable_x64)."""
@@ -214,7 +224,9 @@ class Transformer(nn.Module):
 
   positions: per-token position within its document (packing restarts it);
   segment_ids: document id per token, 0 = padding; prefix: 1 on the
-  bidirectional prefix (used only when cfg.mask == 'prefix').
+  bidirectional prefix (used only when cfg.mask == 'prefix'). A negative token
+  -1 - i is virtual token i of a soft prompt attached to the params
+  (adapt.soft_prompt).
   """
   cfg: ModelConfig
 
@@ -227,7 +239,13 @@ class Transformer(nn.Module):
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
     embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                      embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
-    x_BxLxD = embed(tokens_BxL)
+    # Negative ids are soft-prompt slots (adapt.soft_prompt): slot -1 - i takes row i of the
+    # `soft_prompt` parameter, present only when a tuned prompt is attached to the params.
+    x_BxLxD = embed(jnp.maximum(tokens_BxL, 0))
+    if self.has_variable("params", SOFT_PROMPT):
+      prompt_PxD = self.get_variable("params", SOFT_PROMPT).astype(dtype)
+      slot_BxL = jnp.clip(-tokens_BxL - 1, 0, prompt_PxD.shape[0] - 1)
+      x_BxLxD = jnp.where((tokens_BxL < 0)[..., None], prompt_PxD[slot_BxL], x_BxLxD)
     if cfg.position == "learned":
       pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                            embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")

@@ -166,3 +166,28 @@ def test_lm_eval_command_and_builtin_evaluator_agree_on_a_trained_run(tmp_path,
                         "bj_next_sentence_fr", "--include_path", str(tmp_path)],
                        env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "holds no run" in bad.stderr
+
+
+def test_prompt_tuning_reads_a_harness_task_as_the_harness_asks_it(tmp_path, monkeypatch):
+  """Training and evaluation items of a local multiple-choice YAML task: the harness's
+  own contexts, choices and answers (a target given as text or as an index)."""
+  from bigsci_jax import prompt_tune
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  train_rows = [{"context": f"Q{i}: which?", "choices": ["alpha", "beta", "gamma"],
+                 "answer": i % 3} for i in range(5)]
+  test_rows = [{"context": "Q: which one?", "choices": ["x", "y"], "answer": 1}]
+  _jsonl(tmp_path / "bj_train.jsonl", train_rows)
+  _jsonl(tmp_path / "bj_test.jsonl", test_rows)
+  as_text = MULTIPLE_CHOICE.replace("doc_to_target: answer",
+                                    'doc_to_target: "{{choices[answer]}}"')
+  (tmp_path / "bj_tune.yaml").write_text(
+      f"task: bj_tune\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+      f"    train: {tmp_path / 'bj_train.jsonl'}\n    test: {tmp_path / 'bj_test.jsonl'}\n"
+      f"training_split: train\ntest_split: test\ndescription: \"Pick one.\\n\"\n{as_text}")
+  train = prompt_tune.lm_eval_items("bj_tune", "train", 100, str(tmp_path))
+  assert [(i.context, i.choices, i.answer, i.delimiter) for i in train] == [
+      (f"Pick one.\nQ{k}: which?", ("alpha", "beta", "gamma"), k % 3, " ") for k in range(5)]
+  (test,) = prompt_tune.lm_eval_items("bj_tune", "eval", 100, str(tmp_path))
+  assert test == mc_tasks.Item("Pick one.\nQ: which one?", ("x", "y"), 1)
+  with pytest.raises(evaluate.EvaluationError, match="unknown task 'bj_nothing'"):
+    prompt_tune.lm_eval_items("bj_nothing", "train", 10, str(tmp_path))

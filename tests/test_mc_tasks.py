@@ -1,5 +1,7 @@
 """Built-in offline multiple-choice tasks and harness-style scoring."""
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -69,6 +71,21 @@ def test_cloze_items_end_before_their_last_word():
   with pytest.raises(CorpusError, match="does not separate words"):
     mc_tasks.cloze_items("ja")
   assert mc_tasks.first_word(" Paket, und") == "Paket" and mc_tasks.first_word("  ") == ""
+
+
+def test_word_choice_items_offer_words_of_the_paragraph_and_train_chapters_differ():
+  items = mc_tasks.word_choice_items("fr", limit=40)
+  words = {c.context: c.word for c in mc_tasks.cloze_items("fr", limit=None)}
+  assert len(items) == 40
+  for item in items:
+    assert len(set(item.choices)) == mc_tasks.CHOICES
+    assert item.choices[item.answer] == words[item.context]
+    assert all(re.search(rf"\b{re.escape(w)}\b", item.context) for w in item.choices
+               if w != words[item.context])
+  assert np.bincount([i.answer for i in items], minlength=4).min() >= 3
+  train = mc_tasks.word_choice_items("fr", limit=None, split="train")
+  assert len(train) > 3 * len(mc_tasks.word_choice_items("fr", limit=None))
+  assert not {i.context for i in train} & {i.context for i in items}
 
 
 @pytest.mark.parametrize("mask", ["causal", "prefix"])

@@ -133,6 +133,33 @@ def test_batches_of_any_mix_compile_nothing_after_warmup(restored):
     engine.stop()
 
 
+def test_a_soft_prompt_of_token_embeddings_serves_like_those_tokens(restored):
+  """A prompt whose rows are the embeddings of some tokens: echo log-probabilities and
+  greedy text equal those of the plain model with the tokens written before each prompt,
+  and requests get the window less the prompt."""
+  from bigsci_jax.adapt import soft_prompt
+  model, params, tok = restored
+  words = tok.encode("Debian GNU/Linux")
+  prompted = soft_prompt.attach(params, params["embed"]["embedding"][np.asarray(words)])
+  ids = [tok.encode(p) for p in PROMPTS]
+  outcomes = []
+  for engine_params, lead in ((prompted, []), (params, words)):
+    engine = Engine(model, engine_params, tok, max_batch=4)
+    try:
+      choices = ([Choice(lead + p, 0, generate.Sampling(), 0, logprobs=1, echo=True) for p in ids]
+                 + [Choice(lead + p, 8, generate.Sampling(), 0) for p in ids])
+      _submit(engine, choices)()
+    finally:
+      engine.stop()
+    outcomes.append((engine.max_len, choices))
+  (room, with_prompt), (window, literal) = outcomes
+  assert room == window - len(words) == model.cfg.max_len - len(words)
+  for a, b in zip(with_prompt[:4], literal[:4]):
+    np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[len(words) + 1:],
+                               atol=1e-5, rtol=0)
+  assert [c.text for c in with_prompt[4:]] == [c.text for c in literal[4:]]
+
+
 def test_request_checks_name_the_field(restored):
   _, _, tok = restored
 

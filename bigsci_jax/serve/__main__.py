@@ -1,7 +1,7 @@
 """Serve a run's latest checkpoint over HTTP with OpenAI's legacy completions API.
 
   python -m bigsci_jax.serve --model_dir=DIR [--host 127.0.0.1 --port 8000] [--name NAME]
-      [--max_batch 16 --gather_ms 5] [--warmup]
+      [--max_batch 16 --gather_ms 5] [--warmup] [--prompt_dir=P]
 
 Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
 `stream` for server-sent events), GET /v1/models, GET /health, GET /tokenizer_info,
@@ -11,6 +11,9 @@ model=NAME,tokenizer_backend=remote`. The checkpoint is placed on every device
 present (data parallel when they divide --max_batch). Concurrent requests are
 batched (serve/engine.py); --warmup compiles every bucket before the port opens.
 SIGTERM stops accepting connections, finishes what is in flight and exits 0.
+--prompt_dir: a soft prompt (python -m bigsci_jax.prompt_tune) starts every request's
+prompt, invisibly: tokens, offsets and echo cover the request's own text, and
+max_model_len is the window less the prompt's virtual tokens.
 Needs the [serve] extra (FastAPI, uvicorn). Port 0 picks a free port; the line
 `serving NAME on http://HOST:PORT` says which.
 """
@@ -37,12 +40,14 @@ def bind(host, port):
   return sock
 
 
-def load(model_dir, max_batch):
-  """(engine, tokenizer, name metadata) for a run's latest checkpoint."""
+def load(model_dir, max_batch, prompt_dir=None):
+  """(engine, tokenizer, name metadata) for a run's latest checkpoint (and a soft prompt)."""
   from bigsci_jax import evaluate, loop
+  from bigsci_jax.adapt import soft_prompt
   from bigsci_jax.serve.engine import Engine
   from bigsci_jax.tokenizer import Tokenizer
   run, runtime, params, step = evaluate.restore(model_dir, max_batch)
+  params = soft_prompt.attach_dir(params, prompt_dir, run.model)
   vocab = os.path.join(model_dir, loop.VOCAB_FILE)
   if not os.path.exists(vocab):
     raise loop.RunNotFound(f"{model_dir} has no {loop.VOCAB_FILE}: it trained on synthetic data, "
@@ -50,11 +55,15 @@ def load(model_dir, max_batch):
   tokenizer = Tokenizer.from_file(vocab)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
   metadata = {"attention": run.model.mask, "step": step, "bos_token_id": 0,
-              "max_model_len": run.model.max_len,
+              "max_model_len": engine.max_len,
               "echo_logprobs": "causal: each prompt token after the tokens before it"
                                + (" (not inside the bidirectional prefix, where it would see "
                                   "itself); generated tokens follow the prompt as the prefix"
                                   if run.model.mask == "prefix" else "")}
+  if prompt_dir:
+    info = soft_prompt.read_info(prompt_dir)
+    metadata["soft_prompt"] = {"prompt_dir": prompt_dir, "task": info.get("task"),
+                               "num_virtual_tokens": info["num_virtual_tokens"]}
   return engine, tokenizer, metadata
 
 
@@ -69,6 +78,7 @@ def main(argv):
   p.add_argument("--max_batch", type=int, default=16, help="rows decoded together")
   p.add_argument("--gather_ms", type=float, default=5.0, help="how long a batch waits to fill")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
+  p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every request with")
   args = p.parse_args(argv)
   try:
     import uvicorn
@@ -77,6 +87,7 @@ def main(argv):
     print("error: the server needs the [serve] extra: pip install -e '.[serve]'.", file=sys.stderr)
     return 2
   from bigsci_jax import evaluate, loop
+  from bigsci_jax.adapt.soft_prompt import PromptError
   from bigsci_jax.checkpoint import CheckpointMismatch
   try:
     sock = bind(args.host, args.port)
@@ -86,8 +97,8 @@ def main(argv):
     return 2
   name = args.name or os.path.basename(os.path.normpath(args.model_dir))
   try:
-    engine, tokenizer, metadata = load(args.model_dir, args.max_batch)
-  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch) as e:
+    engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir)
+  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, PromptError) as e:
     sock.close()
     print(f"error: {e}", file=sys.stderr)
     return 2

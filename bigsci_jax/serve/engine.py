@@ -16,6 +16,8 @@ generate.Decoder:
     with its own temperature / top-k / top-p and seed, until every row has met
     its max_tokens, EOS or a stop string. A causal model whose rows all want at
     most one token takes it from the scoring pass and builds no cache.
+A soft prompt attached to the params (adapt.soft_prompt) starts every row, after
+BOS; requests get the rest of the window (max_len).
 The cache has context-window slots when the widest prompt bucket plus the
 longest generation fits (the last new token is never fed back), twice that
 otherwise (left padding takes slots).
@@ -33,6 +35,7 @@ import numpy as np
 
 from bigsci_jax import generate
 from bigsci_jax.likelihood import bucket_width
+from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax.vocab import EOS_ID
 
 log = logging.getLogger(__name__)
@@ -85,15 +88,17 @@ class Engine:
                max_queue=4096):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.decoder = generate.Decoder(model, mesh, tokenizer.vocab_size)
-    self.max_len = model.cfg.max_len
+    self.window = model.cfg.max_len
+    self.lead = soft_prompt_ids(params)  # an attached soft prompt starts every row
+    self.max_len = self.window - len(self.lead)  # what a request may use
     self.prefix_lm = model.cfg.mask == "prefix"
     step = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in mesh.axis_names
                                                if a in ("data", "fsdp")]))
     # row counts: the batch-parallel size times powers of two, up to max_batch
     self.row_buckets = [step << i for i in range(max(max_batch // step, 1).bit_length())]
     self.max_batch = self.row_buckets[-1]
-    self.widths = sorted({bucket_width(1 << i, self.max_len)
-                          for i in range(self.max_len.bit_length() + 1)})
+    self.widths = sorted({bucket_width(1 << i, self.window)
+                          for i in range(self.window.bit_length() + 1)})
     self.gather_s, self.max_queue = gather_ms / 1000.0, max_queue
     self._queue = collections.deque()  # (job, choice)
     self._cv = threading.Condition()
@@ -175,10 +180,11 @@ class Engine:
     for rows in row_counts or self.row_buckets:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
-      for cache_len in (self.max_len, 2 * self.max_len):
+      for cache_len in (self.window, 2 * self.window):
         for width in widths or self.widths:
-          batch = generate.prompt_batch([[3] * (width - 1)] * rows, self.prefix_lm, width)
-          if cache_len == self.max_len:
+          batch = generate.prompt_batch([[3] * (width - 1 - len(self.lead))] * rows,
+                                        self.prefix_lm, width, self.lead)
+          if cache_len == self.window:
             jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
                                                                sampling, top))
           picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, cache_len, top)
@@ -193,11 +199,11 @@ class Engine:
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
     padded = choices + [pad] * (count - len(choices))
-    width = bucket_width(1 + max(len(c.prompt) for c in padded), self.max_len)
+    width = bucket_width(1 + len(self.lead) + max(len(c.prompt) for c in padded), self.window)
     steps = max(c.max_tokens for c in padded)
-    cache_len = self.max_len if width + steps - 1 <= self.max_len else 2 * self.max_len
+    cache_len = self.window if width + steps - 1 <= self.window else 2 * self.window
     top = generate.LOGPROBS_MAX  # one shape whatever the rows ask for; rows take their share
-    batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width)
+    batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width, self.lead)
     keys = generate.row_keys([c.seed for c in padded])
     sampling = generate.sampling_rows([c.sampling for c in padded])
     self.batches += 1

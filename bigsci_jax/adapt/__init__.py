@@ -1,0 +1,1 @@
+"""Adapting a frozen checkpoint: soft prompts (prompt tuning)."""
