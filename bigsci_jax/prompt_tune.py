@@ -39,15 +39,16 @@ def builtin_items(name, split, limit):
   return items
 
 
-def lm_eval_items(name, split, limit, include_path):
+def lm_eval_items(name, split, limit, include_path, manager=None):
   """mc_tasks.Item of a multiple-choice harness task, as the harness asks for them
-  zero-shot: its training docs (split "train") or its evaluation docs."""
+  zero-shot: its training docs (split "train") or its evaluation docs. `manager`: a
+  harness TaskManager (default: the harness's tasks and include_path's)."""
   try:
     from lm_eval.tasks import TaskManager, get_task_dict
   except ImportError as e:
     raise evaluate.EvaluationError("harness tasks need the [eval] extra: pip install -e "
                                    "'.[eval]'.") from e
-  manager = TaskManager(include_path=include_path)
+  manager = manager or TaskManager(include_path=include_path)
   if name not in manager.all_tasks:
     raise evaluate.EvaluationError(
         f"unknown task {name!r}: built-in tasks are next_sentence/<lang>, translation/<lang> and "

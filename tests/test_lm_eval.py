@@ -184,10 +184,11 @@ def test_prompt_tuning_reads_a_harness_task_as_the_harness_asks_it(tmp_path, mon
       f"task: bj_tune\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
       f"    train: {tmp_path / 'bj_train.jsonl'}\n    test: {tmp_path / 'bj_test.jsonl'}\n"
       f"training_split: train\ntest_split: test\ndescription: \"Pick one.\\n\"\n{as_text}")
-  train = prompt_tune.lm_eval_items("bj_tune", "train", 100, str(tmp_path))
+  local = TaskManager(include_path=str(tmp_path), include_defaults=False)  # no index of all
+  train = prompt_tune.lm_eval_items("bj_tune", "train", 100, str(tmp_path), local)
   assert [(i.context, i.choices, i.answer, i.delimiter) for i in train] == [
       (f"Pick one.\nQ{k}: which?", ("alpha", "beta", "gamma"), k % 3, " ") for k in range(5)]
-  (test,) = prompt_tune.lm_eval_items("bj_tune", "eval", 100, str(tmp_path))
+  (test,) = prompt_tune.lm_eval_items("bj_tune", "eval", 100, str(tmp_path), local)
   assert test == mc_tasks.Item("Pick one.\nQ: which one?", ("x", "y"), 1)
   with pytest.raises(evaluate.EvaluationError, match="unknown task 'bj_nothing'"):
-    prompt_tune.lm_eval_items("bj_nothing", "train", 10, str(tmp_path))
+    prompt_tune.lm_eval_items("bj_nothing", "train", 10, str(tmp_path), local)

@@ -54,6 +54,8 @@ def test_a_prompt_of_token_embeddings_is_those_tokens(mask):
   (want_cut,), _ = plain.score_requests([(WORDS + long[:-3][-(60 - 3):], long[-3:])])
   assert cut == pytest.approx(want_cut, abs=1e-4)
 
+  if mask == "prefix":
+    return  # generation reads the same rows for both masks
   prompts = [text[:3], text[:7]]
   assert (generate.generate(model, prompted, prompts, 6)
           == generate.generate(model, params, [WORDS + p for p in prompts], 6))

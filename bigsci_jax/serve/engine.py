@@ -181,7 +181,7 @@ class Engine:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
       for cache_len in (self.window, 2 * self.window):
-        for width in widths or self.widths:
+        for width in [w for w in widths or self.widths if w > 1 + len(self.lead)]:
           batch = generate.prompt_batch([[3] * (width - 1 - len(self.lead))] * rows,
                                         self.prefix_lm, width, self.lead)
           if cache_len == self.window:
