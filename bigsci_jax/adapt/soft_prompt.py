@@ -95,11 +95,11 @@ def load(prompt_dir, model_cfg):
   """The [P, D] float32 embeddings of a prompt tuned for a model of model_cfg's shape."""
   info = read_info(prompt_dir)
   wanted = model_shape(model_cfg)
-  for field, value in info["model"].items():
-    if wanted.get(field) != value:
+  for field in SHAPE_FIELDS:  # the first that differs, widest first
+    if info["model"].get(field) != wanted[field]:
       raise PromptError(f"the soft prompt in {prompt_dir} was tuned for a model with "
-                        f"{field}={value}, and this model has {field}={wanted.get(field)}: tune "
-                        f"a prompt for this model.")
+                        f"{field}={info['model'].get(field)}, and this model has "
+                        f"{field}={wanted[field]}: tune a prompt for this model.")
   import orbax.checkpoint as ocp
   count, d_model = info["num_virtual_tokens"], model_cfg.d_model
   target = {"embeddings": jax.ShapeDtypeStruct((count, d_model), np.float32)}
