@@ -132,11 +132,7 @@ class Scorer:
       yield ids, chunk + [chunk[0]] * (self.batch_size - len(chunk))
 
   def _apply(self, rows):
-    if self.mesh is None:
-      return self._score(self.params, rows)
-    with sharding.activate(self.mesh):
-      return self._score(self.params,
-                         jax.device_put(rows, sharding.batch_sharding(self.mesh, 2)))
+    return sharding.call_with_rows(self.mesh, self._score, self.params, rows=rows)
 
   def score_requests(self, pairs):
     """[(context ids, continuation ids)] of any length -> (float64 [N] summed

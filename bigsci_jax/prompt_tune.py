@@ -4,7 +4,8 @@
       [--num_virtual_tokens=20 --steps=300 --batch_size=8 --learning_rate=3e-2]
       [--objective=auto|choice|lm] [--limit=200] [--include_path=DIR] [--seed=0]
 
-Tasks: the built-in ones (next_sentence/<lang>, translation/<lang>, cloze/<lang>:
+Tasks: the built-in ones (next_sentence/<lang>, translation/<lang>, cloze/<lang>,
+word_choice/<lang>:
 tuned on items from the handbook's train chapters, measured on the test chapters'
 items as `evaluate` measures them), or a multiple-choice lm-evaluation-harness task
 from a local YAML (--include_path DIR; tuned on its training split, measured on
@@ -26,7 +27,7 @@ import dataclasses
 import json
 import sys
 
-from bigsci_jax import evaluate, loop, mc_tasks
+from bigsci_jax import evaluate, likelihood, loop, mc_tasks
 from bigsci_jax.adapt import soft_prompt, tune
 from bigsci_jax.corpus import CorpusError
 
@@ -51,8 +52,9 @@ def lm_eval_items(name, split, limit, include_path, manager=None):
   manager = manager or TaskManager(include_path=include_path)
   if name not in manager.all_tasks:
     raise evaluate.EvaluationError(
-        f"unknown task {name!r}: built-in tasks are next_sentence/<lang>, translation/<lang> and "
-        f"cloze/<lang>; a harness task needs its YAML's directory in --include_path.")
+        f"unknown task {name!r}: a built-in task is KIND/<lang> (kinds: "
+        f"{', '.join(evaluate.TASKS)}); a harness task needs its YAML's directory in "
+        f"--include_path.")
   task = get_task_dict([name], manager)[name]
   if getattr(task, "OUTPUT_TYPE", None) != "multiple_choice" or task.multiple_input:
     raise evaluate.EvaluationError(f"task {name!r} is not a multiple-choice task with one "
@@ -108,16 +110,16 @@ def main(argv):
       train_items = lm_eval_items(args.task, "train", args.train_limit, args.include_path)
       eval_items = lm_eval_items(args.task, "eval", args.limit, args.include_path)
     run, runtime, params, step = evaluate.restore(args.model_dir)
-    tokenizer = loop.read_vocab(args.model_dir)
+    base = evaluate.make_scorer(args.model_dir, run, runtime, params)
     init_PxD = soft_prompt.init_from_vocab(params, cfg.num_virtual_tokens, args.seed)
-    scores = {"untuned": task_scores(args.task, eval_items, evaluate.make_scorer(
-        args.model_dir, run, runtime, params), args.limit)}
+    scores = {"untuned": task_scores(args.task, eval_items, base, args.limit)}
     print(f"untuned: {_line(scores['untuned'])}", flush=True)
     prompt_PxD, losses = tune.tune(
-        runtime.model, params, train_items, tokenizer, init_PxD, cfg, run.batch.seq_len,
+        runtime.model, params, train_items, base.tokenizer, init_PxD, cfg, run.batch.seq_len,
         runtime.mesh, lambda i, loss: print(f"step {i}: loss {loss:.4f}", flush=True))
-    scores["tuned"] = task_scores(args.task, eval_items, evaluate.make_scorer(
-        args.model_dir, run, runtime, soft_prompt.attach(params, prompt_PxD)), args.limit)
+    tuned = likelihood.Scorer(runtime.model, soft_prompt.attach(params, prompt_PxD),
+                              base.tokenizer, base.seq_len, base.batch_size, runtime.mesh)
+    scores["tuned"] = task_scores(args.task, eval_items, tuned, args.limit)
     print(f"tuned:   {_line(scores['tuned'])}", flush=True)
     out = soft_prompt.save(args.out, prompt_PxD, run.model, {
         "task": args.task, "base_model_dir": args.model_dir, "base_step": step,

@@ -103,6 +103,15 @@ def activate(mesh: Mesh):
     yield
 
 
+def call_with_rows(mesh, fn, *args, rows):
+  """fn(*args, rows) as is without a mesh; with one, traced under its logical rules with
+  the [N, L] feature rows placed over its batch axes."""
+  if mesh is None:
+    return fn(*args, rows)
+  with activate(mesh):
+    return fn(*args, jax.device_put(rows, batch_sharding(mesh, 2)))
+
+
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,
                                  multihost=False):
   """Join a multi-process run; returns True when jax.distributed was initialised.

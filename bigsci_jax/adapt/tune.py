@@ -3,8 +3,10 @@
 The only trainable array is the prompt [P, D]; the base parameters are an argument
 of the jitted step, never differentiated, never in the optimizer state, never
 written. Objectives over mc_tasks.Item (context, choices, answer, delimiter):
-  choice  cross-entropy over an item's choices, each scored by its summed
-          log-likelihood: the rank classification the harness evaluates with;
+  choice  cross-entropy over an item's choices, each scored by its mean
+          log-likelihood per token (the harness ranks choices by summed
+          log-likelihood, but sentence-long choices differ by tens of nats and
+          that drowns the gradient);
   lm      the log-likelihood per token of the right choice alone (Lester et al.
           2021's text-to-text objective; the one for cloze items, whose only choice
           is the word).
@@ -13,7 +15,6 @@ prompt's virtual tokens, the context, the continuation), all at one width, so th
 step compiles once.
 """
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -97,7 +98,7 @@ def _loss(prompt_PxD, frozen, rows, valid_BxC, answer_B, *, model, objective):
   return -jnp.mean(jnp.take_along_axis(logp_BxC, answer_B[:, None], axis=-1))
 
 
-def _step(prompt_PxD, opt_state, frozen, rows, valid_BxC, answer_B, *, model, objective,
+def _step(prompt_PxD, opt_state, frozen, valid_BxC, answer_B, rows, *, model, objective,
           optimizer):
   loss, grad_PxD = jax.value_and_grad(_loss)(prompt_PxD, frozen, rows, valid_BxC, answer_B,
                                              model=model, objective=objective)
@@ -137,10 +138,8 @@ def tune(model, params, items, tokenizer, init_PxD, cfg: TuneConfig, seq_len, me
     ids = next(batches)
     rows, valid, answers = _rows(encoded, ids, width, cfg.objective, model.cfg.mask == "prefix",
                                  lead, choices)
-    with sharding.activate(mesh) if mesh is not None else contextlib.nullcontext():
-      if mesh is not None:
-        rows = jax.device_put(rows, sharding.batch_sharding(mesh, 2))
-      prompt_PxD, opt_state, loss = step(prompt_PxD, opt_state, frozen, rows, valid, answers)
+    prompt_PxD, opt_state, loss = sharding.call_with_rows(mesh, step, prompt_PxD, opt_state,
+                                                          frozen, valid, answers, rows=rows)
     losses.append(float(loss))
     if not np.isfinite(losses[-1]):
       raise FloatingPointError(f"the prompt-tuning loss is {losses[-1]} at step {i + 1}; lower "
