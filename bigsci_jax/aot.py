@@ -1,6 +1,8 @@
-"""Ahead-of-time scale check: compile the train step for a device slice without one.
+"""Ahead-of-time scale check: compile the train step, or one decoding step, for a
+device slice without one.
 
   python -m bigsci_jax.aot [--gin_file=F ...] --topology=v5p:8x8x4 [--mesh=DATAxFSDPxTENSOR]
+                           [--step=train|decode] [--decode_rows=N] [--offload=host]
                            [--gin.NAME=VALUE ...] [--verbose]
 
 `--topology` names a TPU slice (`v5e:4x4`, `v5p:8x8x4`, `v4:4x4x8`, `v6e:16x16`: the
@@ -11,6 +13,14 @@ Prints per-chip memory (arguments, outputs, temporaries, total), the chip's HBM
 and whether it fits, parameters, FLOPs per step (bigsci_jax.flops; the compiler's
 cost analysis counts a scanned layer once) and compile time; the last stdout line
 is a JSON object. A config over the chip's memory exits 1 with one sentence.
+
+--step=decode compiles what generation and serving run per new token
+(generate.Decoder's step): N rows (--decode_rows) each add one token to a KV cache of
+ModelConfig.max_len slots, the parameters in their ModelConfig.param_dtype (bind
+'bfloat16' for a released model's weights) and the cache's rows over data x fsdp, its
+heads over tensor. With --offload=host the parameters are arguments in pinned host
+memory and each layer's weights are copied to the device inside the layer scan; the
+report adds the host bytes per device (what the host must hold for it).
 """
 
 import argparse
@@ -75,6 +85,8 @@ def parse_mesh(text):
 class Report:
   """One compile: where, what, and the compiler's per-device memory."""
   topology: str
+  step: str               # "train" or "decode"
+  offload: str            # "none" or "host" (where the parameters live)
   device_kind: str
   devices: int
   chips: int
@@ -82,9 +94,10 @@ class Report:
   params: int
   attention_impl: str
   remat: str
-  batch: dict
+  batch: dict             # train: global, micro, accumulation, seq_len; decode: rows, cache_len
   flops_per_step: float
-  memory: dict            # per device: argument, output, alias, temp, code, total bytes
+  memory: dict            # per device: argument, output, alias, temp, code, total (device
+                          # memory) and host_argument, host_temp bytes
   bytes_per_chip: int     # memory["total"]
   hbm_bytes: int | None
   fits: bool
@@ -107,13 +120,18 @@ def _device_grid(devices, shape):
   return np.asarray(devices[:int(np.prod(shape))]).reshape(shape)
 
 
-def too_big(topology, device_kind, mesh, needed, available):
+def too_big(topology, device_kind, mesh, needed, available, what="train step", offload="none"):
   """One sentence: what does not fit where, and how to fix it."""
   amount = (f"needs {needed} per device but the {device_kind} device has {available}" if needed
             else f"does not fit the {device_kind} device's memory")
-  return (f"the train step on {topology} with mesh data={mesh['data']} fsdp={mesh['fsdp']} "
+  if what == "train step":
+    fixes = "a smaller BatchConfig.micro_batch_size, or ModelConfig.remat='full'"
+  else:
+    fixes = ("fewer --decode_rows, or a shorter ModelConfig.max_len" if offload == "host"
+             else "fewer --decode_rows, a shorter ModelConfig.max_len, or --offload=host")
+  return (f"the {what} on {topology} with mesh data={mesh['data']} fsdp={mesh['fsdp']} "
           f"tensor={mesh['tensor']} {amount}: use a bigger slice, another mesh (more fsdp or "
-          f"tensor), a smaller BatchConfig.micro_batch_size, or ModelConfig.remat='full'.")
+          f"tensor), {fixes}.")
 
 
 def _exhausted(message):
@@ -124,25 +142,80 @@ def _exhausted(message):
   return amounts.groups() if amounts else (None, None)
 
 
+def _mesh(run, devices):
+  """(run with its mesh sizes resolved for these devices, the Mesh)."""
+  from jax.sharding import AxisType, Mesh
+
+  from bigsci_jax import sharding
+  shape = sharding.mesh_shape(run.mesh, len(devices))
+  run = dataclasses.replace(run, mesh=dataclasses.replace(run.mesh, data=shape[0],
+                                                          fsdp=shape[1], tensor=shape[2]))
+  return run, Mesh(_device_grid(devices, shape), sharding.MESH_AXES,
+                   axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+
+
+def _compile(lowered_fn, mesh, devices, topology, what, offload="none"):
+  """(compiled, seconds): lowered_fn() compiled under the mesh's logical rules; a program
+  over the chip's memory raises AotError with the compiler's amounts."""
+  from bigsci_jax import sharding
+  start = time.perf_counter()
+  try:
+    with sharding.activate(mesh):
+      compiled = lowered_fn().compile()
+  except Exception as e:  # the compiler's errors are XlaRuntimeError / JaxRuntimeError
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    raise AotError(too_big(topology or devices[0].platform, devices[0].device_kind,
+                           dict(mesh.shape), *_exhausted(str(e)), what, offload)) from e
+  return compiled, time.perf_counter() - start
+
+
+def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
+  """The Report of a compiled program: the compiler's per-device memory against the HBM."""
+  m = compiled.memory_analysis()
+  memory = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
+            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
+            "code": m.generated_code_size_in_bytes}
+  memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+                     + memory["code"])
+  memory["host_argument"] = getattr(m, "host_argument_size_in_bytes", 0)
+  memory["host_temp"] = getattr(m, "host_temp_size_in_bytes", 0)
+  kind = devices[0].device_kind
+  hbm = hbm_bytes(kind)
+  cores = len({getattr(d, "core_on_chip", 0) for d in devices})
+  from bigsci_jax import flops
+  return Report(
+      topology=topology or f"{devices[0].platform}:{len(devices)}", device_kind=kind,
+      devices=len(devices), chips=len(devices) // cores,
+      mesh={k: int(v) for k, v in mesh.shape.items()},
+      params=flops.param_counts(run.model).total, remat=run.model.remat, memory=memory,
+      bytes_per_chip=memory["total"], hbm_bytes=hbm,
+      fits=hbm is None or memory["total"] <= hbm, compile_s=round(compile_s, 1), **fields)
+
+
+def _attention_impl(run, mesh):
+  """The attention the train step uses on the mesh's devices ("auto" resolved there)."""
+  from bigsci_jax import sharding
+  from bigsci_jax.kernels import auto_impl
+  if run.model.attention_impl != "auto":
+    return run.model.attention_impl
+  with sharding.activate(mesh):
+    return auto_impl()
+
+
 def compile_train_step(run, devices, topology=""):
   """Lower and compile `run`'s train step for `devices` (abstract state and batch);
   returns (Report, compiled). Raises AotError when it does not fit."""
   import jax
   import jax.numpy as jnp
-  from jax.sharding import AxisType, Mesh
 
   from bigsci_jax import data, flops, sharding
   from bigsci_jax import step as steps
-  from bigsci_jax.kernels import auto_impl
   from bigsci_jax.loop import check_batch_fits_mesh
   from bigsci_jax.model import Transformer
   from bigsci_jax.optim import make_optimizer
 
-  shape = sharding.mesh_shape(run.mesh, len(devices))
-  run = dataclasses.replace(run, mesh=dataclasses.replace(run.mesh, data=shape[0],
-                                                          fsdp=shape[1], tensor=shape[2]))
-  mesh = Mesh(_device_grid(devices, shape), sharding.MESH_AXES,
-              axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+  run, mesh = _mesh(run, devices)
   check_batch_fits_mesh(run, mesh, processes=1)
   model = Transformer(run.model)
   tx, schedule = make_optimizer(run.optimizer, run.train.train_steps, run.batch.batch_size)
@@ -154,57 +227,84 @@ def compile_train_step(run, devices, topology=""):
                                    sharding=sharding.batch_sharding(mesh, 3, batch_axis=1))
            for k in data.FEATURES}
   train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
-  start = time.perf_counter()
-  try:
-    with sharding.activate(mesh):
-      impl = (auto_impl() if run.model.attention_impl == "auto" else run.model.attention_impl)
-      compiled = train_step.jitted.lower(abstract, batch).compile()
-  except Exception as e:  # the compiler's errors are XlaRuntimeError / JaxRuntimeError
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    mesh_sizes = dict(zip(sharding.MESH_AXES, shape))
-    raise AotError(too_big(topology or devices[0].platform, devices[0].device_kind, mesh_sizes,
-                           *_exhausted(str(e)))) from e
-  compile_s = time.perf_counter() - start
-  m = compiled.memory_analysis()
-  memory = {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-            "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-            "code": m.generated_code_size_in_bytes}
-  memory["total"] = (memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-                     + memory["code"])
-  kind = devices[0].device_kind
-  hbm = hbm_bytes(kind)
-  cores = len({getattr(d, "core_on_chip", 0) for d in devices})
-  report = Report(
-      topology=topology or f"{devices[0].platform}:{len(devices)}", device_kind=kind,
-      devices=len(devices), chips=len(devices) // cores,
-      mesh=dict(zip(sharding.MESH_AXES, (int(s) for s in shape))),
-      params=flops.param_counts(run.model).total, attention_impl=impl, remat=run.model.remat,
+  compiled, seconds = _compile(lambda: train_step.jitted.lower(abstract, batch), mesh, devices,
+                               topology, "train step")
+  report = _report(
+      compiled, seconds, run, mesh, devices, topology, step="train", offload="none",
+      attention_impl=_attention_impl(run, mesh),
       batch={"global": run.batch.batch_size, "micro": run.batch.micro_batch_size,
              "accumulation": accumulation, "seq_len": run.batch.seq_len},
       flops_per_step=flops.flops_per_token(run.model, run.batch.seq_len)
-      * run.batch.batch_size * run.batch.seq_len,
-      memory=memory, bytes_per_chip=memory["total"], hbm_bytes=hbm,
-      fits=hbm is None or memory["total"] <= hbm, compile_s=round(compile_s, 1))
+      * run.batch.batch_size * run.batch.seq_len)
+  return report, compiled
+
+
+# The decoding cache's logical axes by entry name (model.Attention._cached), scanned
+# layers first: keys / values [layers, B, S, G, K], positions / prefix [layers, B, S].
+_CACHE_AXES = {"keys": (None, "batch", None, "kv_heads", None),
+               "values": (None, "batch", None, "kv_heads", None),
+               "positions": (None, "batch", None), "prefix": (None, "batch", None)}
+
+
+def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
+  """Lower and compile one decoding step of `run`'s model (generate.Decoder's step:
+  `rows` rows, a KV cache of ModelConfig.max_len slots) for `devices`, the parameters
+  in pinned host memory for offload="host"; returns (Report, compiled)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  from bigsci_jax import flops, generate, sharding
+  from bigsci_jax import step as steps
+  from bigsci_jax.model import Transformer
+
+  run, mesh = _mesh(run, devices)
+  model = Transformer(run.model, offload=offload)
+  abstract, shardings = steps.abstract_state(Transformer(run.model), optax.identity(), mesh, 1)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract.params, sharding.offloaded(shardings.params, offload))
+  cache = jax.eval_shape(lambda: generate.empty_cache(model, rows))
+  cache = jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.logical_to_sharding(
+          _CACHE_AXES.get(path[-1].key, ()), x.shape, mesh)), cache)
+  row = sharding.logical_to_sharding(("batch",), (rows,), mesh)
+  ints = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row)
+  keys = jax.ShapeDtypeStruct((rows,), jax.eval_shape(generate.row_keys, [0] * rows).dtype,
+                              sharding=row)
+  floats = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row)
+  decoder = generate.Decoder(model, mesh)
+  compiled, seconds = _compile(
+      lambda: decoder._step.lower(0, params, cache, ints, ints, keys, 1, (floats, ints, floats)),
+      mesh, devices, topology, "decoding step", offload)
+  report = _report(
+      compiled, seconds, run, mesh, devices, topology, step="decode", offload=offload,
+      attention_impl="cached (XLA)", batch={"rows": rows, "cache_len": run.model.max_len},
+      flops_per_step=flops.flops_per_token(run.model, run.model.max_len) / 3 * rows)
   return report, compiled
 
 
 def describe(report: Report):
   """The human-readable lines printed before the JSON."""
   gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-  m = report.memory
+  m, b = report.memory, report.batch
   mesh = " x ".join(f"{k} {v}" for k, v in report.mesh.items())
   hbm = gib(report.hbm_bytes) if report.hbm_bytes else "unknown"
+  if report.step == "train":
+    work = (f"remat {report.remat}; batch {b['global']} x {b['seq_len']} tokens "
+            f"({b['accumulation']} micro-batches of {b['micro']})")
+  else:
+    work = (f"one decoding step of {b['rows']} rows against a {b['cache_len']}-slot KV cache, "
+            f"parameters {'in pinned host memory' if report.offload == 'host' else 'on device'}")
+  host = (f"; in host memory: arguments {gib(m['host_argument'])}, temporaries "
+          f"{gib(m['host_temp'])}" if m["host_argument"] or m["host_temp"] else "")
   return [
       f"{report.topology}: {report.devices} {report.device_kind} devices ({report.chips} chips), "
       f"mesh {mesh}",
-      f"model: {report.params:,} parameters, attention {report.attention_impl}, "
-      f"remat {report.remat}; batch {report.batch['global']} x {report.batch['seq_len']} tokens "
-      f"({report.batch['accumulation']} micro-batches of {report.batch['micro']}); "
+      f"model: {report.params:,} parameters, attention {report.attention_impl}, {work}; "
       f"{report.flops_per_step:.3e} FLOPs per step",
       f"per device: arguments {gib(m['argument'])}, outputs {gib(m['output'])} "
       f"({gib(m['alias'])} aliased), temporaries {gib(m['temp'])}, total {gib(m['total'])} "
-      f"of {hbm} HBM: {'fits' if report.fits else 'DOES NOT FIT'}",
+      f"of {hbm} HBM: {'fits' if report.fits else 'DOES NOT FIT'}{host}",
       f"compiled in {report.compile_s:.1f} s",
   ]
 
@@ -215,6 +315,10 @@ def parse_flags(argv):
   parser.add_argument("--gin_file", action="append", default=[])
   parser.add_argument("--topology", required=True)
   parser.add_argument("--mesh", default=None)
+  parser.add_argument("--step", default="train", choices=("train", "decode"))
+  parser.add_argument("--decode_rows", type=int, default=1, help="rows of a decoding step")
+  parser.add_argument("--offload", default="none", choices=("none", "host"),
+                      help="decode: parameters in pinned host memory, one layer on the device")
   parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
   bindings, rest = _gin_edge().split_gin_bindings(argv)
   flags = parser.parse_args(rest)
@@ -248,7 +352,16 @@ def main(argv):
     if flags.mesh:
       run = dataclasses.replace(run, mesh=parse_mesh(flags.mesh))
     devices = topology_devices(flags.topology)
-    report, _ = compile_train_step(run, devices, flags.topology)
+    if flags.step == "decode":
+      if flags.decode_rows < 1:
+        raise AotError(f"--decode_rows={flags.decode_rows}: a decoding step has at least 1 row.")
+      report, _ = compile_decode_step(run, devices, flags.topology, flags.decode_rows,
+                                      flags.offload)
+    else:
+      if flags.offload != "none":
+        raise AotError("--offload=host is for --step=decode: training keeps its parameters "
+                       "and optimizer state on the devices.")
+      report, _ = compile_train_step(run, devices, flags.topology)
   except (AotError, ConfigError, FileNotFoundError) as e:
     if flags.verbose:
       raise
@@ -258,8 +371,11 @@ def main(argv):
   print(json.dumps(report.to_dict()))
   if not report.fits:  # the compiler checks temporaries alone; arguments need room too
     gib = lambda b: f"{b / 2**30:.2f}G"  # noqa: E731
+    what = "train step" if report.step == "train" else "decoding step"
     print("error: " + too_big(report.topology, report.device_kind, report.mesh,
-                              gib(report.bytes_per_chip), gib(report.hbm_bytes)), file=sys.stderr)
+                              gib(report.bytes_per_chip), gib(report.hbm_bytes), what,
+                              report.offload),
+          file=sys.stderr)
     return 1
   return 0
 

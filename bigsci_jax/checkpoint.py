@@ -108,10 +108,13 @@ class Checkpoints:
                               config=ocp.args.JsonSave(config_dict))
     return self.manager.save(step, args=args, force=True)
 
-  def check_fits(self, abstract_state, step, config_dict=None):
+  def check_fits(self, abstract_state, step, config_dict=None, only=None):
     """Raise CheckpointMismatch naming the arrays (and config fields) that differ between
-    checkpoint `step` and abstract_state."""
+    checkpoint `step` and abstract_state (with only="params": the checkpoint's params
+    and abstract_state = {"params": ...})."""
     saved = _shapes(self.manager.item_metadata(step)["state"])
+    if only:
+      saved = {n: s for n, s in saved.items() if n.split("/")[0] == only}
     message = describe_mismatch(saved, _shapes(abstract_state), None, None)
     if message is None:
       return
@@ -132,6 +135,20 @@ class Checkpoints:
                               data=ocp.args.JsonRestore())
     restored = self.manager.restore(step, args=args)
     return restored["state"], restored["data"]
+
+  def restore_params(self, abstract_params, step=None, config_dict=None):
+    """The parameters alone of `step` (default: latest), placed as abstract_params' leaves
+    say (their shardings may name pinned host memory): inference never reads, and so
+    never allocates, the optimizer state."""
+    step = self.latest_step() if step is None else step
+    wanted = {"params": abstract_params}
+    self.check_fits(wanted, step, config_dict, only="params")
+    restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), wanted)
+    reader = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+    restored = reader.restore(os.path.join(self.directory, str(step), "state"),
+                              args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                                          partial_restore=True))
+    return restored["params"]
 
   def wait(self):
     self.manager.wait_until_finished()

@@ -2,7 +2,7 @@
 multiple-choice tasks, from each run's latest checkpoint.
 
   python -m bigsci_jax.evaluate --model_dir=DIR [--model_dir=DIR2 ...] [--tasks=next_sentence/en,cloze/fr,...]
-      [--split=validation|test] [--limit=200] [--out=DIR] [--prompt_dir=P]
+      [--split=validation|test] [--limit=200] [--out=DIR] [--prompt_dir=P] [--offload=host]
 
 The checkpoint is restored onto whatever devices are present (all of them data
 parallel when they divide the micro-batch, else one). Writes eval_results.json
@@ -14,6 +14,9 @@ SentencePiece vocabulary (model_dir/vocab.model), so a synthetic run gets losses
 only. With --prompt_dir (a soft prompt from python -m bigsci_jax.prompt_tune, one
 model_dir) the tasks are scored with the prompt starting every input (the corpus
 losses stay the base model's) and eval_results.json goes to the prompt directory.
+--offload=host keeps the parameters in pinned host memory and brings each layer's
+weights to the device as it runs (model.Transformer): slower, for models larger
+than the devices' memory.
 """
 
 import argparse
@@ -27,6 +30,7 @@ import jax
 from bigsci_jax import likelihood, loop, mc_tasks
 from bigsci_jax.config import ConfigError, MeshConfig, RunConfig
 from bigsci_jax.corpus import CorpusError
+from bigsci_jax.sharding import OFFLOAD
 
 TASKS = {"next_sentence": mc_tasks.next_sentence_items,
          "translation": mc_tasks.translation_items,
@@ -62,15 +66,17 @@ def _mesh_config(batch_size):
   return MeshConfig(1, 1, 1)
 
 
-def restore(model_dir, batch_size=None):
+def restore(model_dir, batch_size=None, offload="none"):
   """(run config on this machine's mesh, its loop.Runtime, the latest checkpoint's
   params, that checkpoint's step). The mesh is data parallel over every device when
-  they divide batch_size (default: the run's micro-batch), else one device."""
+  they divide batch_size (default: the run's micro-batch), else one device. Only the
+  parameters are read: on the devices, or in pinned host memory for offload="host"
+  (then runtime.model brings them to the device layer by layer)."""
   run = loop.read_run(model_dir)
   run = dataclasses.replace(run, mesh=_mesh_config(batch_size or run.batch.micro_batch_size))
-  runtime = loop.Runtime(run)
-  state, _, step = runtime.restore_latest(model_dir)
-  return run, runtime, state.params, step
+  runtime = loop.Runtime(run, offload)
+  params, step = runtime.restore_params(model_dir)
+  return run, runtime, params, step
 
 
 def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=None):
@@ -90,10 +96,11 @@ def score_task(name, scorer, limit=200):
   return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
 
 
-def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_dir=None):
+def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_dir=None,
+                 offload="none"):
   for name in tasks or ():
     parse_task(name)  # a wrong name stops before anything is restored
-  run, runtime, params, step = restore(model_dir)
+  run, runtime, params, step = restore(model_dir, offload=offload)
   if tasks and run.data.mixture == "synthetic":
     raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
                           f"text tasks; evaluate losses only (--tasks=).")
@@ -155,13 +162,15 @@ def main(argv):
   p.add_argument("--limit", type=int, default=200, help="items per task")
   p.add_argument("--out", default=None)
   p.add_argument("--prompt_dir", default=None, help="a soft prompt to score the tasks with")
+  p.add_argument("--offload", default="none", choices=OFFLOAD,
+                 help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
   from bigsci_jax.adapt.soft_prompt import PromptError
   try:
     if args.prompt_dir and len(args.model_dir) > 1:
       raise EvaluationError("--prompt_dir goes with one --model_dir (the model it was tuned for).")
-    results = [evaluate_dir(d, tasks, args.split, args.limit, args.prompt_dir)
+    results = [evaluate_dir(d, tasks, args.split, args.limit, args.prompt_dir, args.offload)
                for d in args.model_dir]
   except (EvaluationError, ConfigError, CorpusError, loop.TrainingError, loop.RunNotFound,
           PromptError) as e:

@@ -7,9 +7,11 @@ prefix, as in training), then tokens are generated causally. A prompt that does
 not fit the context window with the tokens to generate is refused.
 
   python -m bigsci_jax.generate --model_dir=DIR --prompt="Debian est" [--max_new_tokens=40]
-      [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--prompt_dir=P]
+      [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--prompt_dir=P] [--offload=host]
 
 --prompt_dir: a soft prompt (python -m bigsci_jax.prompt_tune) starts every prompt.
+--offload=host: the parameters stay in pinned host memory and each layer's weights are
+brought to the device as the layer scan reaches it (a model larger than device memory).
 """
 
 import argparse
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigsci_jax.model import soft_prompt_ids
+from bigsci_jax.sharding import OFFLOAD
 
 BOS_ID = 0  # seqio decoders start from token 0 (also the padding id)
 
@@ -267,12 +270,14 @@ def main(argv):
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every prompt with")
+  p.add_argument("--offload", default="none", choices=OFFLOAD,
+                 help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt import soft_prompt
-  try:
-    run, runtime, params, _ = evaluate.restore(args.model_dir)
-    params = soft_prompt.attach_dir(jax.device_get(params), args.prompt_dir, run.model)
+  try:  # one device: generate() runs without a mesh
+    run, runtime, params, _ = evaluate.restore(args.model_dir, batch_size=1, offload=args.offload)
+    params = soft_prompt.attach_dir(params, args.prompt_dir, run.model)
     if run.data.mixture == "synthetic":
       raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
                             f"to turn a prompt into tokens.")

@@ -46,31 +46,50 @@ def read_run(model_dir) -> RunConfig:
 
 
 class Runtime:
-  """A run's model, optimizer, state shardings and eval step on the current devices."""
+  """A run's model, optimizer, state shardings and eval step on the current devices.
 
-  def __init__(self, run: RunConfig):
-    self.run = run
+  offload="host" (inference only): the model reads its parameters from pinned host
+  memory (model.Transformer), the eval step takes them there, and restore_params puts
+  them there."""
+
+  def __init__(self, run: RunConfig, offload="none"):
+    self.run, self.offload = run, offload
     self.mesh = sharding.make_mesh(run.mesh)
-    self.model = Transformer(run.model)
+    self.model = Transformer(run.model, offload=offload)
     self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps,
                                             run.batch.batch_size)
-    self.abstract, self.shardings = steps.abstract_state(self.model, self.tx, self.mesh,
-                                                         run.batch.seq_len, run.train.spike_window)
-    self.eval_step = steps.make_eval_step(self.model, self.mesh, self.shardings.params)
+    self.abstract, self.shardings = steps.abstract_state(Transformer(run.model), self.tx,
+                                                         self.mesh, run.batch.seq_len,
+                                                         run.train.spike_window)
+    self.params_shardings = sharding.offloaded(self.shardings.params, offload)
+    self.eval_step = steps.make_eval_step(self.model, self.mesh, self.params_shardings)
 
-  def restore_latest(self, model_dir):
-    """(train state, data state, step) of model_dir's latest checkpoint, in this runtime's
-    shardings."""
+  def _latest(self, model_dir, restore):
     ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"), every=1, keep=1)
     try:
       step = ckpts.latest_step()
       if step is None:
         raise RunNotFound(f"{model_dir} has no checkpoint yet; train it first (train.py "
                           f"--model_dir={model_dir}).")
-      state, data_state = ckpts.restore(self.abstract, step, self.run.to_dict())
+      return restore(ckpts, step), step
     finally:
       ckpts.close()
+
+  def restore_latest(self, model_dir):
+    """(train state, data state, step) of model_dir's latest checkpoint, in this runtime's
+    shardings."""
+    (state, data_state), step = self._latest(
+        model_dir, lambda ckpts, step: ckpts.restore(self.abstract, step, self.run.to_dict()))
     return state, data_state, step
+
+  def restore_params(self, model_dir):
+    """(params, step) of model_dir's latest checkpoint, where this runtime's model reads
+    them (on the devices, or in pinned host memory with offload="host"); the optimizer
+    state is not read."""
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            self.abstract.params, self.params_shardings)
+    return self._latest(model_dir, lambda ckpts, step: ckpts.restore_params(
+        abstract, step, self.run.to_dict()))
 
   def loss(self, params, batches):
     """Token-weighted loss of these host micro-batches."""

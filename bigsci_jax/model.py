@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from bigsci_jax import kernels
 from bigsci_jax.config import ModelConfig
 from bigsci_jax.kernels.mask import softmax_dtype
-from bigsci_jax.sharding import constrain
+from bigsci_jax.sharding import constrain, offloaded
 
 SOFT_PROMPT = "soft_prompt"  # the params entry of an attached soft prompt [P, D]
 
@@ -29,6 +29,20 @@ def soft_prompt_ids(params):
   if SOFT_PROMPT not in params:
     return []
   return [-1 - i for i in range(params[SOFT_PROMPT].shape[0])]
+
+
+def _to_device(tree):
+  """Inside jit: copies of the arrays in device memory (a no-op for arrays already there)."""
+  return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
+
+
+def fetched(module_class, offload):
+  """module_class, or for offload="host" the class whose parameters are copied from host
+  to device memory each time it runs (so only the running module's weights occupy the
+  device: inside the layer scan, one layer's)."""
+  if offload == "none":
+    return module_class
+  return nn.map_variables(module_class, "params", trans_in_fn=_to_device)
 
 
 def compute_dtype(cfg: ModelConfig):
@@ -46,14 +60,15 @@ def _zeros(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _norm(cfg, name):
+def _norm(cfg, name, offload="none"):
   dtype, pdtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
   if cfg.norm == "rmsnorm":
-    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
-                      scale_init=scale_init, name=name)
-  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
-                      scale_init=scale_init, bias_init=_zeros(("embed",)), name=name)
+    return fetched(nn.RMSNorm, offload)(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                                        scale_init=scale_init, name=name)
+  return fetched(nn.LayerNorm, offload)(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                                        scale_init=scale_init, bias_init=_zeros(("embed",)),
+                                        name=name)
 
 
 def sinusoidal_BxLxD(positions_BxL, d_model):
@@ -227,8 +242,15 @@ class Transformer(nn.Module):
   bidirectional prefix (used only when cfg.mask == 'prefix'). A negative token
   -1 - i is virtual token i of a soft prompt attached to the params
   (adapt.soft_prompt).
+
+  offload="host": the parameters stay in host memory (the caller places them there,
+  see `offload_params`) and each piece is copied to the device only where it runs:
+  the layer scan brings one layer's weights per iteration, so a model larger than
+  device memory still runs, at the cost of reading every weight over the host link
+  on every call. For inference; the parameter tree is the same either way.
   """
   cfg: ModelConfig
+  offload: str = "none"
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prefix_BxL=None,
@@ -237,18 +259,23 @@ class Transformer(nn.Module):
     dtype = compute_dtype(cfg)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                     embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    offload = "none" if self.is_initializing() else self.offload  # init creates, not reads
+    fetch = _to_device if offload == "host" else (lambda tree: tree)
+    embed = fetched(nn.Embed, offload)(cfg.vocab_size, cfg.d_model, dtype=dtype,
+                                       param_dtype=jnp.dtype(cfg.param_dtype),
+                                       embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
     # Negative ids are soft-prompt slots (adapt.soft_prompt): slot -1 - i takes row i of the
     # `soft_prompt` parameter, present only when a tuned prompt is attached to the params.
     x_BxLxD = embed(jnp.maximum(tokens_BxL, 0))
     if self.has_variable("params", SOFT_PROMPT):
-      prompt_PxD = self.get_variable("params", SOFT_PROMPT).astype(dtype)
+      prompt_PxD = fetch(self.get_variable("params", SOFT_PROMPT)).astype(dtype)
       slot_BxL = jnp.clip(-tokens_BxL - 1, 0, prompt_PxD.shape[0] - 1)
       x_BxLxD = jnp.where((tokens_BxL < 0)[..., None], prompt_PxD[slot_BxL], x_BxLxD)
     if cfg.position == "learned":
-      pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                           embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")
+      pos_embed = fetched(nn.Embed, offload)(cfg.max_len, cfg.d_model, dtype=dtype,
+                                             param_dtype=jnp.dtype(cfg.param_dtype),
+                                             embedding_init=_init(cfg, ("position", "embed")),
+                                             name="pos_embed")
       x_BxLxD = x_BxLxD + pos_embed(jnp.maximum(positions_BxL, 0))
     elif cfg.position == "sinusoidal":
       enc_BxLxD = sinusoidal_BxLxD(positions_BxL, cfg.d_model // cfg.sinusoid_tiles)
@@ -256,12 +283,12 @@ class Transformer(nn.Module):
     # A zero-valued hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
     x_BxLxD = self.perturb("input_embeddings", x_BxLxD)
     if cfg.embedding_norm:
-      x_BxLxD = _norm(cfg, "embed_norm")(x_BxLxD)
+      x_BxLxD = _norm(cfg, "embed_norm", offload)(x_BxLxD)
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
     if cfg.scan_layers:
-      stack = nn.scan(ScannedBlock, variable_axes={"params": 0, "cache": 0},
+      stack = nn.scan(fetched(ScannedBlock, offload), variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
@@ -269,20 +296,31 @@ class Transformer(nn.Module):
                                               deterministic, decode)
     else:
       for i in range(cfg.num_layers):
-        x_BxLxD = _block_class(cfg)(cfg, name=f"layer_{i}")(
+        x_BxLxD = fetched(_block_class(cfg), offload)(cfg, name=f"layer_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode)
 
-    x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
+    x_BxLxD = _norm(cfg, "final_norm", offload)(x_BxLxD)
     if cfg.tie_embeddings:
-      table_VxD = embed.embedding.astype(dtype)
+      table_VxD = fetch(embed.embedding).astype(dtype)
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD,
                                 preferred_element_type=softmax_dtype(dtype))
     else:
       head_DxV = self.param("head", _init(cfg, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
                             jnp.dtype(cfg.param_dtype))
+      head_DxV = fetch(head_DxV)
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(dtype), head_DxV.astype(dtype),
                                 preferred_element_type=softmax_dtype(dtype))
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
+def offload_params(params, offload):
+  """Concrete params placed where Transformer(cfg, offload) expects them: as they are for
+  "none"; for "host", copies in pinned host memory with the same sharding."""
+  if offload == "none":
+    return params
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda x: getattr(x, "sharding", None) or default, params)
+  return jax.device_put(params, offloaded(shardings, offload))
 
 
 def init_params(model: Transformer, key, length=8):

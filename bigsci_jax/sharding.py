@@ -85,6 +85,29 @@ def tree_shardings(logical_specs, abstract_tree, mesh: Mesh):
                       is_leaf=lambda x: isinstance(x, P))
 
 
+OFFLOAD = ("none", "host")  # where an inference model's parameters live (model.Transformer)
+# What offload="host" keeps in host memory: the layers' weight matrices, nearly all of a
+# large model's bytes. Embeddings, norms and biases stay on the devices: every step reads
+# them whole, and XLA:TPU (libtpu 0.0.42.1) fails to compile the scan's slicing of small
+# bf16 host arrays such as a layer's [heads, head_dim] bias (a layout RET_CHECK).
+OFFLOADED_LEAVES = ("kernel",)
+
+
+def offloaded(shardings, offload):
+  """Parameter shardings for model.Transformer(cfg, offload=offload): unchanged for
+  "none"; for "host", the same layout in pinned host memory for the layers' weight
+  matrices (OFFLOADED_LEAVES)."""
+  if offload not in OFFLOAD:
+    raise ConfigError(f"offload={offload!r}: it is one of {', '.join(OFFLOAD)}.")
+  if offload == "none":
+    return shardings
+
+  def place(path, s):
+    name = getattr(path[-1], "key", None)
+    return s.with_memory_kind("pinned_host") if name in OFFLOADED_LEAVES else s
+  return jax.tree_util.tree_map_with_path(place, shardings)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
   spec = [None] * ndim
   spec[batch_axis] = _mesh_axes("batch")

@@ -49,6 +49,30 @@ def test_small_config_compiles_for_a_v5e_slice(capsys):
       flops.flops_per_token(cfg, batch["seq_len"]) * batch["global"] * batch["seq_len"])
 
 
+def test_a_decoding_step_with_host_weights_keeps_one_layer_on_the_device(capsys):
+  """--step=decode --offload=host: the layers' weight matrices become host arguments and
+  the device holds about one layer's worth of them at a time."""
+  _needs_libtpu()
+  argv = [*SMALL, "--topology=v5e:2x2", "--mesh=1x1x4", "--step=decode", "--decode_rows=4",
+          "--gin.ModelConfig.num_layers=8", "--gin.ModelConfig.d_model=512",
+          "--gin.ModelConfig.d_ff=4096", "--gin.ModelConfig.param_dtype='bfloat16'"]
+  code, on_device, err = _run(capsys, argv)
+  assert code == 0, err
+  code, offloaded, err = _run(capsys, [*argv, "--offload=host"])
+  assert code == 0, err
+  assert (offloaded["step"], offloaded["offload"], on_device["offload"]) == ("decode", "host", "none")
+  assert offloaded["batch"] == {"rows": 4, "cache_len": 512}
+  cfg = ModelConfig(num_layers=8, d_model=512, d_ff=4096, num_heads=4, vocab_size=1024,
+                    position="alibi")
+  assert offloaded["flops_per_step"] == pytest.approx(flops.flops_per_token(cfg, 512) / 3 * 4)
+  layer_kernels = 2 * (4 * 512 * 512 + 2 * 512 * 4096) // 4  # bf16 bytes per device (tensor 4)
+  host, device = offloaded["memory"], on_device["memory"]
+  assert device["host_argument"] == 0
+  assert 0.95 * 8 * layer_kernels < host["host_argument"] < 1.05 * 8 * layer_kernels
+  assert device["argument"] - host["argument"] > 0.9 * 8 * layer_kernels
+  assert host["temp"] - device["temp"] < 3 * layer_kernels  # a layer (double-buffered), not 8
+
+
 def test_fake_cpu_devices_check_the_mesh_without_libtpu(capsys):
   code, report, err = _run(capsys, [*SMALL, "--topology=cpu:8", "--mesh=2x2x2"])
   assert code == 0, err

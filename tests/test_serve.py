@@ -104,6 +104,10 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
                         "--max_new_tokens=12"]) == 0
   cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"]
   assert [c.text for c in greedy] == cli
+  # The weights read from pinned host memory, one layer at a time: the same tokens.
+  assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS],
+                        "--max_new_tokens=12", "--offload=host"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"] == cli
   assert all(c.finish_reason in ("length", "stop") for c in greedy)
 
 

@@ -1,7 +1,7 @@
 """Serve a run's latest checkpoint over HTTP with OpenAI's legacy completions API.
 
   python -m bigsci_jax.serve --model_dir=DIR [--host 127.0.0.1 --port 8000] [--name NAME]
-      [--max_batch 16 --gather_ms 5] [--warmup] [--prompt_dir=P]
+      [--max_batch 16 --gather_ms 5] [--warmup] [--prompt_dir=P] [--offload=host]
 
 Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
 `stream` for server-sent events), GET /v1/models, GET /health, GET /tokenizer_info,
@@ -14,6 +14,9 @@ SIGTERM stops accepting connections, finishes what is in flight and exits 0.
 --prompt_dir: a soft prompt (python -m bigsci_jax.prompt_tune) starts every request's
 prompt, invisibly: tokens, offsets and echo cover the request's own text, and
 max_model_len is the window less the prompt's virtual tokens.
+--offload=host: the parameters stay in pinned host memory and each layer's weights
+reach the device as the layer scan gets to it, so a model larger than the devices'
+memory is served (every call reads all weights over the host link).
 Needs the [serve] extra (FastAPI, uvicorn). Port 0 picks a free port; the line
 `serving NAME on http://HOST:PORT` says which.
 """
@@ -40,13 +43,14 @@ def bind(host, port):
   return sock
 
 
-def load(model_dir, max_batch, prompt_dir=None):
-  """(engine, tokenizer, name metadata) for a run's latest checkpoint (and a soft prompt)."""
+def load(model_dir, max_batch, prompt_dir=None, offload="none"):
+  """(engine, tokenizer, name metadata) for a run's latest checkpoint (and a soft prompt),
+  its parameters in pinned host memory for offload="host"."""
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt import soft_prompt
   from bigsci_jax.serve.engine import Engine
   from bigsci_jax.tokenizer import Tokenizer
-  run, runtime, params, step = evaluate.restore(model_dir, max_batch)
+  run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload)
   params = soft_prompt.attach_dir(params, prompt_dir, run.model)
   vocab = os.path.join(model_dir, loop.VOCAB_FILE)
   if not os.path.exists(vocab):
@@ -54,7 +58,7 @@ def load(model_dir, max_batch, prompt_dir=None):
                            f"which has no text vocabulary to serve.")
   tokenizer = Tokenizer.from_file(vocab)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
-  metadata = {"attention": run.model.mask, "step": step, "bos_token_id": 0,
+  metadata = {"attention": run.model.mask, "step": step, "bos_token_id": 0, "offload": offload,
               "max_model_len": engine.max_len,
               "echo_logprobs": "causal: each prompt token after the tokens before it"
                                + (" (not inside the bidirectional prefix, where it would see "
@@ -79,6 +83,8 @@ def main(argv):
   p.add_argument("--gather_ms", type=float, default=5.0, help="how long a batch waits to fill")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
   p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every request with")
+  p.add_argument("--offload", default="none", choices=("none", "host"),
+                 help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   try:
     import uvicorn
@@ -97,7 +103,8 @@ def main(argv):
     return 2
   name = args.name or os.path.basename(os.path.normpath(args.model_dir))
   try:
-    engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir)
+    engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir,
+                                       args.offload)
   except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, PromptError) as e:
     sock.close()
     print(f"error: {e}", file=sys.stderr)
