@@ -8,6 +8,7 @@ import pytest
 
 import train
 from bigsci_jax import aot, evaluate, generate
+from bigsci_jax.hf.__main__ import main as hf_main
 from bigsci_jax.scaling.__main__ import main as scaling_main
 
 SYN = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=256",
@@ -60,6 +61,9 @@ CASES = {
         "has no checkpoint yet"),
     "evaluate a run without a checkpoint": (
         lambda d: evaluate.main([f"--model_dir={_run_without_checkpoint(d)}"]), "has no checkpoint"),
+    "export the tokenizer of a run without a vocabulary": (
+        lambda d: hf_main(["tokenizer", f"--model_dir={_run_without_checkpoint(d)}",
+                           f"--out={d / 'hf'}"]), "has no vocab.model"),
     "corrupt config.json": (
         lambda d: evaluate.main([f"--model_dir={os.path.dirname(_write(d / 'in' / 'c' / 'config.json', '{'))}"]),
         "config.json is not valid JSON"),

@@ -248,6 +248,20 @@ def test_the_harness_through_the_server_matches_the_in_process_adapter(server, r
   remote_ll, local_ll = by_doc(remote), by_doc(local)
   for doc, values in local_ll.items():
     np.testing.assert_allclose(remote_ll[doc], values, atol=1e-4)
+  # The harness tokenizing with the run's vocabulary exported as a Hugging Face tokenizer
+  # (python -m bigsci_jax.hf tokenizer) and sending token ids: the same scores.
+  pytest.importorskip("transformers")
+  from bigsci_jax.hf.__main__ import main as hf_main
+  assert hf_main(["tokenizer", f"--model_dir={run_dir}", f"--out={tmp_path / 'hf_tok'}"]) == 0
+  hf = lm_eval.simple_evaluate(
+      model="local-completions", model_args=f"base_url={server}/v1/completions,model=tiny,"
+      f"tokenizer_backend=huggingface,tokenizer={tmp_path / 'hf_tok'},num_concurrent=8,"
+      f"max_length=128", tasks=["bj_serve_mc"], task_manager=manager, log_samples=True,
+      bootstrap_iters=0)
+  h = hf["results"]["bj_serve_mc"]
+  assert h["acc,none"] == l["acc,none"] and h["acc_bytes,none"] == l["acc_bytes,none"]
+  for doc, values in by_doc(hf).items():
+    np.testing.assert_allclose(values, local_ll[doc], atol=1e-4)
 
 
 def test_concurrent_clients_with_malformed_requests(server):
