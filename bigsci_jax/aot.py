@@ -31,6 +31,8 @@ import re
 import sys
 import time
 
+from bigsci_jax.config import OFFLOAD  # no jax import: main sets the platform first
+
 # The HBM a TPU device's program may use, by jax device_kind prefix: the limits the
 # TPU compiler reports (libtpu 0.0.42.1). libtpu's v4 topologies have one device per
 # TensorCore, two per chip (no megacore), each with about half the chip's 32 GiB.
@@ -317,7 +319,7 @@ def parse_flags(argv):
   parser.add_argument("--mesh", default=None)
   parser.add_argument("--step", default="train", choices=("train", "decode"))
   parser.add_argument("--decode_rows", type=int, default=1, help="rows of a decoding step")
-  parser.add_argument("--offload", default="none", choices=("none", "host"),
+  parser.add_argument("--offload", default="none", choices=OFFLOAD,
                       help="decode: parameters in pinned host memory, one layer on the device")
   parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
   bindings, rest = _gin_edge().split_gin_bindings(argv)

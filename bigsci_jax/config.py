@@ -10,6 +10,8 @@ import math
 import typing
 from typing import Literal, Optional
 
+OFFLOAD = ("none", "host")  # where an inference model's parameters live (model.Transformer)
+
 
 class ConfigError(ValueError):
   """A configuration value is invalid; the message names the field."""

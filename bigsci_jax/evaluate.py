@@ -28,9 +28,8 @@ import sys
 import jax
 
 from bigsci_jax import likelihood, loop, mc_tasks
-from bigsci_jax.config import ConfigError, MeshConfig, RunConfig
+from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig, RunConfig
 from bigsci_jax.corpus import CorpusError
-from bigsci_jax.sharding import OFFLOAD
 
 TASKS = {"next_sentence": mc_tasks.next_sentence_items,
          "translation": mc_tasks.translation_items,

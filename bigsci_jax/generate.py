@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigsci_jax.model import soft_prompt_ids
-from bigsci_jax.sharding import OFFLOAD
+from bigsci_jax.config import OFFLOAD
 
 BOS_ID = 0  # seqio decoders start from token 0 (also the padding id)
 

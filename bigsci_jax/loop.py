@@ -53,7 +53,7 @@ class Runtime:
   them there."""
 
   def __init__(self, run: RunConfig, offload="none"):
-    self.run, self.offload = run, offload
+    self.run = run
     self.mesh = sharding.make_mesh(run.mesh)
     self.model = Transformer(run.model, offload=offload)
     self.tx, self.schedule = make_optimizer(run.optimizer, run.train.train_steps,

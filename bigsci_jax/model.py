@@ -39,7 +39,8 @@ def _to_device(tree):
 def fetched(module_class, offload):
   """module_class, or for offload="host" the class whose parameters are copied from host
   to device memory each time it runs (so only the running module's weights occupy the
-  device: inside the layer scan, one layer's)."""
+  device: inside the layer scan, one layer's). The layer blocks are wrapped: they hold
+  every weight that sharding.offloaded puts in host memory."""
   if offload == "none":
     return module_class
   return nn.map_variables(module_class, "params", trans_in_fn=_to_device)
@@ -60,15 +61,14 @@ def _zeros(axes):
   return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
 
 
-def _norm(cfg, name, offload="none"):
+def _norm(cfg, name):
   dtype, pdtype = compute_dtype(cfg), jnp.dtype(cfg.param_dtype)
   scale_init = nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",))
   if cfg.norm == "rmsnorm":
-    return fetched(nn.RMSNorm, offload)(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
-                                        scale_init=scale_init, name=name)
-  return fetched(nn.LayerNorm, offload)(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
-                                        scale_init=scale_init, bias_init=_zeros(("embed",)),
-                                        name=name)
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                      scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, dtype=dtype, param_dtype=pdtype,
+                      scale_init=scale_init, bias_init=_zeros(("embed",)), name=name)
 
 
 def sinusoidal_BxLxD(positions_BxL, d_model):
@@ -243,11 +243,11 @@ class Transformer(nn.Module):
   -1 - i is virtual token i of a soft prompt attached to the params
   (adapt.soft_prompt).
 
-  offload="host": the parameters stay in host memory (the caller places them there,
-  see `offload_params`) and each piece is copied to the device only where it runs:
-  the layer scan brings one layer's weights per iteration, so a model larger than
-  device memory still runs, at the cost of reading every weight over the host link
-  on every call. For inference; the parameter tree is the same either way.
+  offload="host": the layers' weight matrices stay in host memory (the caller places
+  them there: sharding.offloaded, `offload_params`) and the layer scan copies one
+  layer's weights to the device per iteration, so a model larger than device memory
+  still runs, at the cost of reading every weight over the host link on every call.
+  For inference; the parameter tree is the same either way.
   """
   cfg: ModelConfig
   offload: str = "none"
@@ -259,23 +259,18 @@ class Transformer(nn.Module):
     dtype = compute_dtype(cfg)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-    offload = "none" if self.is_initializing() else self.offload  # init creates, not reads
-    fetch = _to_device if offload == "host" else (lambda tree: tree)
-    embed = fetched(nn.Embed, offload)(cfg.vocab_size, cfg.d_model, dtype=dtype,
-                                       param_dtype=jnp.dtype(cfg.param_dtype),
-                                       embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
+    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                     embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
     # Negative ids are soft-prompt slots (adapt.soft_prompt): slot -1 - i takes row i of the
     # `soft_prompt` parameter, present only when a tuned prompt is attached to the params.
     x_BxLxD = embed(jnp.maximum(tokens_BxL, 0))
     if self.has_variable("params", SOFT_PROMPT):
-      prompt_PxD = fetch(self.get_variable("params", SOFT_PROMPT)).astype(dtype)
+      prompt_PxD = self.get_variable("params", SOFT_PROMPT).astype(dtype)
       slot_BxL = jnp.clip(-tokens_BxL - 1, 0, prompt_PxD.shape[0] - 1)
       x_BxLxD = jnp.where((tokens_BxL < 0)[..., None], prompt_PxD[slot_BxL], x_BxLxD)
     if cfg.position == "learned":
-      pos_embed = fetched(nn.Embed, offload)(cfg.max_len, cfg.d_model, dtype=dtype,
-                                             param_dtype=jnp.dtype(cfg.param_dtype),
-                                             embedding_init=_init(cfg, ("position", "embed")),
-                                             name="pos_embed")
+      pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                           embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")
       x_BxLxD = x_BxLxD + pos_embed(jnp.maximum(positions_BxL, 0))
     elif cfg.position == "sinusoidal":
       enc_BxLxD = sinusoidal_BxLxD(positions_BxL, cfg.d_model // cfg.sinusoid_tiles)
@@ -283,10 +278,11 @@ class Transformer(nn.Module):
     # A zero-valued hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
     x_BxLxD = self.perturb("input_embeddings", x_BxLxD)
     if cfg.embedding_norm:
-      x_BxLxD = _norm(cfg, "embed_norm", offload)(x_BxLxD)
+      x_BxLxD = _norm(cfg, "embed_norm")(x_BxLxD)
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
+    offload = "none" if self.is_initializing() else self.offload  # init creates, not reads
     if cfg.scan_layers:
       stack = nn.scan(fetched(ScannedBlock, offload), variable_axes={"params": 0, "cache": 0},
                       split_rngs={"params": True, "dropout": True},
@@ -299,15 +295,14 @@ class Transformer(nn.Module):
         x_BxLxD = fetched(_block_class(cfg), offload)(cfg, name=f"layer_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode)
 
-    x_BxLxD = _norm(cfg, "final_norm", offload)(x_BxLxD)
+    x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:
-      table_VxD = fetch(embed.embedding).astype(dtype)
+      table_VxD = embed.embedding.astype(dtype)
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD,
                                 preferred_element_type=softmax_dtype(dtype))
     else:
       head_DxV = self.param("head", _init(cfg, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
                             jnp.dtype(cfg.param_dtype))
-      head_DxV = fetch(head_DxV)
       logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(dtype), head_DxV.astype(dtype),
                                 preferred_element_type=softmax_dtype(dtype))
     return constrain(logits_BxLxV, ("batch", "length", "vocab"))

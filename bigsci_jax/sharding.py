@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from bigsci_jax.config import ConfigError, MeshConfig
+from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -85,7 +85,6 @@ def tree_shardings(logical_specs, abstract_tree, mesh: Mesh):
                       is_leaf=lambda x: isinstance(x, P))
 
 
-OFFLOAD = ("none", "host")  # where an inference model's parameters live (model.Transformer)
 # What offload="host" keeps in host memory: the layers' weight matrices, nearly all of a
 # large model's bytes. Embeddings, norms and biases stay on the devices: every step reads
 # them whole, and XLA:TPU (libtpu 0.0.42.1) fails to compile the scan's slicing of small

@@ -22,8 +22,8 @@ import os
 from bigsci_jax.vocab import EOS_ID, PAD_ID, UNK_ID
 
 SPACE = "\u2581"
-# SentencePiece's piece types (sentencepiece_model.proto).
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+# SentencePiece's piece types that the export treats apart (sentencepiece_model.proto).
+UNKNOWN, BYTE = 2, 6
 UNREACHABLE = -1e4  # the score byte pieces get: never chosen over real pieces
 
 

@@ -27,6 +27,8 @@ import signal
 import socket
 import sys
 
+from bigsci_jax.config import OFFLOAD
+
 
 def bind(host, port):
   """A listening socket on (host, port); OSError if the port is taken."""
@@ -83,7 +85,7 @@ def main(argv):
   p.add_argument("--gather_ms", type=float, default=5.0, help="how long a batch waits to fill")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
   p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every request with")
-  p.add_argument("--offload", default="none", choices=("none", "host"),
+  p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   try:
