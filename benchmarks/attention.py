@@ -92,6 +92,11 @@ def forward_backward(impl, slopes):
 def attend(impl, q, k, v, seg, prefix, slopes):
   if impl == "splash":
     return splash(q, k, v, seg)
+  if impl.startswith("pallas_gpu:"):  # a tuning: pallas_gpu:BQxBKxWARPSxSTAGES
+    bq, bk, warps, stages = (int(x) for x in impl.split(":")[1].split("x"))
+    return kernels.pallas_gpu.attention(q, k, v, segment_ids=seg, prefix_mask=prefix,
+                                        alibi_slopes=slopes, block_q=bq, block_k=bk,
+                                        num_warps=warps, num_stages=stages)
   return kernels.attention(q, k, v, segment_ids=seg, prefix_mask=prefix, alibi_slopes=slopes,
                            impl=impl)
 
@@ -241,7 +246,8 @@ def main(argv):
   p.add_argument("--dims", default="64,128")
   p.add_argument("--features", default=",".join(FEATURES))
   p.add_argument("--impls", default=None,
-                 help="default: xla,cudnn,pallas_gpu on GPU; xla,pallas_tpu(,splash) on TPU")
+                 help="default: xla,cudnn,pallas_gpu on GPU; xla,pallas_tpu(,splash) on TPU; "
+                      "pallas_gpu:BQxBKxWARPSxSTAGES runs that tuning of the GPU kernel")
   p.add_argument("--tpu_topology", default=None, help="e.g. v5e:2x2: compile only, for one chip")
   p.add_argument("--tokens", type=int, default=TOKENS, help="B*T per call")
   p.add_argument("--warmup", type=int, default=2)

@@ -129,3 +129,19 @@ def block_ranges(kinds_BxNxM):
   first = jnp.where(live.any(-1), jnp.argmax(live, axis=-1), 0)
   last = jnp.where(live.any(-1), m - jnp.argmax(live[..., ::-1], axis=-1), 0)
   return first.astype(jnp.int32), last.astype(jnp.int32)
+
+
+def full_ranges(kinds_BxNxM, first_BxN, end_BxN):
+  """Per row of tiles, a range [full_first, full_end) inside [first, end) whose tiles
+  are all FULL: the run from the first FULL tile to the last when no other kind lies
+  between them, else empty (end, end). A kernel runs its tiles in three loops, the
+  middle one without the mask."""
+  m = kinds_BxNxM.shape[-1]
+  full = kinds_BxNxM == FULL
+  count = full.sum(-1)
+  lo = jnp.argmax(full, axis=-1)
+  hi = m - jnp.argmax(full[..., ::-1], axis=-1)
+  run = (count > 0) & (count == hi - lo)
+  full_first = jnp.where(run, lo, end_BxN)
+  full_end = jnp.where(run, hi, end_BxN)
+  return full_first.astype(jnp.int32), full_end.astype(jnp.int32)

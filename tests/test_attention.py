@@ -88,3 +88,12 @@ def test_unknown_impl_is_rejected():
   q, k, v, _, _ = _inputs()
   with pytest.raises(ValueError, match="impl='flash' is not one of"):
     kernels.attention(q, k, v, impl="flash")
+
+
+def test_auto_picks_the_measured_fastest_kernel_per_platform_and_features():
+  bf16 = jnp.bfloat16
+  assert kernels.auto_impl("tpu") == "pallas_tpu" and kernels.auto_impl("cpu") == "xla"
+  assert kernels.auto_impl("gpu", plain_causal=True, head_dim=128, dtype=bf16) == "cudnn"
+  assert kernels.auto_impl("gpu", plain_causal=False, head_dim=128, dtype=bf16) == "pallas_gpu"
+  assert kernels.auto_impl("gpu", plain_causal=True, head_dim=64, dtype=jnp.float32) == "pallas_gpu"
+  assert kernels.auto_impl("gpu", plain_causal=False, head_dim=96, dtype=bf16) == "xla"

@@ -113,6 +113,14 @@ def test_block_kinds_are_sound_and_full_tiles_are_fully_visible(case):
     assert (table[outside] == blocks.SKIP).all()
     assert (end > first).any()
     assert ((table != blocks.SKIP).any(-1) == (end > first)).all()
+    # ... and run the tiles of [full_first, full_end) without the mask: all FULL, inside.
+    full_first, full_end = (np.asarray(x) for x in blocks.full_ranges(jnp.asarray(table),
+                                                                      first, end))
+    assert ((first <= full_first) & (full_first <= full_end) & (full_end <= end)).all()
+    unmasked = (index >= full_first[..., None]) & (index < full_end[..., None])
+    assert (table[unmasked] == blocks.FULL).all()
+    if case == "causal":  # below the diagonal every tile goes unmasked
+      assert (unmasked == (table == blocks.FULL)).all()
 
 
 def test_skipped_tiles_fetch_a_block_already_loaded():
