@@ -2,6 +2,12 @@
 
   python benchmarks/serve.py --model_dir=DIR [--concurrency=1,16] [--requests=8]
       [--prompt_tokens=32] [--max_tokens=32] [--max_batch=16] [--results=benchmarks/RESULTS.md]
+  python benchmarks/serve.py --model_dir=NEW --init_gin=models/350m.gin \
+      --init_binding=ModelConfig.vocab_size=8192 --vocab=RUN/vocab.model ...
+
+With --init_gin, NEW (which must hold no run) first becomes a run of that model with
+random weights (a checkpoint at step 0 and the given vocabulary): throughput does
+not depend on what the weights are, and no data pipeline or TensorFlow is needed.
 
 Starts `python -m bigsci_jax.serve --warmup` on the run, then for each concurrency
 level C runs C clients, each sending `--requests` greedy requests back to back (a
@@ -15,6 +21,7 @@ stdout line is a JSON object; with --results a row per level is appended.
 import argparse
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -45,6 +52,25 @@ def _level(url, clients, count, prompts, max_tokens):
   return tokens, time.perf_counter() - start
 
 
+def init_run(model_dir, gin_files, bindings, vocab):
+  """A run of the gin files' model with random weights and `vocab`, at step 0."""
+  import dataclasses
+  import train
+  from bigsci_jax import loop
+  from bigsci_jax import step as steps
+  from bigsci_jax.config import MeshConfig
+  if os.path.exists(os.path.join(model_dir, "checkpoints")) or not vocab:
+    raise SystemExit(f"--init_gin needs an empty --model_dir ({model_dir} holds a run) and "
+                     f"--vocab=FILE.")
+  run, _ = train.build_config(["runs/cpu_smoke.gin"] + gin_files, bindings)
+  run = dataclasses.replace(run, mesh=MeshConfig(1, 1, 1))
+  runtime = loop.Runtime(run)
+  state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, 0, run.batch.seq_len)
+  with open(vocab, "rb") as f:
+    loop.write_run(model_dir, run, state, 0, {"rows": 0}, f.read())
+  print(f"wrote a random-weight run to {model_dir}", flush=True)
+
+
 def main(argv):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +81,18 @@ def main(argv):
   p.add_argument("--max_tokens", type=int, default=32)
   p.add_argument("--max_batch", type=int, default=16)
   p.add_argument("--results", default=None)
+  p.add_argument("--init_gin", action="append", default=[],
+                 help="write a random-weight run of these gin files into --model_dir first")
+  p.add_argument("--init_binding", action="append", default=[])
+  p.add_argument("--vocab", default=None, help="with --init_gin: the SentencePiece model to use")
   args = p.parse_args(argv)
+  if args.init_gin:  # in its own process, so that it holds no accelerator memory after
+    init = multiprocessing.get_context("spawn").Process(
+        target=init_run, args=(args.model_dir, args.init_gin, args.init_binding, args.vocab))
+    init.start()
+    init.join()
+    if init.exitcode:
+      raise SystemExit(f"writing the random-weight run failed (exit {init.exitcode}).")
   proc = subprocess.Popen([sys.executable, "-m", "bigsci_jax.serve",
                            f"--model_dir={args.model_dir}", "--port=0", "--warmup",
                            f"--max_batch={args.max_batch}"], stdout=subprocess.PIPE, text=True)

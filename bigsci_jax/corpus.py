@@ -160,3 +160,20 @@ def english_paragraphs(root, chapter_filter=None):
 def _english_paragraphs(root, chapter_filter):
   return frozenset(p for doc in documents(root, ENGLISH, chapter_filter=chapter_filter)
                    for p in doc["text"].split("\n"))
+
+
+SPLITS = ("train", "validation", "test")
+
+
+def chapter_split(index):
+  """Chapter i of the book (table-of-contents order) -> its split: every tenth chapter
+  from the fourth is validation, from the eighth test, the rest train."""
+  return {3: "validation", 7: "test"}.get(index % 10, "train")
+
+
+def split_chapters(root):
+  """{split: set of chapter pages}, identical for every locale."""
+  splits = {s: set() for s in SPLITS}
+  for i, (chapter, _) in enumerate(chapters(root, ENGLISH)):
+    splits[chapter_split(i)].add(chapter)
+  return splits

@@ -4,10 +4,10 @@
       [--depth_mode=interleave|append] [--noise_std=0] [--constant_op=C] [--rewarm_steps=W]
       [--set TrainConfig.train_steps=4000 ...] [--tolerance=1e-4] [--force]
 
-Writes BIG/config.gin, BIG/config.json and BIG/checkpoints/R: the grown training
-state (parameters, Adam moments, the small run's data position), its step counter
-jumped to R = S_small / c (c: the operator's constant from Kaplan's law unless
-given), the LR re-warming over W steps. `python train.py --model_dir=BIG` then
+Writes BIG/config.gin, BIG/config.json, BIG/vocab.model (the small run's) and
+BIG/checkpoints/R: the grown training state (parameters, Adam moments, the small
+run's data position), its step counter jumped to R = S_small / c (c: the
+operator's constant from Kaplan's law unless given), the LR re-warming over W steps. `python train.py --model_dir=BIG` then
 continues. The small and the grown model are evaluated on the same batches first;
 the last stdout line is a JSON object with `loss_before`, `loss_after`,
 `params_before`, `params_after`; a loss change over the tolerance writes nothing
@@ -23,8 +23,8 @@ import sys
 
 import jax
 
-from bigsci_jax import checkpoint, flops, growth, loop
-from bigsci_jax.config import ConfigError, RunConfig, to_gin
+from bigsci_jax import flops, growth, loop
+from bigsci_jax.config import ConfigError, RunConfig
 from bigsci_jax.scaling import stages
 
 
@@ -94,15 +94,9 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   if change > tolerance and not force:
     raise GrowthError(f"growing changed the validation loss by {change:.3g} (> --tolerance="
                       f"{tolerance:g}); nothing was written: lower --noise_std, or pass --force.")
-  os.makedirs(to_dir, exist_ok=True)
-  loop.write_atomic(os.path.join(to_dir, "config.gin"), to_gin(target))
-  loop.write_atomic(os.path.join(to_dir, "config.json"),
-                    json.dumps(target.to_dict(), indent=2, sort_keys=True) + "\n")
-  out = checkpoint.Checkpoints(os.path.join(to_dir, "checkpoints"), every=1, keep=3,
-                               async_save=False)
-  out.save(jump, grown, data_state, target.to_dict())
-  out.wait()
-  out.close()
+  vocab = os.path.join(from_dir, loop.VOCAB_FILE)
+  vocab_model = open(vocab, "rb").read() if os.path.exists(vocab) else None
+  loop.write_run(to_dir, target, grown, jump, data_state, vocab_model)
   return result
 
 

@@ -15,23 +15,6 @@ import tensorflow_datasets as tfds
 
 from bigsci_jax import corpus
 
-SPLITS = ("train", "validation", "test")
-
-
-def chapter_split(index):
-  """Chapter i of the book (table-of-contents order) -> its split: every tenth chapter
-  from the fourth is validation, from the eighth test, the rest train."""
-  return {3: "validation", 7: "test"}.get(index % 10, "train")
-
-
-def split_chapters(root):
-  """{split: set of chapter pages}, identical for every locale."""
-  splits = {s: set() for s in SPLITS}
-  for i, (chapter, _) in enumerate(corpus.chapters(root, corpus.ENGLISH)):
-    splits[chapter_split(i)].add(chapter)
-  return splits
-
-
 @dataclasses.dataclass
 class HandbookConfig(tfds.core.BuilderConfig):
   """One locale; `chapters` (pages of chapter openings) limits the book to a slice."""
@@ -68,7 +51,7 @@ class Handbook(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     root = corpus.handbook_root(self.builder_config.root or None)
-    splits = split_chapters(root)
+    splits = corpus.split_chapters(root)
     wanted = set(self.builder_config.chapters)
     english = corpus.english_paragraphs(root, wanted or None)
     return {split: self._generate_examples(root, (pages & wanted) if wanted else pages, english)

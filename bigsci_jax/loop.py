@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 
 from bigsci_jax import checkpoint, data, flops, preemption, sharding
 from bigsci_jax import step as steps
-from bigsci_jax.config import ConfigError, RunConfig
+from bigsci_jax.config import ConfigError, RunConfig, to_gin
 from bigsci_jax.metrics import MetricsWriter, bits_per_byte
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
@@ -103,6 +103,23 @@ def write_atomic(path, text):
   with open(tmp, "wb" if isinstance(text, bytes) else "w") as f:
     f.write(text)
   os.replace(tmp, path)
+
+
+def write_run(model_dir, run: RunConfig, state, step, data_state, vocab_model=None):
+  """A new run in model_dir that train.py continues and every inference command reads:
+  config.gin and config.json of `run`, the vocabulary (bytes of a SentencePiece model)
+  if given, and `state` saved as checkpoint `step` (data_state: the input position)."""
+  os.makedirs(model_dir, exist_ok=True)
+  if vocab_model is not None:
+    write_atomic(os.path.join(model_dir, VOCAB_FILE), vocab_model)
+  write_atomic(os.path.join(model_dir, "config.gin"), to_gin(run))
+  write_atomic(os.path.join(model_dir, "config.json"),
+               json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
+  out = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"), every=1, keep=3,
+                               async_save=False)
+  out.save(step, state, data_state, run.to_dict())
+  out.wait()
+  out.close()
 
 
 def check_batch_fits_mesh(run: RunConfig, mesh, processes=None):

@@ -37,7 +37,6 @@ import re
 import numpy as np
 
 from bigsci_jax import corpus
-from bigsci_jax.handbook_dataset import split_chapters
 
 _SENTENCE_END = re.compile(r"(?<=[.!?;؟])\s+|(?<=[。！？])")
 CHOICES = 4
@@ -74,7 +73,7 @@ def _locale(root, lang):
 
 
 def _pages(root, split):
-  chapters = split_chapters(root)[split]
+  chapters = corpus.split_chapters(root)[split]
   return [(chapter, page) for chapter, pages in corpus.chapters(root, corpus.ENGLISH)
           if chapter in chapters for page in pages]
 
@@ -94,7 +93,7 @@ def _paragraphs(lang, root, split):
   root = corpus.handbook_root(root)
   locale = _locale(root, lang)
   english = corpus.english_paragraphs(root) if locale != corpus.ENGLISH else frozenset()
-  chapters = split_chapters(root)[split]
+  chapters = corpus.split_chapters(root)[split]
   for page, doc in enumerate(corpus.documents(root, locale, english, chapter_filter=chapters)):
     for paragraph in doc["text"].split("\n"):
       yield page, paragraph

@@ -257,8 +257,11 @@ def test_grow_command_from_checkpoint_and_resume_with_train_py(tmp_path, capsys)
                               "--noise_std=0.5", "--set", "TrainConfig.train_steps=20"]) == 2
   assert "nothing was written" in capsys.readouterr().err and not os.path.exists(big_dir)
 
+  with open(os.path.join(small_dir, "vocab.model"), "wb") as f:  # a text run's vocabulary
+    f.write(b"\x00pieces\xff")
   assert growth_command.main([f"--from_dir={small_dir}", f"--to_dir={big_dir}", "--op=width",
                               "--rewarm_steps=4", "--set", "TrainConfig.train_steps=20"]) == 0
+  assert open(os.path.join(big_dir, "vocab.model"), "rb").read() == b"\x00pieces\xff"
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert abs(result["loss_after"] - result["loss_before"]) <= 1e-5
   assert result["step_before"] == 12 and result["step_after"] == round(12 / 2.718)

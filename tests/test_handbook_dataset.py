@@ -29,7 +29,7 @@ def built(tmp_path_factory, slice_chapters):
                           data_dir=data_dir)
     builder.download_and_prepare()
     out[locale] = {split: list(tfds.as_numpy(builder.as_dataset(split=split)))
-                   for split in hd.SPLITS}
+                   for split in corpus.SPLITS}
   return out
 
 
@@ -58,5 +58,5 @@ def test_builder_configs_cover_the_installed_locales():
 
 
 def test_chapter_split_rule():
-  assert [hd.chapter_split(i) for i in range(10)].count("train") == 8
-  assert hd.chapter_split(13) == "validation" and hd.chapter_split(17) == "test"
+  assert [corpus.chapter_split(i) for i in range(10)].count("train") == 8
+  assert corpus.chapter_split(13) == "validation" and corpus.chapter_split(17) == "test"

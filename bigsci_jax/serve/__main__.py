@@ -22,6 +22,7 @@ Needs the [serve] extra (FastAPI, uvicorn). Port 0 picks a free port; the line
 """
 
 import argparse
+import importlib
 import os
 import signal
 import socket
@@ -88,11 +89,13 @@ def main(argv):
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
-  try:
+  try:  # the whole web stack now, not after the model has loaded and compiled
+    importlib.import_module("fastapi")
     import uvicorn
     from bigsci_jax.serve.api import make_app
-  except ImportError:
-    print("error: the server needs the [serve] extra: pip install -e '.[serve]'.", file=sys.stderr)
+  except ImportError as e:
+    print(f"error: the server needs the [serve] extra (cannot import {e.name}): "
+          f"pip install -e '.[serve]'.", file=sys.stderr)
     return 2
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt.soft_prompt import PromptError
