@@ -25,6 +25,7 @@ SPACE = "\u2581"
 # SentencePiece's piece types that the export treats apart (sentencepiece_model.proto).
 UNKNOWN, BYTE = 2, 6
 UNREACHABLE = -1e4  # the score byte pieces get: never chosen over real pieces
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 class TokenizerExportError(ValueError):
@@ -80,8 +81,7 @@ def write(model_proto, out_dir, max_len):
             "clean_up_tokenization_spaces": False, "add_bos_token": False,
             "add_eos_token": False, "padding_side": "left", **specials}
   os.makedirs(out_dir, exist_ok=True)
-  paths = [os.path.join(out_dir, name) for name in
-           ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+  paths = [os.path.join(out_dir, name) for name in FILES]
   tmp = [p + ".tmp" for p in paths]
   tokenizer.save(tmp[0])
   for path, content in zip(tmp[1:], (config, specials)):

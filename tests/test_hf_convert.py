@@ -1,0 +1,136 @@
+"""transformers BLOOM and Llama checkpoints in and out: tiny models made here with random
+weights (never downloaded), compared with transformers' own float32 forward pass."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+from bigsci_jax import evaluate  # noqa: E402
+from bigsci_jax.config import ModelConfig  # noqa: E402
+from bigsci_jax.hf import convert  # noqa: E402
+from bigsci_jax.hf.__main__ import main as hf_main  # noqa: E402
+
+VOCAB = 96
+
+
+def _tiny(arch):
+  if arch == "bloom":
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=4)
+  else:  # grouped-query attention, untied head, biases, an unusual rotary base
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        rope_theta=5000.0, tie_word_embeddings=False, attention_bias=True, mlp_bias=True)
+  torch.manual_seed(0)
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+  with torch.no_grad():  # every tensor random, so no norm or bias is trivially 1 or 0
+    for p in model.parameters():
+      p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 and p.shape[0] == 32 else 0.0))
+  return model
+
+
+def _files(directory):
+  return {n: safetensors_numpy.load_file(os.path.join(directory, n))
+          for n in os.listdir(directory) if n.endswith(".safetensors")}
+
+
+def _tensors(directory):
+  return {k: v for f in _files(directory).values() for k, v in f.items()}
+
+
+@pytest.fixture(scope="module", params=["bloom", "llama"])
+def imported(request, tmp_path_factory):
+  arch = request.param
+  root = tmp_path_factory.mktemp(arch)
+  model = _tiny(arch)
+  model.save_pretrained(str(root / "hf"), safe_serialization=True)
+  assert hf_main(["import", f"--hf_dir={root / 'hf'}", f"--model_dir={root / 'run'}",
+                  "--max_len=64"]) == 0
+  return arch, model, root
+
+
+def test_import_then_export_gives_back_every_tensor_bit_for_bit(imported, capsys):
+  arch, _, root = imported
+  assert hf_main(["export", f"--model_dir={root / 'run'}", f"--out={root / 'out'}",
+                  "--shard_gib=0.00002"]) == 0   # about 21 KB: several shards and an index
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary["arch"] == arch and "model.safetensors.index.json" in summary["files"]
+  original, exported = _tensors(root / "hf"), _tensors(root / "out")
+  assert len(_files(root / "out")) > 1
+  assert set(exported) == set(original) - ({"lm_head.weight"} if arch == "bloom" else set())
+  for name, array in exported.items():
+    assert array.dtype == original[name].dtype and array.shape == original[name].shape, name
+    np.testing.assert_array_equal(array, original[name], err_msg=name)
+  config, back = (json.load(open(root / d / "config.json")) for d in ("hf", "out"))
+  keys = (["n_layer", "n_head", "hidden_size", "layer_norm_epsilon"] if arch == "bloom" else
+          ["num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+           "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias"])
+  assert {k: config[k] for k in keys + ["vocab_size"]} == {k: back[k] for k in keys +
+                                                           ["vocab_size"]}
+
+
+def _left_padded_batch(rng, rows=3, length=12):
+  tokens = rng.integers(3, VOCAB, (rows, length))
+  mask = np.ones((rows, length), np.int64)
+  mask[1, :4] = 0   # left padding
+  mask[2, :9] = 0
+  tokens[mask == 0] = 0
+  return tokens, mask
+
+
+def test_imported_logits_equal_transformers(imported):
+  arch, model, root = imported
+  run, runtime, params, _ = evaluate.restore(str(root / "run"))
+  tokens, mask = _left_padded_batch(np.random.default_rng(0))
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  extra = {} if arch == "bloom" else {"position_ids": torch.tensor(positions)}  # ALiBi: none
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                   **extra).logits.numpy()
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(runtime.model.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
+                                          jnp.asarray(positions, jnp.int32),
+                                          jnp.asarray(mask, jnp.int32)))
+  live = mask.astype(bool)
+  np.testing.assert_allclose(ours[live], theirs[live], atol=1e-4, rtol=1e-4)
+
+
+def test_models_the_architectures_cannot_express_are_refused():
+  llama = ModelConfig(position="rotary", activation="swiglu", norm="rmsnorm", use_bias=False)
+  assert convert.architecture(llama) == "llama"
+  with pytest.raises(convert.ConversionError, match="it is a prefix LM"):
+    convert.architecture(ModelConfig(position="rotary", activation="swiglu", norm="rmsnorm",
+                                     mask="prefix"), "llama")
+  with pytest.raises(convert.ConversionError, match="squared|'relu2'"):
+    convert.architecture(ModelConfig(position="alibi", activation="relu2", embedding_norm=True),
+                         "bloom")
+  with pytest.raises(convert.ConversionError, match="neither a BLOOM nor a Llama.*'sinusoidal'"):
+    convert.architecture(ModelConfig(position="sinusoidal"))
+
+
+def test_a_checkpoint_with_missing_or_misshapen_tensors_names_them(imported, tmp_path, capsys):
+  arch, _, root = imported
+  if arch != "llama":
+    pytest.skip("one architecture is enough")
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  tensors = _tensors(root / "hf")
+  del tensors["model.layers.1.mlp.up_proj.weight"]
+  tensors["model.norm.weight"] = tensors["model.norm.weight"][:16]
+  safetensors_numpy.save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+  (broken / "config.json").write_text((root / "hf" / "config.json").read_text())
+  assert hf_main(["import", f"--hf_dir={broken}", f"--model_dir={tmp_path / 'run'}"]) == 2
+  err = capsys.readouterr().err
+  assert "missing: model.layers.1.mlp.up_proj.weight" in err
+  assert "misshapen: model.norm.weight (16,) (expected (32,))" in err
+  assert not (tmp_path / "run").exists()   # nothing written
+  assert hf_main(["import", f"--hf_dir={tmp_path}", f"--model_dir={tmp_path / 'run'}"]) == 2
+  assert "has no config.json" in capsys.readouterr().err
