@@ -64,6 +64,12 @@ CASES = {
     "export the tokenizer of a run without a vocabulary": (
         lambda d: hf_main(["tokenizer", f"--model_dir={_run_without_checkpoint(d)}",
                            f"--out={d / 'hf'}"]), "has no vocab.model"),
+    "export a model neither BLOOM nor Llama": (
+        lambda d: hf_main(["export", f"--model_dir={_run_without_checkpoint(d)}",
+                           f"--out={d / 'hf'}"]), "neither a BLOOM nor a Llama"),
+    "import a directory without a checkpoint": (
+        lambda d: hf_main(["import", f"--hf_dir={d / 'in' / 'empty'}",
+                           f"--model_dir={d / 'run'}"]), "has no config.json"),
     "corrupt config.json": (
         lambda d: evaluate.main([f"--model_dir={os.path.dirname(_write(d / 'in' / 'c' / 'config.json', '{'))}"]),
         "config.json is not valid JSON"),

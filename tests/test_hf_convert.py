@@ -134,3 +134,64 @@ def test_a_checkpoint_with_missing_or_misshapen_tensors_names_them(imported, tmp
   assert not (tmp_path / "run").exists()   # nothing written
   assert hf_main(["import", f"--hf_dir={tmp_path}", f"--model_dir={tmp_path / 'run'}"]) == 2
   assert "has no config.json" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def held_out_and_vocab(tmp_path_factory):
+  """({lang: a held-out chapter's text}, a 1500-piece vocabulary trained on the rest)."""
+  from bigsci_jax import corpus, vocab
+  try:
+    root = corpus.handbook_root()
+  except corpus.CorpusError as e:
+    pytest.skip(str(e))
+  train_texts, held = {}, {}
+  for locale in corpus.locales(root):
+    docs = list(corpus.documents(root, locale))
+    train_texts[docs[0]["lang"]] = [d["text"] for d in docs[:-1]]
+    held[docs[0]["lang"]] = docs[-1]["text"][:3000]
+  path = vocab.train(train_texts, str(tmp_path_factory.mktemp("vocab")),
+                     vocab.VocabConfig(vocab_size=1500, sample_chars=100_000,
+                                                       character_coverage=0.98))
+  with open(path, "rb") as f:
+    return held, f.read()
+
+
+@pytest.mark.parametrize("arch, flags", [
+    ("bloom", ["--gin_file=arch/bloom.gin"]),
+    pytest.param("llama", ["--gin_file=arch/llama.gin", "--gin.ModelConfig.num_kv_heads=2"],
+                 marks=pytest.mark.slow)])  # the same path; the fast suite's budget
+def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
+    arch, flags, held_out_and_vocab, tmp_path, capsys):
+  import train
+  from bigsci_jax.tokenizer import Tokenizer
+  held, vocab_model = held_out_and_vocab
+  run_dir, hf_dir = str(tmp_path / "run"), str(tmp_path / "hf")
+  assert train.main([f"--model_dir={run_dir}", "--no_progress", "--gin.MIXTURE='synthetic'",
+                     "--gin.ModelConfig.vocab_size=1536", "--gin.TRAIN_STEPS=3",
+                     "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=32", "--gin.ModelConfig.d_model=32",
+                     "--gin.ModelConfig.d_ff=128", "--gin.TrainConfig.eval_every=0", *flags]) == 0
+  with open(os.path.join(run_dir, "vocab.model"), "wb") as f:  # the text vocabulary
+    f.write(vocab_model)
+  assert hf_main(["export", f"--model_dir={run_dir}", f"--out={hf_dir}"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == arch
+
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+  assert type(model).__name__ == convert.CLASSES[arch]
+  tokens, mask = _left_padded_batch(np.random.default_rng(1))
+  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+  extra = {} if arch == "bloom" else {"position_ids": torch.tensor(positions)}
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
+                   **extra).logits.numpy()
+  _, runtime, params, _ = evaluate.restore(run_dir)
+  with jax.default_matmul_precision("highest"):
+    ours = np.asarray(runtime.model.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
+                                          jnp.asarray(positions, jnp.int32),
+                                          jnp.asarray(mask, jnp.int32)))
+  live = mask.astype(bool)
+  np.testing.assert_allclose(ours[live], theirs[live], atol=1e-4, rtol=1e-4)
+
+  theirs_tok, ours_tok = transformers.AutoTokenizer.from_pretrained(hf_dir), Tokenizer(vocab_model)
+  assert len(held) >= 14
+  for lang, text in held.items():
+    assert theirs_tok(text, add_special_tokens=False).input_ids == ours_tok.encode(text), lang
