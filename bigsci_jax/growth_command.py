@@ -7,11 +7,11 @@
 Writes BIG/config.gin, BIG/config.json, BIG/vocab.model (the small run's) and
 BIG/checkpoints/R: the grown training state (parameters, Adam moments, the small
 run's data position), its step counter jumped to R = S_small / c (c: the
-operator's constant from Kaplan's law unless given), the LR re-warming over W steps. `python train.py --model_dir=BIG` then
-continues. The small and the grown model are evaluated on the same batches first;
-the last stdout line is a JSON object with `loss_before`, `loss_after`,
-`params_before`, `params_after`; a loss change over the tolerance writes nothing
-unless --force.
+operator's constant from Kaplan's law unless given), the LR re-warming over W
+steps. `python train.py --model_dir=BIG` then continues. The small and the grown
+model are evaluated on the same batches first; the last stdout line is a JSON
+object with `loss_before`, `loss_after`, `params_before`, `params_after`; a loss
+change over the tolerance writes nothing unless --force.
 """
 
 import argparse
@@ -94,8 +94,10 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   if change > tolerance and not force:
     raise GrowthError(f"growing changed the validation loss by {change:.3g} (> --tolerance="
                       f"{tolerance:g}); nothing was written: lower --noise_std, or pass --force.")
-  vocab = os.path.join(from_dir, loop.VOCAB_FILE)
-  vocab_model = open(vocab, "rb").read() if os.path.exists(vocab) else None
+  vocab, vocab_model = os.path.join(from_dir, loop.VOCAB_FILE), None
+  if os.path.exists(vocab):
+    with open(vocab, "rb") as f:
+      vocab_model = f.read()
   loop.write_run(to_dir, target, grown, jump, data_state, vocab_model)
   return result
 

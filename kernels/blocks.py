@@ -131,17 +131,17 @@ def block_ranges(kinds_BxNxM):
   return first.astype(jnp.int32), last.astype(jnp.int32)
 
 
-def full_ranges(kinds_BxNxM, first_BxN, end_BxN):
-  """Per row of tiles, a range [full_first, full_end) inside [first, end) whose tiles
-  are all FULL: the run from the first FULL tile to the last when no other kind lies
-  between them, else empty (end, end). A kernel runs its tiles in three loops, the
-  middle one without the mask."""
+def tile_ranges(kinds_BxNxM):
+  """Per row of tiles, int32 [B, N, 4]: first, full_first, full_end, end. [first, end)
+  holds every non-SKIP tile (block_ranges); [full_first, full_end) inside it is the run
+  from the first FULL tile to the last when no other kind lies between them, else empty
+  (end, end). A kernel runs its tiles in three loops, the middle one without the mask."""
+  first, end = block_ranges(kinds_BxNxM)
   m = kinds_BxNxM.shape[-1]
   full = kinds_BxNxM == FULL
   count = full.sum(-1)
   lo = jnp.argmax(full, axis=-1)
   hi = m - jnp.argmax(full[..., ::-1], axis=-1)
   run = (count > 0) & (count == hi - lo)
-  full_first = jnp.where(run, lo, end_BxN)
-  full_end = jnp.where(run, hi, end_BxN)
-  return full_first.astype(jnp.int32), full_end.astype(jnp.int32)
+  full_first, full_end = jnp.where(run, lo, end), jnp.where(run, hi, end)
+  return jnp.stack([first, full_first, full_end, end], axis=-1).astype(jnp.int32)

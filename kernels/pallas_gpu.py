@@ -1,8 +1,8 @@
 """Fused attention for GPU in Pallas (Triton lowering), forward and backward:
 online softmax over key blocks, ALiBi computed from indices, masks from per-token
 codes, and per query block only the range of key blocks that the block tables
-(blocks.block_ranges) say can hold a visible key; the FULL tiles of that range
-(blocks.full_ranges) run in a loop of their own without the mask. Default tiles
+(blocks.tile_ranges) say can hold a visible key; the FULL tiles of that range
+run in a loop of their own without the mask. Default tiles
 from a sweep on an H100 (benchmarks/RESULTS.md).
 
 Pallas's Triton lowering works on jax 0.10 and 0.11 but is deprecated in 0.11;
@@ -82,19 +82,8 @@ class _Plan:
 
   def __init__(self, static, t, tp, codes_BxT, kinds):
     self.static, self.t, self.tp, self.codes_BxT = static, t, tp, codes_BxT
-    by_key = kinds.transpose(0, 2, 1)
-    self.key_first, self.key_end = blocks.block_ranges(kinds)                       # [B, nq]
-    self.query_first, self.query_end = blocks.block_ranges(by_key)                  # [B, nk]
-    self.key_full = blocks.full_ranges(kinds, self.key_first, self.key_end)         # 2 x [B, nq]
-    self.query_full = blocks.full_ranges(by_key, self.query_first, self.query_end)  # 2 x [B, nk]
-
-  def key_ranges(self):
-    """[B, nq, 4]: first, full_first, full_end, end key block of each query block."""
-    return jnp.stack([self.key_first, *self.key_full, self.key_end], axis=-1)
-
-  def query_ranges(self):
-    """[B, nk, 4]: the same of each key block over query blocks."""
-    return jnp.stack([self.query_first, *self.query_full, self.query_end], axis=-1)
+    self.key_ranges = blocks.tile_ranges(kinds)                           # [B, nq, 4]
+    self.query_ranges = blocks.tile_ranges(kinds.transpose(0, 2, 1))      # [B, nk, 4]
 
   @classmethod
   def of(cls, static, codes_BxT):
@@ -187,7 +176,7 @@ def _forward(plan, q, k, v, slopes_H):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       name=KERNEL_NAMES[0], **plan.params(),
-  )(plan.key_ranges(), slopes_H, plan.codes_BxT, plan.codes_BxT, q, k, v)
+  )(plan.key_ranges, slopes_H, plan.codes_BxT, plan.codes_BxT, q, k, v)
 
 
 def _dq_kernel(ranges_ref, slopes_ref, qcode_ref, kcode_ref, q_ref, k_ref, v_ref, o_ref,
@@ -224,7 +213,7 @@ def _backward_dq(plan, q, k, v, out, d_out, lse_BxHxT, slopes_H):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, tp), jnp.float32)],
       name=KERNEL_NAMES[1], **plan.params(),
-  )(plan.key_ranges(), slopes_H, plan.codes_BxT, plan.codes_BxT, q, k, v, out, d_out, lse_BxHxT)
+  )(plan.key_ranges, slopes_H, plan.codes_BxT, plan.codes_BxT, q, k, v, out, d_out, lse_BxHxT)
 
 
 def _dkv_kernel(ranges_ref, slopes_ref, kcode_ref, qcode_ref, q_ref, k_ref, v_ref, do_ref,
@@ -274,5 +263,5 @@ def _backward_dkv(plan, q, k, v, d_out, lse_BxHxT, delta_BxHxT, slopes_H):
       out_specs=[key_tile, key_tile],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       name=KERNEL_NAMES[2], **plan.params(),
-  )(plan.query_ranges(), slopes_H, plan.codes_BxT, plan.codes_BxT, grouped[0], k, v,
+  )(plan.query_ranges, slopes_H, plan.codes_BxT, plan.codes_BxT, grouped[0], k, v,
     grouped[1], rows[0], rows[1])

@@ -96,21 +96,27 @@ def _left_padded_batch(rng, rows=3, length=12):
   return tokens, mask
 
 
-def test_imported_logits_equal_transformers(imported):
-  arch, model, root = imported
-  run, runtime, params, _ = evaluate.restore(str(root / "run"))
-  tokens, mask = _left_padded_batch(np.random.default_rng(0))
+def _assert_same_logits(arch, model, run_dir, rng):
+  """The run's logits equal the transformers model's (float32) within 1e-4 on a
+  left-padded batch with an attention mask, at every non-padding position."""
+  tokens, mask = _left_padded_batch(rng)
   positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
   extra = {} if arch == "bloom" else {"position_ids": torch.tensor(positions)}  # ALiBi: none
   with torch.no_grad():
     theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
                    **extra).logits.numpy()
+  _, runtime, params, _ = evaluate.restore(run_dir)
   with jax.default_matmul_precision("highest"):
     ours = np.asarray(runtime.model.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
                                           jnp.asarray(positions, jnp.int32),
                                           jnp.asarray(mask, jnp.int32)))
   live = mask.astype(bool)
   np.testing.assert_allclose(ours[live], theirs[live], atol=1e-4, rtol=1e-4)
+
+
+def test_imported_logits_equal_transformers(imported):
+  arch, model, root = imported
+  _assert_same_logits(arch, model, str(root / "run"), np.random.default_rng(0))
 
 
 def test_models_the_architectures_cannot_express_are_refused():
@@ -187,19 +193,7 @@ def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
 
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   assert type(model).__name__ == convert.CLASSES[arch]
-  tokens, mask = _left_padded_batch(np.random.default_rng(1))
-  positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
-  extra = {} if arch == "bloom" else {"position_ids": torch.tensor(positions)}
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask),
-                   **extra).logits.numpy()
-  _, runtime, params, _ = evaluate.restore(run_dir)
-  with jax.default_matmul_precision("highest"):
-    ours = np.asarray(runtime.model.apply({"params": params}, jnp.asarray(tokens, jnp.int32),
-                                          jnp.asarray(positions, jnp.int32),
-                                          jnp.asarray(mask, jnp.int32)))
-  live = mask.astype(bool)
-  np.testing.assert_allclose(ours[live], theirs[live], atol=1e-4, rtol=1e-4)
+  _assert_same_logits(arch, model, run_dir, np.random.default_rng(1))
 
   theirs_tok, ours_tok = transformers.AutoTokenizer.from_pretrained(hf_dir), Tokenizer(vocab_model)
   assert len(held) >= 14

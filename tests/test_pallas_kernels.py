@@ -107,15 +107,14 @@ def test_block_kinds_are_sound_and_full_tiles_are_fully_visible(case):
     assert (kinds == blocks.SKIP).sum() >= 2 * (8 * 4 - 8 * 4 // 2 - 4)
   # The GPU kernels loop over [first, end): every tile outside is SKIP.
   for table in (kinds, kinds.transpose(0, 2, 1)):
-    first, end = (np.asarray(x) for x in blocks.block_ranges(jnp.asarray(table)))
+    first, full_first, full_end, end = np.moveaxis(
+        np.asarray(blocks.tile_ranges(jnp.asarray(table))), -1, 0)
     index = np.arange(table.shape[-1])
     outside = (index < first[..., None]) | (index >= end[..., None])
     assert (table[outside] == blocks.SKIP).all()
     assert (end > first).any()
     assert ((table != blocks.SKIP).any(-1) == (end > first)).all()
     # ... and run the tiles of [full_first, full_end) without the mask: all FULL, inside.
-    full_first, full_end = (np.asarray(x) for x in blocks.full_ranges(jnp.asarray(table),
-                                                                      first, end))
     assert ((first <= full_first) & (full_first <= full_end) & (full_end <= end)).all()
     unmasked = (index >= full_first[..., None]) & (index < full_end[..., None])
     assert (table[unmasked] == blocks.FULL).all()

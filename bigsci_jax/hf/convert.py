@@ -42,7 +42,7 @@ def _bloom_refusal(cfg: ModelConfig):
                                                default_alibi_slopes(cfg.num_heads), rtol=1e-6),
        "its ALiBi slopes are not the standard ones of its head count (BLOOM computes them)"),
   ]
-  return next((why for ok, why in checks if not ok), None)
+  return _first_unmet(checks)
 
 
 def _llama_refusal(cfg: ModelConfig):
@@ -53,6 +53,11 @@ def _llama_refusal(cfg: ModelConfig):
       (cfg.norm == "rmsnorm", f"its norm is {cfg.norm!r} (Llama's is RMSNorm)"),
       (not cfg.embedding_norm, "it has an embedding norm (Llama has none)"),
   ]
+  return _first_unmet(checks)
+
+
+def _first_unmet(checks):
+  """The reason of the first (condition, reason) pair whose condition fails, or None."""
   return next((why for ok, why in checks if not ok), None)
 
 
@@ -275,12 +280,18 @@ def tensor_shapes(cfg: ModelConfig, arch):
   return shapes
 
 
+def _tree_map(fn, *trees):
+  """fn over the leaves of nested dicts of the same structure."""
+  if isinstance(trees[0], dict):
+    return {k: _tree_map(fn, *(t[k] for t in trees)) for k in trees[0]}
+  return fn(*trees)
+
+
 def _layer(params, cfg: ModelConfig, i):
-  """Our layer i (numpy views) from scanned or unrolled params."""
+  """Our layer i as numpy arrays, from scanned or unrolled params (numpy or jax)."""
   if cfg.scan_layers:
-    import jax
-    return jax.tree.map(lambda x: x[i], params["layers"]["block"])
-  return params[f"layer_{i}"]
+    return _tree_map(lambda x: np.asarray(x[i]), params["layers"]["block"])
+  return _tree_map(np.asarray, params[f"layer_{i}"])
 
 
 def _at(tree, path):
@@ -296,13 +307,9 @@ def to_hf(params, cfg: ModelConfig, arch):
     yield name, np.ascontiguousarray(forward(np.asarray(_at(params, path))))
   layer_tensors = _layer_tensors(cfg, arch)
   for i in range(cfg.num_layers):
-    layer = _numpy(_layer(params, cfg, i))
+    layer = _layer(params, cfg, i)
     for name, _, forward, _ in layer_tensors:
       yield _layer_prefix(arch, i) + name, np.ascontiguousarray(forward(layer))
-
-
-def _numpy(tree):
-  return {k: _numpy(v) if isinstance(v, dict) else np.asarray(v) for k, v in tree.items()}
 
 
 def from_hf(read, cfg: ModelConfig, arch, dtype=np.float32):
@@ -321,8 +328,7 @@ def from_hf(read, cfg: ModelConfig, arch, dtype=np.float32):
       backward(np.asarray(read(_layer_prefix(arch, i) + name), dtype), layer)
     layers.append(layer)
   if cfg.scan_layers:
-    import jax
-    params["layers"] = {"block": jax.tree.map(lambda *xs: np.stack(xs), *layers)}
+    params["layers"] = {"block": _tree_map(lambda *xs: np.stack(xs), *layers)}
   else:
     params.update({f"layer_{i}": layer for i, layer in enumerate(layers)})
   return params
