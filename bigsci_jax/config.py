@@ -233,6 +233,13 @@ class DataConfig:
   '<corpus>_<lang>' (one language). The corpus 'handbook' is the embedded Debian
   Handbook, prepared on first use; any other corpus is a TFDS dataset per language
   named by `tfds_pattern` (e.g. 'wiki40b/{lang}:1.3.0').
+
+  `text_dirs` adds languages to a multilingual mixture from folders of UTF-8 text (one
+  document per line, <dir>/<split>/*.txt or <dir>/*.txt for train only); they are
+  trained on and evaluated (where they have the split) like the corpus's. With
+  `replay`, the corpus languages keep that share of the mixture and the text-folder
+  languages split the rest (each group by size ** alpha): continued pretraining on a
+  new language with replay of the old ones (gin/recipes/adapt_language.gin).
   """
   mixture: str = "synthetic"
   seed: int = 0
@@ -243,7 +250,9 @@ class DataConfig:
   tfds_pattern: str = ""       # corpora other than 'handbook': TFDS name with {lang}
   data_dir: str = ""           # TFDS data dir; '': $BIGSCI_DATA_DIR or ~/.cache/bigsci_jax
   vocab_size: int = 8192       # SentencePiece vocabulary trained on the mixture
-  vocab_path: str = ""         # use this SentencePiece model instead of training one
+  vocab_path: str = ""         # use this SentencePiece .model or tokenizer.json instead
+  text_dirs: Optional[dict] = None  # {lang: folder of .txt}: languages beyond the corpus
+  replay: Optional[float] = None  # with text_dirs: the corpus languages' share of the mixture
   loss_on_prefix: bool = False  # prefix LM: also train on the bidirectional prefix
 
   def __post_init__(self):
@@ -265,6 +274,14 @@ class DataConfig:
            f"datasets with a {{lang}} placeholder, e.g. '{corpus}/{{lang}}:1.3.0'")
     _check(corpus in ("synthetic", "handbook") or which != "multilingual" or self.languages,
            self, "languages", f"list the languages of the {corpus!r} corpus to mix")
+    _check(self.text_dirs is None or (isinstance(self.text_dirs, dict) and self.text_dirs and all(
+        isinstance(d, str) and d for d in self.text_dirs.values())), self, "text_dirs",
+        "it must be None or a dict {language: folder of .txt files}, e.g. {'sw': '/data/sw'}")
+    _check(not self.text_dirs or which == "multilingual", self, "text_dirs",
+           f"text folders join a multilingual mixture: set DataConfig.mixture to "
+           f"'{corpus}_multilingual' (DataConfig.languages picks the corpus languages)")
+    _check(self.replay is None or 0 <= self.replay < 1, self, "replay",
+           "it must be None or a share in [0, 1) of the mixture kept for the corpus languages")
 
   @property
   def corpus(self):
@@ -290,6 +307,7 @@ class TrainConfig:
   log_every: int = 1
   eval_every: int = 0          # 0: evaluate only at the end
   eval_batches: int = 2        # micro-batches per language; 0: the whole validation split
+  eval_at_start: bool = False  # also evaluate the weights a run starts from at step 0
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoints: bool = True

@@ -27,11 +27,11 @@ FEATURES = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weigh
 class Corpus(NamedTuple):
   """What a run reads: the train source, {eval set: this process's host rows}, the
   UTF-8 bytes each token spells (int64 [vocab], None without a vocabulary) and the
-  serialized SentencePiece model (bytes, None for synthetic data)."""
+  tokenizer's files ({name: bytes}, bigsci_jax.tokenizer; None for synthetic data)."""
   train: Any
   evals: dict
   token_bytes: Any = None
-  vocab_model: bytes | None = None
+  vocab_files: dict | None = None
 
 
 def batch_size_at(cfg: BatchConfig, tokens_seen: int) -> int:

@@ -83,7 +83,7 @@ def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=Non
   if given) with the run's vocabulary."""
   from bigsci_jax.adapt import soft_prompt
   params = soft_prompt.attach_dir(params, prompt_dir, run.model)
-  return likelihood.Scorer(runtime.model, params, loop.read_vocab(model_dir), run.batch.seq_len,
+  return likelihood.Scorer(runtime.model, params, loop.read_tokenizer(model_dir), run.batch.seq_len,
                            batch_size or run.batch.micro_batch_size, runtime.mesh)
 
 

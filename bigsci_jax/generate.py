@@ -1,7 +1,8 @@
 """Autoregressive generation with a KV cache: greedy, temperature, top-k, top-p.
 
 Prompts of different lengths are left-padded into one batch; each row is
-[BOS] + prompt, its positions counted from its own BOS. For a prefix LM the
+[BOS] + prompt (BOS: the tokenizer's bos_id, the token training rows start from), its
+positions counted from its own BOS. For a prefix LM the
 prompt is encoded once, bidirectionally, into the cache (the bidirectional
 prefix, as in training), then tokens are generated causally. A prompt that does
 not fit the context window with the tokens to generate is refused.
@@ -26,9 +27,6 @@ import numpy as np
 
 from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax.config import OFFLOAD
-
-BOS_ID = 0  # seqio decoders start from token 0 (also the padding id)
-
 
 class GenerationError(ValueError):
   """Generation cannot run as asked; the message says why and what to do."""
@@ -125,9 +123,9 @@ def empty_cache(model, batch_size, length=None):
       _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
 
-def prompt_batch(prompts, prefix_lm, min_width=0, lead=()):
-  """Left-padded [BOS] + lead + prompt rows: tokens, positions, segment ids, prefix flags
-  [B, P], P at least min_width (fewer distinct shapes to compile). `lead` is a soft
+def prompt_batch(prompts, prefix_lm, min_width=0, lead=(), bos_id=0):
+  """Left-padded [bos_id] + lead + prompt rows: tokens, positions, segment ids, prefix
+  flags [B, P], P at least min_width (fewer distinct shapes to compile). `lead` is a soft
   prompt's virtual-token ids (model.soft_prompt_ids), inside a prefix LM's prefix."""
   lead = list(lead)
   width = max(min_width, 1 + len(lead) + max(len(p) for p in prompts))
@@ -135,7 +133,7 @@ def prompt_batch(prompts, prefix_lm, min_width=0, lead=()):
   tokens, positions = np.zeros((b, width), np.int32), np.full((b, width), -1, np.int32)
   segments = np.zeros((b, width), np.int32)
   for r, prompt in enumerate(prompts):
-    row = [BOS_ID] + lead + list(prompt)
+    row = [bos_id] + lead + list(prompt)
     tokens[r, width - len(row):] = row
     positions[r, width - len(row):] = np.arange(len(row))
     segments[r, width - len(row):] = 1
@@ -221,9 +219,10 @@ def row_keys(seeds):
 
 
 def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0,
-             return_logits=False, stop_fn=None, min_width=0, vocab=None):
-  """Token lists continuing each prompt (and, with return_logits, the [B, V] logits
-  each generated token was drawn from), drawn from the first `vocab` ids (default all).
+             return_logits=False, stop_fn=None, min_width=0, vocab=None, bos_id=0):
+  """Token lists continuing each [bos_id] + prompt (and, with return_logits, the [B, V]
+  logits each generated token was drawn from), drawn from the first `vocab` ids
+  (default all).
 
   stop_fn(generated token lists) -> one bool per row, True where that row is done;
   generation ends early once every row is (rows keep their extra tokens: the
@@ -232,7 +231,7 @@ def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0
   """
   cfg = model.cfg
   lead = soft_prompt_ids(params)
-  batch = prompt_batch(prompts, cfg.mask == "prefix", min_width, lead)
+  batch = prompt_batch(prompts, cfg.mask == "prefix", min_width, lead, bos_id)
   width = batch[0].shape[1]
   if width + max_new_tokens - 1 > cfg.max_len:  # the last new token is not fed back
     soft = f" after a soft prompt of {len(lead)}" if lead else ""
@@ -281,15 +280,17 @@ def main(argv):
     if run.data.mixture == "synthetic":
       raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
                             f"to turn a prompt into tokens.")
-    sp = loop.read_vocab(args.model_dir)
+    tok = loop.read_tokenizer(args.model_dir)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    outputs = generate(runtime.model, params, [sp.encode(t) for t in args.prompt],
-                       args.max_new_tokens, sampling, args.seed, vocab=sp.get_piece_size())
+    outputs = generate(runtime.model, params, [tok.encode(t) for t in args.prompt],
+                       args.max_new_tokens, sampling, args.seed, vocab=tok.vocab_size,
+                       bos_id=tok.bos_id)
   except (GenerationError, evaluate.EvaluationError, loop.RunNotFound,
           soft_prompt.PromptError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  texts = [sp.decode([t for t in ids if t > 1]) for ids in outputs]
+  texts = [tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+           for ids in outputs]
   for prompt, text in zip(args.prompt, texts):
     print(f"{prompt}{text}")
   print(json.dumps({"prompts": args.prompt, "completions": texts}))

@@ -23,7 +23,7 @@ import sys
 
 import jax
 
-from bigsci_jax import flops, growth, loop
+from bigsci_jax import flops, growth, loop, tokenizer
 from bigsci_jax.config import ConfigError, RunConfig
 from bigsci_jax.scaling import stages
 
@@ -94,11 +94,8 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   if change > tolerance and not force:
     raise GrowthError(f"growing changed the validation loss by {change:.3g} (> --tolerance="
                       f"{tolerance:g}); nothing was written: lower --noise_std, or pass --force.")
-  vocab, vocab_model = os.path.join(from_dir, loop.VOCAB_FILE), None
-  if os.path.exists(vocab):
-    with open(vocab, "rb") as f:
-      vocab_model = f.read()
-  loop.write_run(to_dir, target, grown, jump, data_state, vocab_model)
+  tok = tokenizer.from_dir(from_dir)
+  loop.write_run(to_dir, target, grown, jump, data_state, tok.files() if tok else None)
   return result
 
 

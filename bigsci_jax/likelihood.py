@@ -10,8 +10,8 @@ training row (BOS-shifted inputs, segment 1, positions from 0); a request longer
 than the context window loses context tokens from the left. Requests are sorted
 by length and batched into rows of a few widths (each compiles once).
 
-The tokenizer is anything with encode(str) -> ids and decode(ids) -> str (a
-SentencePieceProcessor; its byte fallback spells any UTF-8 text).
+The tokenizer is a bigsci_jax.tokenizer.Tokenizer: its bos_id starts every row and
+its eos_id ends generations.
 """
 
 import functools
@@ -24,7 +24,6 @@ import numpy as np
 from bigsci_jax import generate, sharding
 from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax import step as steps
-from bigsci_jax.vocab import EOS_ID, UNK_ID
 
 MIN_WIDTH = 32
 log = logging.getLogger(__name__)
@@ -46,10 +45,11 @@ def encode_request(tokenizer, context, continuation):
   return tokenizer.encode(context) if context else [], tokenizer.encode(continuation)
 
 
-def token_rows(pairs, width, prefix_lm=False, lead=()):
-  """[(context ids, continuation ids)] -> batch features [N, width] (numpy int32);
-  contexts lose tokens from the left to fit. `lead` (a soft prompt's virtual-token
-  ids, model.soft_prompt_ids) starts every context, never cut; it is input only."""
+def token_rows(pairs, width, prefix_lm=False, lead=(), bos_id=0):
+  """[(context ids, continuation ids)] -> batch features [N, width] (numpy int32), inputs
+  starting from bos_id; contexts lose tokens from the left to fit. `lead` (a soft
+  prompt's virtual-token ids, model.soft_prompt_ids) starts every context, never cut;
+  it is input only."""
   n, lead = len(pairs), list(lead)
   room = width - len(lead)
   rows = {k: np.zeros((n, width), np.int32) for k in (
@@ -65,7 +65,7 @@ def token_rows(pairs, width, prefix_lm=False, lead=()):
     tokens = ctx + list(cont)
     length = len(tokens)
     rows["decoder_target_tokens"][r, :length] = np.maximum(tokens, 0)
-    rows["decoder_input_tokens"][r, 1:length] = tokens[:-1]
+    rows["decoder_input_tokens"][r, :length] = [bos_id] + tokens[:-1]
     rows["decoder_loss_weights"][r, len(ctx):length] = 1
     rows["decoder_segment_ids"][r, :length] = 1
     rows["decoder_positions"][r, :length] = np.arange(length)
@@ -158,7 +158,8 @@ class Scorer:
     for ids, chunk in self._batches(pairs, lambda pair: len(pair[0]) + len(pair[1])):
       width = bucket_width(len(self.lead) + len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
       chunk_sums, chunk_greedy = jax.device_get(
-          self._apply(token_rows(chunk, width, self.prefix_lm, self.lead)))
+          self._apply(token_rows(chunk, width, self.prefix_lm, self.lead,
+                                 self.tokenizer.bos_id)))
       sums[ids] = chunk_sums[:len(ids)]
       greedy[ids] = chunk_greedy[:len(ids)]
     return sums, greedy
@@ -194,10 +195,12 @@ class Scorer:
         ids = ids[-room:]
       prompts.append(ids)
 
+    eos = self.tokenizer.eos_id
+
     def text(ids):
-      if EOS_ID in ids:
-        ids = ids[:ids.index(EOS_ID)]
-      return self.tokenizer.decode([t for t in ids if t > UNK_ID])
+      if eos in ids:
+        ids = ids[:ids.index(eos)]
+      return self.tokenizer.decode(ids)
 
     def cut(s):
       for stop in until:
@@ -206,7 +209,7 @@ class Scorer:
       return s
 
     def stopped(ids):
-      if EOS_ID in ids:
+      if eos in ids:
         return True
       s = text(ids)
       return cut(s) != s
@@ -219,7 +222,8 @@ class Scorer:
       width = min(bucket_width(1 + len(self.lead) + len(chunk[0]), self.seq_len),
                   1 + len(self.lead) + room)
       generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
-                                    seed + n * self.batch_size, stop_fn=done, min_width=width)
+                                    seed + n * self.batch_size, stop_fn=done, min_width=width,
+                                    bos_id=self.tokenizer.bos_id)
       for i, row in zip(ids, generated):
         outputs[i] = cut(text(row))
     return outputs

@@ -105,13 +105,13 @@ def write_atomic(path, text):
   os.replace(tmp, path)
 
 
-def write_run(model_dir, run: RunConfig, state, step, data_state, vocab_model=None):
+def write_run(model_dir, run: RunConfig, state, step, data_state, vocab_files=None):
   """A new run in model_dir that train.py continues and every inference command reads:
-  config.gin and config.json of `run`, the vocabulary (bytes of a SentencePiece model)
-  if given, and `state` saved as checkpoint `step` (data_state: the input position)."""
+  config.gin and config.json of `run`, the tokenizer's files ({name: bytes},
+  bigsci_jax.tokenizer) if given, and `state` saved as checkpoint `step` (data_state:
+  the input position)."""
   os.makedirs(model_dir, exist_ok=True)
-  if vocab_model is not None:
-    write_atomic(os.path.join(model_dir, VOCAB_FILE), vocab_model)
+  write_vocab_files(model_dir, vocab_files)
   write_atomic(os.path.join(model_dir, "config.gin"), to_gin(run))
   write_atomic(os.path.join(model_dir, "config.json"),
                json.dumps(run.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -161,17 +161,22 @@ def make_data(run: RunConfig, split="validation") -> data.Corpus:
   return data.Corpus(synthetic("train"), {"": synthetic(split).take(rows)})
 
 
-VOCAB_FILE = "vocab.model"
+def write_vocab_files(model_dir, vocab_files):
+  """The tokenizer's files ({name: bytes}) in model_dir, each written atomically."""
+  for name, content in sorted((vocab_files or {}).items()):
+    write_atomic(os.path.join(model_dir, name), content)
 
 
-def read_vocab(model_dir):
-  """The SentencePiece processor a run trained with (model_dir/vocab.model)."""
-  path = os.path.join(model_dir, VOCAB_FILE)
-  if not os.path.exists(path):
-    raise RunNotFound(f"{model_dir} has no {VOCAB_FILE}: it trained on synthetic data (no text "
-                      f"vocabulary) or before runs kept their vocabulary; train it with train.py.")
-  import sentencepiece as spm
-  return spm.SentencePieceProcessor(model_file=path)
+def read_tokenizer(model_dir):
+  """The bigsci_jax.tokenizer.Tokenizer a run reads text with (its vocab.model, or the
+  tokenizer.json of an imported model)."""
+  from bigsci_jax import tokenizer
+  tok = tokenizer.from_dir(model_dir)
+  if tok is None:
+    raise RunNotFound(f"{model_dir} has no {tokenizer.SPM_FILE} or tokenizer.json: it trained "
+                      f"on synthetic data (no text vocabulary) or before runs kept their "
+                      f"vocabulary; train it with train.py.")
+  return tok
 
 
 def _global_max_sum(value):
@@ -248,7 +253,7 @@ class _Trainer(Runtime):
     corpus = make_data(run)
     self.source = corpus.train
     self.eval_sets = make_eval_sets(run, corpus.evals, corpus.token_bytes)
-    self.vocab_model, self.config_text = corpus.vocab_model, config_text
+    self.vocab_files, self.config_text = corpus.vocab_files, config_text
     self.train_step = steps.make_train_step(self.model, self.tx, self.schedule, self.mesh,
                                             self.shardings, run.train)
     self.batch_sharding = sharding.batch_sharding(self.mesh, 3, batch_axis=1)
@@ -269,8 +274,7 @@ class _Trainer(Runtime):
       state, data_state = self.ckpts.restore(self.abstract, start, self.run.to_dict())
       self.source.set_state(data_state)
     if jax.process_index() == 0:
-      if self.vocab_model is not None:  # evaluation and generation read text with it
-        write_atomic(os.path.join(self.model_dir, VOCAB_FILE), self.vocab_model)
+      write_vocab_files(self.model_dir, self.vocab_files)  # evaluation reads text with it
       if self.config_text:
         write_atomic(os.path.join(self.model_dir, "config.gin"), self.config_text)
       write_atomic(os.path.join(self.model_dir, "config.json"),
@@ -404,6 +408,8 @@ class _Trainer(Runtime):
 
     previous_handler = preemption.install(run.train.preemption_grace_s, self.say)
     try:
+      if run.train.eval_at_start and start == 0:  # the "before" of continued pretraining
+        writer.write(0, "eval", self.evaluate(state.params))
       rows = None
       for s in range(start, total):
         rows = self.batch_rows(state, s, rows, tokens_seen)

@@ -26,10 +26,9 @@ import seqio
 import tensorflow as tf
 from jax.experimental import multihost_utils
 
-from bigsci_jax import vocab
 from bigsci_jax.config import ConfigError
 from bigsci_jax.data import FEATURES, Corpus
-from bigsci_jax.tasks import handbook
+from bigsci_jax.tasks import handbook, vocabularies
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -46,8 +45,10 @@ logging.getLogger("absl").addFilter(_QuietPacking())
 
 class SeqioSource:
   def __init__(self, mixture, seq_len, *, prefix_lm=False, loss_on_prefix=False, seed=0,
-               split="train", process_index=0, process_count=1, shuffle=True, num_epochs=None):
+               split="train", process_index=0, process_count=1, shuffle=True, num_epochs=None,
+               bos_id=0):
     self.mixture, self.seq_len, self.prefix_lm, self.seed = mixture, seq_len, prefix_lm, seed
+    self.bos_id = bos_id  # the token inputs start from (the tokenizer's bos_id)
     self.loss_on_prefix = loss_on_prefix
     self.split, self.shuffle, self.num_epochs = split, shuffle, num_epochs
     self.process_index, self.process_count = process_index, process_count
@@ -58,10 +59,10 @@ class SeqioSource:
     if self.prefix_lm:
       lengths = {"inputs": self.seq_len // 2, "targets": self.seq_len - self.seq_len // 2}
       converter = seqio.PrefixLMFeatureConverter(loss_on_targets_only=not self.loss_on_prefix,
-                                                 pack=True)
+                                                 pack=True, bos_id=self.bos_id)
     else:
       lengths = {"targets": self.seq_len}
-      converter = seqio.DecoderFeatureConverter(pack=True)
+      converter = seqio.DecoderFeatureConverter(pack=True, bos_id=self.bos_id)
     shard = (seqio.ShardInfo(self.process_index, self.process_count)
              if self.process_count > 1 else None)
     dataset = seqio.get_dataset(self.mixture, lengths, converter, dataset_split=self.split,
@@ -121,14 +122,15 @@ def open_corpus(run, split="validation"):
     multihost_utils.sync_global_devices("bigsci_jax: data prepared")
   if index != 0:
     prepared = handbook.prepare(run.data, prefix_lm=prefix_lm, primary=False)
-  vocabulary = seqio.SentencePieceVocabulary(prepared.vocab_path)
-  if vocabulary.vocab_size > run.model.vocab_size:
+  _, tok = vocabularies.load(prepared.vocab_path)
+  if tok.vocab_size > run.model.vocab_size:
     raise ConfigError(f"ModelConfig.vocab_size={run.model.vocab_size} is smaller than the "
-                      f"{vocabulary.vocab_size} pieces of {prepared.vocab_path}; raise it.")
+                      f"{tok.vocab_size} tokens of {prepared.vocab_path}; raise it.")
   kwargs = dict(prefix_lm=prefix_lm, loss_on_prefix=run.data.loss_on_prefix, seed=run.data.seed,
-                process_index=index, process_count=count)
+                process_index=index, process_count=count, bos_id=tok.bos_id)
   train = SeqioSource(prepared.mixture, run.batch.seq_len, **kwargs)
   local_rows = run.batch.micro_batch_size // count * run.train.eval_batches or None
   evals = {lang: read_rows(task, run.batch.seq_len, local_rows, split=split, **kwargs)
-           for lang, task in prepared.tasks.items()}
-  return Corpus(train, evals, vocab.token_bytes(vocabulary.sp_model), vocabulary.sp_model)
+           for lang, task in prepared.tasks.items()
+           if split in seqio.get_mixture_or_task(task).splits}
+  return Corpus(train, evals, tok.byte_lengths(), tok.files())

@@ -7,8 +7,8 @@ hash of the sample and the settings; the model is written to a temporary name
 and renamed, so an interrupted training leaves no half-written model.
 
 No dummy-prefix space and identity normalisation: the pieces of a text spell
-exactly its bytes, so `token_bytes` turns token counts into UTF-8 byte counts
-(for bits per byte) without decoding.
+exactly its bytes, so token counts turn into UTF-8 byte counts (for bits per byte)
+without decoding (bigsci_jax.tokenizer.Tokenizer.byte_lengths).
 """
 
 import dataclasses
@@ -83,22 +83,3 @@ def train(texts_by_lang, cache_dir, cfg: VocabConfig = VocabConfig(), *, sizes=N
     f.write(model.getvalue())
   os.replace(tmp, path)
   return path
-
-
-def token_bytes(model_proto):
-  """int64 [vocab]: the UTF-8 bytes each piece spells (byte pieces 1, control pieces 0),
-  so sum(token_bytes[ids]) is the byte length of the text `ids` encode; model_proto
-  is the serialized SentencePiece model (a .model file's bytes)."""
-  import sentencepiece as spm
-  sp = spm.SentencePieceProcessor(model_proto=model_proto)
-  return np.array([len(piece_bytes(sp, i)) for i in range(sp.get_piece_size())], np.int64)
-
-
-def piece_bytes(sp, i):
-  """The UTF-8 bytes piece i of a SentencePieceProcessor spells: its byte for a byte
-  piece, nothing for control and unknown pieces, else its text (U+2581 is a space)."""
-  if sp.is_byte(i):
-    return bytes([int(sp.id_to_piece(i)[3:5], 16)])
-  if sp.is_control(i) or sp.is_unknown(i):
-    return b""
-  return sp.id_to_piece(i).replace("\u2581", " ").encode()

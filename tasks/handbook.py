@@ -3,7 +3,9 @@ wiki40b), one per language, and the temperature-sampled multilingual mixture.
 
 Registration is a call, not an import side effect. `prepare` does everything a
 run needs on first use: prepares the TFDS data in a data dir, trains (or finds)
-the SentencePiece vocabulary, registers the Tasks and the mixture.
+the SentencePiece vocabulary (or reads the one DataConfig.vocab_path names: a .model or
+an imported model's tokenizer.json), registers the Tasks and the mixture. Languages
+beyond the corpus come from folders of text (DataConfig.text_dirs) or from a call:
 
   from bigsci_jax.tasks import handbook
   prepared = handbook.prepare(DataConfig(mixture="handbook_multilingual"))
@@ -24,6 +26,7 @@ from bigsci_jax import handbook_dataset  # noqa: F401  (registers the TFDS build
 from bigsci_jax import vocab
 from bigsci_jax.corpus import CorpusError
 from bigsci_jax.data import temperature_rates
+from bigsci_jax.tasks import vocabularies
 
 HANDBOOK_PATTERN = "handbook/{lang}:1.0.0"
 # A handbook language counts as translated when its train split holds this many TFDS
@@ -143,34 +146,61 @@ def register_language(lang, vocab_path, *, text_dir=None, tfds_name=None, data_d
     source = seqio.TextLineDataSource(_text_files(text_dir))
   else:
     source = seqio.TfdsDataSource(tfds_name, tfds_data_dir=data_dir)
-  vocabulary = seqio.SentencePieceVocabulary(vocab_path)
   name = task_name(lang, prefix_lm)
-  _add(name, source, vocabulary, prefix_lm)
+  _add(name, source, vocabularies.load(vocab_path)[0], prefix_lm)
   return name
+
+
+def mixture_rates(sizes, alpha=0.3, rates=None, text_sizes=None, replay=None):
+  """{lang: rate} summing to 1 over the corpus languages `sizes` ({lang: size}) and those
+  of text folders `text_sizes`: `rates` normalised when given (one per language), else
+  size^alpha over all of them, or with `replay` the corpus languages share `replay`
+  (size^alpha among themselves) and the text languages the rest."""
+  text_sizes = text_sizes or {}
+  every = {**sizes, **text_sizes}
+  if rates is not None:
+    if set(rates) != set(every):
+      raise CorpusError(f"DataConfig.rates names {', '.join(sorted(rates))} but the mixture has "
+                        f"{', '.join(sorted(every))}; give one rate per language of the mixture.")
+    return {lang: rates[lang] / sum(rates.values()) for lang in every}
+  if replay is None or not text_sizes:
+    return temperature_rates(every, alpha)
+  old, new = temperature_rates(sizes, alpha), temperature_rates(text_sizes, alpha)
+  return {**{l: replay * r for l, r in old.items()}, **{l: (1 - replay) * r for l, r in new.items()}}
 
 
 def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False,
-             pattern=HANDBOOK_PATTERN, corpus="handbook", rates=None):
+             pattern=HANDBOOK_PATTERN, corpus="handbook", rates=None, text_dirs=None,
+             replay=None):
   """Register one Task per language of `sizes` ({lang: size}) over the TFDS dataset
-  `pattern.format(lang=lang)` in data_dir, and the mixture whose rates are `rates`
-  ({lang: rate}, normalised) or else proportional to size^alpha. Returns the
+  `pattern.format(lang=lang)` in data_dir, one per language of `text_dirs` ({lang: folder
+  of text}), and the mixture of those with a non-zero rate (mixture_rates). Returns the
   mixture name."""
-  vocabulary = seqio.SentencePieceVocabulary(vocab_path)
-  if rates is None:
-    rates = temperature_rates(sizes, alpha)
-  elif set(rates) != set(sizes):
-    raise CorpusError(f"DataConfig.rates names {', '.join(sorted(rates))} but the mixture has "
-                      f"{', '.join(sorted(sizes))}; give one rate per language of the mixture.")
-  else:
-    rates = {lang: rates[lang] / sum(rates.values()) for lang in sizes}
+  vocabulary = vocabularies.load(vocab_path)[0]
+  text_files = {lang: _text_files(folder) for lang, folder in (text_dirs or {}).items()}
+  for lang, files in text_files.items():
+    if "train" not in files:
+      raise CorpusError(f"the text folder of {lang!r} has no training text: put it in "
+                        f"{text_dirs[lang]}/train/*.txt (or {text_dirs[lang]}/*.txt).")
+  rates = mixture_rates(sizes, alpha, rates, _text_sizes(text_files), replay)
   for lang in sizes:
     source = seqio.TfdsDataSource(pattern.format(lang=lang), tfds_data_dir=data_dir)
     _add(task_name(lang, prefix_lm, corpus), source, vocabulary, prefix_lm, _cleaner(pattern))
+  for lang, files in text_files.items():
+    _add(task_name(lang, prefix_lm, corpus), seqio.TextLineDataSource(files), vocabulary,
+         prefix_lm)
   name = mixture_name(prefix_lm, corpus)
   if name in seqio.MixtureRegistry.names():
     seqio.MixtureRegistry.remove(name)
-  seqio.MixtureRegistry.add(name, [(task_name(l, prefix_lm, corpus), rates[l]) for l in sizes])
+  seqio.MixtureRegistry.add(name, [(task_name(l, prefix_lm, corpus), r)
+                                   for l, r in rates.items() if r > 0])
   return name
+
+
+def _text_sizes(text_files):
+  """{lang: bytes of its train files}."""
+  return {lang: float(sum(os.path.getsize(f) for f in files.get("train", ())))
+          for lang, files in text_files.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +256,19 @@ def _train_texts(builder, max_chars):
   return texts
 
 
+def _folder_texts(folder, max_chars):
+  """The first max_chars characters of a text folder's training documents."""
+  texts, chars = [], 0
+  for path in _text_files(folder).get("train", ()):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        texts.append(line.rstrip("\n"))
+        chars += len(texts[-1])
+        if chars >= max_chars:
+          return texts
+  return texts
+
+
 def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
   """Prepare the TFDS data and the vocabulary for `data_cfg` (a config.DataConfig) and
   register its Tasks and mixture; everything is cached in the data dir, so later
@@ -246,7 +289,7 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
   builders = {lang: _builder(pattern.format(lang=lang), data_dir, corpus == "handbook")
               for lang in languages}
   sizes = {lang: float(b.info.splits["train"].num_bytes) for lang, b in builders.items()}
-  vocab_path = data_cfg.vocab_path
+  vocab_path, text_dirs = data_cfg.vocab_path, dict(data_cfg.text_dirs or {})
   if not vocab_path:
     cfg = vocab.VocabConfig(vocab_size=data_cfg.vocab_size, alpha=data_cfg.alpha,
                             seed=data_cfg.seed)
@@ -254,18 +297,18 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
       raise CorpusError(f"a vocabulary cannot be trained into {data_dir}: set "
                         f"DataConfig.vocab_path to a SentencePiece model for this corpus.")
     texts = {lang: _train_texts(b, cfg.sample_chars) for lang, b in builders.items()}
-    vocab_path = vocab.train(texts, os.path.join(data_dir, "vocab"), cfg, sizes=sizes,
-                             cached_only=not primary)
-  elif not tf.io.gfile.exists(vocab_path):
-    raise CorpusError(f"DataConfig.vocab_path={vocab_path} does not exist: point it at a "
-                      f"SentencePiece .model file, or leave it empty to train one on the corpus.")
+    texts.update({lang: _folder_texts(folder, cfg.sample_chars)
+                  for lang, folder in text_dirs.items()})
+    text_sizes = _text_sizes({lang: _text_files(folder) for lang, folder in text_dirs.items()})
+    vocab_path = vocab.train(texts, os.path.join(data_dir, "vocab"), cfg,
+                             sizes={**sizes, **text_sizes}, cached_only=not primary)
   if which == "multilingual":
     mixture = register(data_dir, vocab_path, sizes, data_cfg.alpha, prefix_lm, pattern, corpus,
-                       data_cfg.rates)
+                       data_cfg.rates, text_dirs, data_cfg.replay)
   else:
-    vocabulary = seqio.SentencePieceVocabulary(vocab_path)
     source = seqio.TfdsDataSource(pattern.format(lang=which), tfds_data_dir=data_dir)
     mixture = task_name(which, prefix_lm, corpus)
-    _add(mixture, source, vocabulary, prefix_lm, _cleaner(pattern))
+    _add(mixture, source, vocabularies.load(vocab_path)[0], prefix_lm, _cleaner(pattern))
   return Prepared(mixture=mixture, vocab_path=vocab_path, sizes=sizes,
-                  tasks={lang: task_name(lang, prefix_lm, corpus) for lang in languages})
+                  tasks={lang: task_name(lang, prefix_lm, corpus)
+                         for lang in (*languages, *text_dirs)})

@@ -29,7 +29,7 @@ def test_cached_decoding_matches_full_recomputation(position, mask):
     out, logits = generate.generate(model, params, PROMPTS, 6, return_logits=True)
     # One uncached forward pass over each whole sequence, right-padded: the logits at
     # the position before generated token t are what step t must have sampled from.
-    seqs = [[generate.BOS_ID] + p + o[:5] for p, o in zip(PROMPTS, out)]
+    seqs = [[0] + p + o[:5] for p, o in zip(PROMPTS, out)]
     width = max(map(len, seqs))
     tokens = np.zeros((len(seqs), width), np.int32)
     segments, prefix = np.zeros_like(tokens), np.zeros_like(tokens)

@@ -14,7 +14,7 @@ tf.config.set_visible_devices([], "GPU")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 import train  # noqa: E402
-from bigsci_jax import loop, vocab  # noqa: E402
+from bigsci_jax import loop, tokenizer, vocab  # noqa: E402
 from bigsci_jax.config import (BatchConfig, DataConfig, ModelConfig, OptimizerConfig,  # noqa: E402
                                RunConfig, TrainConfig)
 from bigsci_jax.corpus import CorpusError  # noqa: E402
@@ -54,7 +54,8 @@ def test_vocabulary_round_trips_and_spells_bytes_in_every_language(handbook_data
   assert handbook.prepare(DataConfig(mixture="handbook_multilingual", data_dir=handbook_data_dir,
                                      vocab_size=4000)).vocab_path == prepared.vocab_path  # cached
   sp = spm.SentencePieceProcessor(model_file=prepared.vocab_path)
-  lengths = vocab.token_bytes(open(prepared.vocab_path, "rb").read())
+  with open(prepared.vocab_path, "rb") as f:
+    lengths = tokenizer.from_files({tokenizer.SPM_FILE: f.read()}).byte_lengths()
   assert sp.pad_id() == 0 and sp.eos_id() == 1 and lengths[1] == 0
   for lang in prepared.tasks:
     for text in _docs(handbook_data_dir, lang, "validation")[:3]:
@@ -113,8 +114,8 @@ def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, 
   assert [(r["step"], r["loss"]) for r in read_metrics(resumed_dir, "train")] == train_lines
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
                jax.device_get(straight["state"].params))
-  vocabulary = loop.read_vocab(resumed_dir)  # the run keeps the vocabulary it read text with
-  assert vocabulary.get_piece_size() == 4000
+  vocabulary = loop.read_tokenizer(resumed_dir)  # the run keeps the vocabulary it read text with
+  assert vocabulary.vocab_size == 4000
   assert vocabulary.decode(vocabulary.encode("Débian")) == "Débian"
 
   final = read_metrics(str(tmp_path / "straight"), "eval")[-1]

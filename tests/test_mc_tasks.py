@@ -13,7 +13,9 @@ from bigsci_jax.model import Transformer, init_params
 
 
 class Bytes:
-  """A byte-level tokenizer: ids above pad / eos / unk."""
+  """A byte-level tokenizer: ids above pad / eos / unk; rows start from pad."""
+
+  bos_id, eos_id = 0, 1
 
   def encode(self, text):
     return [b + 3 for b in text.encode()]

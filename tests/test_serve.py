@@ -23,10 +23,10 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 requests = pytest.importorskip("requests")
 
-from bigsci_jax import evaluate, generate, loop  # noqa: E402
+from bigsci_jax import evaluate, generate  # noqa: E402
 from bigsci_jax.serve import api  # noqa: E402
 from bigsci_jax.serve.engine import Choice, Engine, Job  # noqa: E402
-from bigsci_jax.tokenizer import Tokenizer  # noqa: E402
+from bigsci_jax import tokenizer as tokenizers  # noqa: E402
 
 PROMPTS = ["Debian is", "Le projet Debian", "The package manager installs", "apt"]
 
@@ -47,8 +47,7 @@ def run_dir(tmp_path_factory, handbook_data_dir):
 @pytest.fixture(scope="module")
 def restored(run_dir):
   run, runtime, params, _ = evaluate.restore(run_dir, 1)
-  return runtime.model, jax.device_get(params), Tokenizer.from_file(
-      os.path.join(run_dir, loop.VOCAB_FILE))
+  return runtime.model, jax.device_get(params), tokenizers.from_dir(run_dir)
 
 
 def _submit(engine, choices):
@@ -91,7 +90,7 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
   finally:
     engine.stop()
   for p, c in zip(ids, echo):
-    row = jnp.asarray([[generate.BOS_ID] + p])
+    row = jnp.asarray([[0] + p])
     with jax.default_matmul_precision("highest"):
       logp = jax.nn.log_softmax(model.apply({"params": params}, row)[0], axis=-1)
     want = [float(logp[i, p[i]]) for i in range(1, len(p))]  # logits at column i predict p[i]
@@ -228,7 +227,7 @@ def test_the_harness_through_the_server_matches_the_in_process_adapter(server, r
   importlib.import_module("bigsci_jax.lm_eval")  # registers the model bigsci_jax
   from bigsci_jax import mc_tasks
   from test_lm_eval import MULTIPLE_CHOICE, _mc_rows, _task
-  tok = Tokenizer.from_file(os.path.join(run_dir, loop.VOCAB_FILE))
+  tok = tokenizers.from_dir(run_dir)
   items = [i for i in mc_tasks.next_sentence_items("en", limit=40)  # no truncation either side
            if max(len(tok.encode(i.context + " " + c)) for c in i.choices) < 120][:20]
   assert len(items) >= 12

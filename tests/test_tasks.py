@@ -164,3 +164,69 @@ def test_wiki40b_structure_markers_are_stripped():
   dataset = tf.data.Dataset.from_tensor_slices({"targets": [raw]})
   assert [x["targets"].decode() for x in handbook.clean_wiki40b(dataset).as_numpy_iterator()] == [
       "Debian\nHistory\nOne.\nTwo."]
+
+
+def _tokenizer_json(vocab_path, folder):
+  """The SentencePiece model at vocab_path exported as folder/tokenizer.json (+ configs)."""
+  from bigsci_jax.hf import tokenizer as hf_tokenizer
+  with open(vocab_path, "rb") as f:
+    hf_tokenizer.write(f.read(), str(folder), max_len=512)
+  return str(folder / "tokenizer.json")
+
+
+def test_a_tokenizer_json_gives_the_tasks_the_ids_sentencepiece_gives(prepared, tmp_path):
+  """A task over an imported model's tokenizer.json (encoded by `tokenizers` inside the
+  tf.data pipeline) yields the ids of the same vocabulary read as SentencePiece, EOS
+  included; packed rows start each document from the tokenizer's bos_id."""
+  pytest.importorskip("tokenizers")
+  from bigsci_jax.pipeline import SeqioSource
+  from bigsci_jax.tasks import vocabularies
+  _, vocab_path, _, texts = prepared
+  json_path = _tokenizer_json(vocab_path, tmp_path / "hf")
+  vocabulary, tok = vocabularies.load(json_path)
+  assert isinstance(vocabulary, vocabularies.TokenizerJsonVocabulary)
+  assert (vocabulary.eos_id, vocabulary.vocab_size, tok.bos_id) == (1, 2000, 0)
+  folder = tmp_path / "text"
+  (folder / "train").mkdir(parents=True)
+  lines = [t[:300].replace("\n", " ") for t in texts["ja"][:3] + texts["fr"][:3]]
+  (folder / "train" / "part0.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+  rows = {}
+  for name, path in (("spm", vocab_path), ("json", json_path)):
+    task = seqio.get_mixture_or_task(handbook.register_language(f"x{name}", path,
+                                                                text_dir=str(folder)))
+    rows[name] = [list(x["targets"]) for x in
+                  task.get_dataset(None, split="train", shuffle=False).as_numpy_iterator()]
+  assert rows["json"] == rows["spm"] and len(rows["spm"]) == len(lines)
+  assert all(r[-1] == 1 for r in rows["json"])
+  assert vocabulary.decode(rows["json"][0][:-1]) == lines[0]
+  packed = SeqioSource(handbook.task_name("xjson"), 64, seed=0, bos_id=7).take(4)
+  starts = (packed["decoder_positions"] == 0) & (packed["decoder_segment_ids"] > 0)
+  assert starts.sum() >= 4 and (packed["decoder_input_tokens"][starts] == 7).all()
+  with pytest.raises(corpus.CorpusError, match=r"vocab_path=.*missing.json does not exist"):
+    vocabularies.load(str(tmp_path / "missing.json"))
+
+
+def test_text_folders_join_the_mixture_with_a_replay_share(prepared, tmp_path):
+  data_dir, vocab_path, pattern, texts = prepared
+  sizes = {lang: sum(map(len, docs)) for lang, docs in texts.items()}
+  rates = handbook.mixture_rates(sizes, 0.3, text_sizes={"sw": 10.0, "yo": 40.0}, replay=0.25)
+  assert sum(rates[l] for l in sizes) == pytest.approx(0.25)
+  assert rates["yo"] / rates["sw"] == pytest.approx(4 ** 0.3)
+  assert sum(rates.values()) == pytest.approx(1.0)
+  folder = tmp_path / "sw"
+  (folder / "train").mkdir(parents=True)
+  (folder / "train" / "a.txt").write_text("Habari ya asubuhi.\nKompyuta hii.\n", encoding="utf-8")
+  name = handbook.register(data_dir, vocab_path, sizes, pattern=pattern,
+                           text_dirs={"sw": str(folder)}, replay=0.25)
+  swahili = {"Habari ya asubuhi.", "Kompyuta hii."}
+  dataset = seqio.get_mixture_or_task(name).get_dataset(
+      {"targets": 64}, split="train", shuffle=True, num_epochs=None, seed=1,
+      copy_pretokenized=True)
+  share = np.mean([x["targets_pretokenized"].decode() in swahili
+                   for x in dataset.take(2000).as_numpy_iterator()])
+  assert abs(share - 0.75) < 0.04, share
+  (tmp_path / "only_val" / "validation").mkdir(parents=True)
+  (tmp_path / "only_val" / "validation" / "a.txt").write_text("x\n", encoding="utf-8")
+  with pytest.raises(corpus.CorpusError, match="'xx' has no training text"):
+    handbook.register(data_dir, vocab_path, sizes, pattern=pattern,
+                      text_dirs={"xx": str(tmp_path / "only_val")})

@@ -23,10 +23,11 @@ import sys
 def _tokenizer(args):
   from bigsci_jax import loop
   from bigsci_jax.hf.tokenizer import TokenizerExportError, write
-  vocab = os.path.join(args.model_dir, loop.VOCAB_FILE)
+  from bigsci_jax.tokenizer import SPM_FILE
+  vocab = os.path.join(args.model_dir, SPM_FILE)
   if not os.path.exists(vocab):
-    raise TokenizerExportError(f"{args.model_dir} has no {loop.VOCAB_FILE}: give the "
-                               f"model_dir of a run trained on text.")
+    raise TokenizerExportError(f"{args.model_dir} has no {SPM_FILE}: give the model_dir of a "
+                               f"run trained on text here.")
   run = loop.read_run(args.model_dir)
   with open(vocab, "rb") as f:
     return {"written": write(f.read(), args.out, run.model.max_len)}
@@ -66,6 +67,7 @@ def main(argv):
   from bigsci_jax.config import ConfigError
   from bigsci_jax.hf.convert import ConversionError
   from bigsci_jax.hf.tokenizer import TokenizerExportError
+  from bigsci_jax.tokenizer import TokenizerError
   try:
     summary = {"export": _export, "import": _import, "tokenizer": _tokenizer}[args.command](args)
   except ImportError as e:
@@ -73,7 +75,7 @@ def main(argv):
           f"pip install -e '.[hf]'.", file=sys.stderr)
     return 2
   except (ConversionError, TokenizerExportError, loop.RunNotFound, CheckpointMismatch,
-          ConfigError) as e:
+          ConfigError, TokenizerError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(summary))

@@ -14,7 +14,6 @@ architecture cannot express is refused first. Needs safetensors and tokenizers o
 
 import json
 import os
-import shutil
 
 import numpy as np
 
@@ -75,31 +74,32 @@ def write_weights(tensors, shapes, out_dir, dtype="float32", shard_bytes=5 * 2**
 def export(model_dir, out_dir, arch="auto", dtype="float32", shard_gib=5.0):
   """Export model_dir's latest checkpoint into out_dir; returns a summary dict."""
   from bigsci_jax import evaluate, loop
+  from bigsci_jax import tokenizer as tokenizers
   from bigsci_jax.hf import tokenizer
   if dtype not in DTYPES:
     raise convert.ConversionError(f"--dtype={dtype!r} is not one of {', '.join(DTYPES)}.")
   run = loop.read_run(model_dir)
   arch = convert.architecture(run.model, arch)
+  tok = tokenizers.from_dir(model_dir)
+  special = ({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+             if tok else {"bos_token_id": PAD_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID})
   _, _, params, step = evaluate.restore(model_dir)
   os.makedirs(out_dir, exist_ok=True)
-  config = convert.hf_config(run.model, arch, bos_id=PAD_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+  config = convert.hf_config(run.model, arch, bos_id=special["bos_token_id"],
+                             eos_id=special["eos_token_id"], pad_id=special["pad_token_id"],
                              dtype=dtype)
   shapes = convert.tensor_shapes(run.model, arch)
   files = write_weights(convert.to_hf(params, run.model, arch), shapes, out_dir, dtype,
                         int(shard_gib * 2**30))
-  for name, content in (("config.json", config), ("generation_config.json",
-                        {"bos_token_id": PAD_ID, "eos_token_id": EOS_ID,
-                         "pad_token_id": PAD_ID})):
+  for name, content in (("config.json", config), ("generation_config.json", special)):
     loop.write_atomic(os.path.join(out_dir, name), json.dumps(content, indent=1) + "\n")
     files.append(name)
-  vocab = os.path.join(model_dir, loop.VOCAB_FILE)
-  if os.path.exists(vocab):
-    with open(vocab, "rb") as f:
-      files += [os.path.basename(p) for p in tokenizer.write(f.read(), out_dir, run.model.max_len)]
-  else:  # an imported run keeps the tokenizer files it came with
-    for name in tokenizer.FILES:
-      if os.path.exists(os.path.join(model_dir, name)):
-        shutil.copyfile(os.path.join(model_dir, name), os.path.join(out_dir, name))
-        files.append(name)
+  if isinstance(tok, tokenizers.SentencePieceTokenizer):
+    files += [os.path.basename(p) for p in tokenizer.write(tok.model_proto, out_dir,
+                                                           run.model.max_len)]
+  elif tok is not None:  # an imported run keeps the tokenizer files it came with
+    for name, content in tok.files().items():
+      loop.write_atomic(os.path.join(out_dir, name), content)
+      files.append(name)
   return {"arch": arch, "step": step, "dtype": dtype, "tensors": len(shapes),
           "out": out_dir, "files": sorted(files)}

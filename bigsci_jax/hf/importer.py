@@ -7,15 +7,17 @@ checks every tensor's name and shape before reading any, and writes DIR as a run
 step 0: config.gin / config.json (the other sections at their defaults), an orbax
 checkpoint whose parameters are the imported ones (float32, placed straight into their
 sharded layout on the current mesh) and whose optimizer state is fresh, and the
-tokenizer files HF_DIR has. `evaluate`, `generate`, `serve` and `python train.py
---model_dir=DIR` read it like any other run.
+tokenizer files HF_DIR has (checked to load first; DataConfig.vocab_path names DIR's
+tokenizer.json, so continued training reads text with the model's own tokenizer).
+`evaluate`, `generate`, `serve` and `python train.py --model_dir=DIR` read it like any
+other run.
 """
 
 import json
 import os
-import shutil
 
-from bigsci_jax.hf import convert, exporter, tokenizer
+from bigsci_jax import tokenizer as tokenizers
+from bigsci_jax.hf import convert, exporter
 
 # Tensors a checkpoint may hold that are not parameters (recomputed buffers).
 _BUFFERS = ("rotary_emb.inv_freq",)
@@ -71,7 +73,7 @@ def import_hf(hf_dir, model_dir, max_len=None, seed=0):
   import jax
   from bigsci_jax import loop
   from bigsci_jax import step as steps
-  from bigsci_jax.config import RunConfig
+  from bigsci_jax.config import DataConfig, RunConfig
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
     raise convert.ConversionError(f"{hf_dir} has no config.json: give the directory of a "
@@ -85,16 +87,20 @@ def import_hf(hf_dir, model_dir, max_len=None, seed=0):
   arch = config["model_type"]
   weights = _Weights(hf_dir, arch)
   weights.check(convert.tensor_shapes(cfg, arch), cfg.tie_embeddings)
+  tok = tokenizers.from_dir(hf_dir)  # checked before anything is written
+  if tok is not None and tok.vocab_size > cfg.vocab_size:
+    raise convert.ConversionError(f"{hf_dir}'s tokenizer has {tok.vocab_size} tokens but the "
+                                  f"model's vocab_size is {cfg.vocab_size}.")
   params = convert.from_hf(weights.read, cfg, arch)
-  run = RunConfig(model=cfg)
+  # Continued training reads text with the model's own tokenizer, kept in model_dir.
+  data = DataConfig(vocab_path=os.path.abspath(os.path.join(model_dir, "tokenizer.json"))
+                    if tok is not None else "")
+  run = RunConfig(model=cfg, data=data)
   runtime = loop.Runtime(run)
   state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, seed, run.batch.seq_len)
   state = state.replace(params=jax.device_put(params, runtime.shardings.params))
-  loop.write_run(model_dir, run, state, 0, {"rows": 0})
-  copied = []
-  for name in tokenizer.FILES:
-    if os.path.exists(os.path.join(hf_dir, name)):
-      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(model_dir, name))
-      copied.append(name)
+  files = tok.files() if tok is not None else None
+  loop.write_run(model_dir, run, state, 0, {"rows": 0}, files)
   return {"arch": arch, "model_dir": model_dir, "tensors": len(weights.shapes),
-          "params": sum(x.size for x in jax.tree.leaves(params)), "tokenizer": copied}
+          "params": sum(x.size for x in jax.tree.leaves(params)),
+          "tokenizer": sorted(files or ())}

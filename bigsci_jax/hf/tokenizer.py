@@ -7,8 +7,13 @@ most likely segmentation of the whole text (a character no piece covers becomes 
 UTF-8 byte pieces), and decoding joins the pieces, turns byte pieces back into bytes
 and U+2581 into spaces. SentencePiece never matches its control and byte pieces
 against text; here the control pieces are special tokens (their strings encode to
-their ids, as bigsci_jax.tokenizer.Tokenizer encodes them) and the byte pieces score
-far below any path through real pieces, so a literal "<0x41>" spells its characters.
+their ids, as bigsci_jax.tokenizer encodes them) and the byte and special pieces score
+far below any path through real pieces, so a literal "<0x41>" spells its characters (as
+does "</s>" when special tokens are not matched).
+The models this library trains read every sequence after the start token <pad> (id 0),
+so the tokenizer's post-processor puts it first when special tokens are added
+(`tokenizer(text)`, as Llama's tokenizer adds <s>; `add_special_tokens=False` gives the
+text's ids alone).
 
   python -m bigsci_jax.hf tokenizer --model_dir=DIR --out=HF_DIR
 
@@ -19,13 +24,13 @@ writes tokenizer.json, tokenizer_config.json and special_tokens_map.json, which
 import json
 import os
 
+from bigsci_jax.tokenizer import HF_FILES as FILES
 from bigsci_jax.vocab import EOS_ID, PAD_ID, UNK_ID
 
 SPACE = "\u2581"
 # SentencePiece's piece types that the export treats apart (sentencepiece_model.proto).
-UNKNOWN, BYTE = 2, 6
-UNREACHABLE = -1e4  # the score byte pieces get: never chosen over real pieces
-FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+UNKNOWN, CONTROL, BYTE = 2, 3, 6
+UNREACHABLE = -1e4  # the score byte and special pieces get: never chosen over real pieces
 
 
 class TokenizerExportError(ValueError):
@@ -58,9 +63,10 @@ def _model(model_proto):
 def fast_tokenizer(model_proto):
   """A tokenizers.Tokenizer giving the SentencePiece model's ids (model_proto: bytes of
   a vocab.model), with <pad>, </s> and <unk> as special tokens."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
   model = _model(model_proto)
-  vocab = [(p.piece, UNREACHABLE if p.type == BYTE else float(p.score)) for p in model.pieces]
+  vocab = [(p.piece, UNREACHABLE if p.type in (UNKNOWN, CONTROL, BYTE) else float(p.score))
+           for p in model.pieces]
   unk = [i for i, p in enumerate(model.pieces) if p.type == UNKNOWN]
   tokenizer = Tokenizer(models.Unigram(vocab, unk_id=unk[0], byte_fallback=True))
   tokenizer.normalizer = normalizers.Replace(Regex(" "), SPACE)
@@ -68,6 +74,9 @@ def fast_tokenizer(model_proto):
                                          decoders.Fuse()])
   tokenizer.add_special_tokens([AddedToken(model.pieces[i].piece, special=True, normalized=False)
                                 for i in (PAD_ID, EOS_ID, UNK_ID)])
+  start = model.pieces[PAD_ID].piece
+  tokenizer.post_processor = processors.TemplateProcessing(
+      single=f"{start} $A", pair=f"{start} $A $B:1", special_tokens=[(start, PAD_ID)])
   return tokenizer
 
 
@@ -78,7 +87,7 @@ def write(model_proto, out_dir, max_len):
   pad, eos, unk = (tokenizer.id_to_token(i) for i in (PAD_ID, EOS_ID, UNK_ID))
   specials = {"bos_token": pad, "eos_token": eos, "pad_token": pad, "unk_token": unk}
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-            "clean_up_tokenization_spaces": False, "add_bos_token": False,
+            "clean_up_tokenization_spaces": False, "add_bos_token": True,
             "add_eos_token": False, "padding_side": "left", **specials}
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, name) for name in FILES]

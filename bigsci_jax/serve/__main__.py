@@ -52,16 +52,12 @@ def load(model_dir, max_batch, prompt_dir=None, offload="none"):
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt import soft_prompt
   from bigsci_jax.serve.engine import Engine
-  from bigsci_jax.tokenizer import Tokenizer
+  tokenizer = loop.read_tokenizer(model_dir)
   run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload)
   params = soft_prompt.attach_dir(params, prompt_dir, run.model)
-  vocab = os.path.join(model_dir, loop.VOCAB_FILE)
-  if not os.path.exists(vocab):
-    raise loop.RunNotFound(f"{model_dir} has no {loop.VOCAB_FILE}: it trained on synthetic data, "
-                           f"which has no text vocabulary to serve.")
-  tokenizer = Tokenizer.from_file(vocab)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
-  metadata = {"attention": run.model.mask, "step": step, "bos_token_id": 0, "offload": offload,
+  metadata = {"attention": run.model.mask, "step": step, "bos_token_id": tokenizer.bos_id,
+              "offload": offload,
               "max_model_len": engine.max_len,
               "echo_logprobs": "causal: each prompt token after the tokens before it"
                                + (" (not inside the bidirectional prefix, where it would see "

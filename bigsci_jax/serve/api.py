@@ -142,7 +142,7 @@ def parse_completion(body, tokenizer, max_len, model_name):
   seed = opts["seed"] if opts["seed"] is not None else int.from_bytes(os.urandom(4), "little")
   choices = []
   for i, (_, ids) in enumerate(prompts):
-    if ids and ids[0] == generate.BOS_ID:
+    if ids and ids[0] == tokenizer.bos_id:
       ids = ids[1:]
     need = len(ids) + max(max_tokens, 1)  # the start token in, the last new token not fed back
     if need > max_len:
@@ -240,7 +240,7 @@ def make_app(engine, tokenizer, model_name, metadata):
     return {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
             "pad_token": tokenizer.pad_token, "unk_token": tokenizer.unk_token,
             "max_model_len": max_len, "vocab_size": tokenizer.vocab_size,
-            "tokenizer_class": "SentencePiece", "add_bos_token": False}
+            "tokenizer_class": type(tokenizer).__name__, "add_bos_token": False}
 
   async def changed_or_timeout(changed):
     """Wait until the engine reports a change, at most 0.1 s (to look for a gone client)."""
@@ -258,7 +258,7 @@ def make_app(engine, tokenizer, model_name, metadata):
     special = body.get("add_special_tokens", False)
     if not isinstance(special, bool):
       raise RequestError("'add_special_tokens' must be true or false.", "add_special_tokens")
-    ids = ([generate.BOS_ID] if special else []) + tokenizer.encode(body["prompt"])
+    ids = ([tokenizer.bos_id] if special else []) + tokenizer.encode(body["prompt"])
     return {"tokens": ids, "count": len(ids), "max_model_len": max_len}
 
   @app.post("/detokenize")

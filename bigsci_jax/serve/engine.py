@@ -36,7 +36,6 @@ import numpy as np
 from bigsci_jax import generate
 from bigsci_jax.likelihood import bucket_width
 from bigsci_jax.model import soft_prompt_ids
-from bigsci_jax.vocab import EOS_ID
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +182,7 @@ class Engine:
       for cache_len in (self.window, 2 * self.window):
         for width in [w for w in widths or self.widths if w > 1 + len(self.lead)]:
           batch = generate.prompt_batch([[3] * (width - 1 - len(self.lead))] * rows,
-                                        self.prefix_lm, width, self.lead)
+                                        self.prefix_lm, width, self.lead, self.tokenizer.bos_id)
           if cache_len == self.window:
             jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
                                                                sampling, top))
@@ -203,7 +202,8 @@ class Engine:
     steps = max(c.max_tokens for c in padded)
     cache_len = self.window if width + steps - 1 <= self.window else 2 * self.window
     top = generate.LOGPROBS_MAX  # one shape whatever the rows ask for; rows take their share
-    batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width, self.lead)
+    batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width, self.lead,
+                                  self.tokenizer.bos_id)
     keys = generate.row_keys([c.seed for c in padded])
     sampling = generate.sampling_rows([c.sampling for c in padded])
     self.batches += 1
@@ -269,7 +269,7 @@ class Engine:
   def _append(self, job, c, token, logprob, top):
     """Add one generated token to a row; end it at EOS, a stop string or max_tokens."""
     with job.lock:
-      if token == EOS_ID:
+      if token == self.tokenizer.eos_id:
         self._end(c, "stop")
         return
       c.tokens.append(token)
