@@ -250,7 +250,7 @@ class DataConfig:
   tfds_pattern: str = ""       # corpora other than 'handbook': TFDS name with {lang}
   data_dir: str = ""           # TFDS data dir; '': $BIGSCI_DATA_DIR or ~/.cache/bigsci_jax
   vocab_size: int = 8192       # SentencePiece vocabulary trained on the mixture
-  vocab_path: str = ""         # use this SentencePiece .model or tokenizer.json instead
+  vocab_path: str = ""         # a SentencePiece .model or tokenizer.json; '': the run's own, or trained
   text_dirs: Optional[dict] = None  # {lang: folder of .txt}: languages beyond the corpus
   replay: Optional[float] = None  # with text_dirs: the corpus languages' share of the mixture
   loss_on_prefix: bool = False  # prefix LM: also train on the bidirectional prefix

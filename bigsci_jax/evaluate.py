@@ -10,8 +10,8 @@ in each model_dir and prints a table; with several model_dirs, also
 comparison.md and comparison.png in --out (default: the first model_dir). The
 last stdout line is a JSON object of the results. Tasks (mc_tasks:
 next_sentence/<lang>, translation/<lang>, cloze/<lang>) read text with the run's
-SentencePiece vocabulary (model_dir/vocab.model), so a synthetic run gets losses
-only. With --prompt_dir (a soft prompt from python -m bigsci_jax.prompt_tune, one
+tokenizer (model_dir/vocab.model, or an imported model's tokenizer.json), so a run
+without one (synthetic data) gets losses only. With --prompt_dir (a soft prompt from python -m bigsci_jax.prompt_tune, one
 model_dir) the tasks are scored with the prompt starting every input (the corpus
 losses stay the base model's) and eval_results.json goes to the prompt directory.
 --offload=host keeps the parameters in pinned host memory and brings each layer's
@@ -27,7 +27,7 @@ import sys
 
 import jax
 
-from bigsci_jax import likelihood, loop, mc_tasks
+from bigsci_jax import likelihood, loop, mc_tasks, tokenizer
 from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig, RunConfig
 from bigsci_jax.corpus import CorpusError
 
@@ -100,10 +100,10 @@ def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_di
   for name in tasks or ():
     parse_task(name)  # a wrong name stops before anything is restored
   run, runtime, params, step = restore(model_dir, offload=offload)
-  if tasks and run.data.mixture == "synthetic":
+  if tasks and tokenizer.from_dir(model_dir) is None:
     raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
                           f"text tasks; evaluate losses only (--tasks=).")
-  corpus = loop.make_data(run, split)
+  corpus = loop.make_data(run, split, model_dir)
   eval_sets = loop.make_eval_sets(run, corpus.evals, corpus.token_bytes, split)
   result = {"model_dir": model_dir, "step": step, "split": split, "prompt_dir": prompt_dir,
             **loop.evaluate(runtime.eval_step, params, eval_sets, runtime.mesh,

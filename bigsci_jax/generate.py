@@ -277,9 +277,6 @@ def main(argv):
   try:  # one device: generate() runs without a mesh
     run, runtime, params, _ = evaluate.restore(args.model_dir, batch_size=1, offload=args.offload)
     params = soft_prompt.attach_dir(params, args.prompt_dir, run.model)
-    if run.data.mixture == "synthetic":
-      raise GenerationError(f"{args.model_dir} trained on synthetic data: there is no vocabulary "
-                            f"to turn a prompt into tokens.")
     tok = loop.read_tokenizer(args.model_dir)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outputs = generate(runtime.model, params, [tok.encode(t) for t in args.prompt],

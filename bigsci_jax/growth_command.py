@@ -79,7 +79,7 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
                       f"set --set TrainConfig.train_steps=... above it.")
   after = loop.Runtime(target)
 
-  eval_rows = loop.make_data(small).evals
+  eval_rows = loop.make_data(small, model_dir=from_dir).evals
   local_micro = small.batch.micro_batch_size // jax.process_count()
   batches = [b for rows in eval_rows.values()
              for b in loop.eval_micro_batches(rows, local_micro, None)[0][:eval_batches]]
@@ -94,8 +94,7 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   if change > tolerance and not force:
     raise GrowthError(f"growing changed the validation loss by {change:.3g} (> --tolerance="
                       f"{tolerance:g}); nothing was written: lower --noise_std, or pass --force.")
-  tok = tokenizer.from_dir(from_dir)
-  loop.write_run(to_dir, target, grown, jump, data_state, tok.files() if tok else None)
+  loop.write_run(to_dir, target, grown, jump, data_state, tokenizer.read_files(from_dir))
   return result
 
 

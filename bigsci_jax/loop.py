@@ -141,15 +141,20 @@ def check_batch_fits_mesh(run: RunConfig, mesh, processes=None):
                       f"use an even micro_batch_size that allows it, or accumulate gradients.")
 
 
-def make_data(run: RunConfig, split="validation") -> data.Corpus:
+def make_data(run: RunConfig, split="validation", model_dir=None) -> data.Corpus:
   """The train source and this process's host rows of `split` for each eval set.
 
   Synthetic data has one unnamed eval set and no vocabulary; a corpus has one set
-  per language and a vocabulary whose pieces' byte lengths give bits per byte.
+  per language and a vocabulary whose pieces' byte lengths give bits per byte: the
+  one DataConfig.vocab_path names, else the tokenizer model_dir's run already reads
+  text with (its embeddings are trained on those ids), else one trained on the corpus.
   Only a corpus imports the data pipeline (seqio, TensorFlow).
   """
   if run.data.mixture != "synthetic":
-    from bigsci_jax import pipeline
+    from bigsci_jax import pipeline, tokenizer
+    own = tokenizer.find(model_dir) if model_dir and not run.data.vocab_path else None
+    if own:
+      run = dataclasses.replace(run, data=dataclasses.replace(run.data, vocab_path=own))
     return pipeline.open_corpus(run, split)
 
   def synthetic(split):
@@ -250,7 +255,7 @@ class _Trainer(Runtime):
                                         every=run.train.checkpoint_every,
                                         keep=run.train.keep_checkpoints,
                                         async_save=run.train.async_checkpoints, owner=True)
-    corpus = make_data(run)
+    corpus = make_data(run, model_dir=model_dir)
     self.source = corpus.train
     self.eval_sets = make_eval_sets(run, corpus.evals, corpus.token_bytes)
     self.vocab_files, self.config_text = corpus.vocab_files, config_text

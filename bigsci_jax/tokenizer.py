@@ -287,18 +287,29 @@ def names_beside(path):
   return {SPM_FILE: path}
 
 
-def from_dir(folder):
-  """The tokenizer a run keeps in `folder`, or None when it has none (synthetic data)."""
+def find(folder):
+  """The path of the tokenizer a run keeps in `folder` (its vocab.model, else its
+  tokenizer.json), or None when it has none (synthetic data)."""
   for path in (os.path.join(folder, SPM_FILE), os.path.join(folder, "tokenizer.json")):
     if os.path.exists(path):
-      return from_files(_read(names_beside(path)))
+      return path
   return None
 
 
-def _read(paths):
+def read_files(folder):
+  """{name: bytes} of the tokenizer files a run keeps in `folder` (not parsed), or None."""
+  path = find(folder)
+  if path is None:
+    return None
   files = {}
-  for name, path in paths.items():
-    if os.path.exists(path):
-      with open(path, "rb") as f:
+  for name, file in names_beside(path).items():
+    if os.path.exists(file):
+      with open(file, "rb") as f:
         files[name] = f.read()
   return files
+
+
+def from_dir(folder):
+  """The tokenizer a run keeps in `folder`, or None when it has none (synthetic data)."""
+  files = read_files(folder)
+  return from_files(files) if files else None

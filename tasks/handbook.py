@@ -276,6 +276,8 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
   vocabulary: it must already be visible. `dataset` swaps the handbook's TFDS
   builder (tests prepare a few chapters)."""
   corpus, which = data_cfg.corpus, data_cfg.mixture.partition("_")[2]
+  if data_cfg.vocab_path:  # before any data is prepared
+    vocabularies.check_exists(data_cfg.vocab_path)
   data_dir = data_cfg.data_dir or default_data_dir()
   if corpus == "handbook":
     handbook_corpus.handbook_root()  # one sentence on how to install it when it is absent

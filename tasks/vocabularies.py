@@ -64,13 +64,17 @@ class TokenizerJsonVocabulary(seqio.Vocabulary):
     return hash(self.tok.files()["tokenizer.json"])
 
 
-def read_files(path):
-  """{run file name: bytes} of the tokenizer at `path` (a .model or a tokenizer.json
-  with the configs beside it)."""
+def check_exists(path):
   if not tf.io.gfile.exists(path):
     raise CorpusError(f"DataConfig.vocab_path={path} does not exist: point it at a "
                       f"SentencePiece .model file or a tokenizer.json, or leave it empty to "
                       f"train a vocabulary on the corpus.")
+
+
+def read_files(path):
+  """{run file name: bytes} of the tokenizer at `path` (a .model or a tokenizer.json
+  with the configs beside it)."""
+  check_exists(path)
   files = {}
   for name, file in tokenizers.names_beside(path).items():
     if tf.io.gfile.exists(file):

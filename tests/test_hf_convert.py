@@ -172,15 +172,10 @@ def held_out_and_vocab(tmp_path_factory):
     return held, f.read()
 
 
-@pytest.mark.parametrize("arch, flags", [
-    ("bloom", ["--gin_file=arch/bloom.gin"]),
-    pytest.param("llama", ["--gin_file=arch/llama.gin", "--gin.ModelConfig.num_kv_heads=2"],
-                 marks=pytest.mark.slow)])  # the same path; the fast suite's budget
-def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
-    arch, flags, held_out_and_vocab, tmp_path, capsys):
+def _train_and_export(tmp_path, flags, vocab_model):
+  """(run dir, HF dir): the smoke model with `flags` trained a few steps here, given the
+  text vocabulary vocab_model, and exported."""
   import train
-  from bigsci_jax import tokenizer as tokenizers
-  held, vocab_model = held_out_and_vocab
   run_dir, hf_dir = str(tmp_path / "run"), str(tmp_path / "hf")
   assert train.main([f"--model_dir={run_dir}", "--no_progress", "--gin.MIXTURE='synthetic'",
                      "--gin.ModelConfig.vocab_size=1536", "--gin.TRAIN_STEPS=3",
@@ -189,6 +184,18 @@ def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
   with open(os.path.join(run_dir, "vocab.model"), "wb") as f:  # the text vocabulary
     f.write(vocab_model)
   assert hf_main(["export", f"--model_dir={run_dir}", f"--out={hf_dir}"]) == 0
+  return run_dir, hf_dir
+
+
+@pytest.mark.parametrize("arch, flags", [
+    ("bloom", ["--gin_file=arch/bloom.gin"]),
+    pytest.param("llama", ["--gin_file=arch/llama.gin", "--gin.ModelConfig.num_kv_heads=2"],
+                 marks=pytest.mark.slow)])  # the same path; the fast suite's budget
+def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
+    arch, flags, held_out_and_vocab, tmp_path, capsys):
+  from bigsci_jax import tokenizer as tokenizers
+  held, vocab_model = held_out_and_vocab
+  run_dir, hf_dir = _train_and_export(tmp_path, flags, vocab_model)
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == arch
 
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -199,3 +206,41 @@ def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
   assert len(held) >= 14
   for lang, text in held.items():
     assert theirs_tok(text, add_special_tokens=False).input_ids == ours_tok.encode(text), lang
+
+
+@pytest.mark.slow  # two harness runs, one through transformers (about a minute)
+def test_lm_eval_scores_the_export_and_the_run_alike(held_out_and_vocab, tmp_path, monkeypatch,
+                                                      capsys):
+  """`lm_eval --model hf` on the exported directory and `--model bigsci_jax` on the run: the
+  same accuracies and per-choice log-likelihoods on a local multiple-choice task (the
+  exported tokenizer puts the run's start token first, as the library scores)."""
+  lm_eval = pytest.importorskip("lm_eval")
+  import importlib
+  import lm_eval.models.huggingface  # noqa: F401  (registers hf)
+  from lm_eval.tasks import TaskManager
+  from bigsci_jax import mc_tasks
+  from test_lm_eval import MULTIPLE_CHOICE, _mc_rows, _task
+  importlib.import_module("bigsci_jax.lm_eval")  # registers the model bigsci_jax
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+  _, vocab_model = held_out_and_vocab
+  run_dir, hf_dir = _train_and_export(tmp_path, ["--gin_file=arch/bloom.gin", "--gin.SEQ_LEN=128"],
+                                     vocab_model)
+  capsys.readouterr()
+  from bigsci_jax import tokenizer as tokenizers
+  tok = tokenizers.SentencePieceTokenizer(vocab_model)
+  items = [i for i in mc_tasks.next_sentence_items("en", limit=60)  # no truncation either side
+           if max(len(tok.encode(i.context + " " + c)) for c in i.choices) < 120][:16]
+  assert len(items) >= 10
+  _task(str(tmp_path), "bj_hf_mc", _mc_rows(items), MULTIPLE_CHOICE)
+  manager = TaskManager(include_path=str(tmp_path))
+  results = {model: lm_eval.simple_evaluate(
+      model=model, model_args=args, tasks=["bj_hf_mc"], task_manager=manager, device="cpu",
+      log_samples=True, bootstrap_iters=0) for model, args in (
+          ("hf", f"pretrained={hf_dir},dtype=float32"), ("bigsci_jax", f"model_dir={run_dir}"))}
+  theirs, ours = (results[m]["results"]["bj_hf_mc"] for m in ("hf", "bigsci_jax"))
+  assert theirs["acc,none"] == ours["acc,none"]
+  by_doc = {m: {s["doc_id"]: [x[0][0] for x in s["resps"]]
+                for s in results[m]["samples"]["bj_hf_mc"]} for m in results}
+  assert len(by_doc["hf"]) == len(items)
+  for doc, values in by_doc["bigsci_jax"].items():
+    np.testing.assert_allclose(by_doc["hf"][doc], values, atol=1e-3)

@@ -7,8 +7,8 @@ checks every tensor's name and shape before reading any, and writes DIR as a run
 step 0: config.gin / config.json (the other sections at their defaults), an orbax
 checkpoint whose parameters are the imported ones (float32, placed straight into their
 sharded layout on the current mesh) and whose optimizer state is fresh, and the
-tokenizer files HF_DIR has (checked to load first; DataConfig.vocab_path names DIR's
-tokenizer.json, so continued training reads text with the model's own tokenizer).
+tokenizer files HF_DIR has (checked to load first; continued training on text reads
+it with them, as any run reads text with the tokenizer it keeps).
 `evaluate`, `generate`, `serve` and `python train.py --model_dir=DIR` read it like any
 other run.
 """
@@ -92,10 +92,8 @@ def import_hf(hf_dir, model_dir, max_len=None, seed=0):
     raise convert.ConversionError(f"{hf_dir}'s tokenizer has {tok.vocab_size} tokens but the "
                                   f"model's vocab_size is {cfg.vocab_size}.")
   params = convert.from_hf(weights.read, cfg, arch)
-  # Continued training reads text with the model's own tokenizer, kept in model_dir.
-  data = DataConfig(vocab_path=os.path.abspath(os.path.join(model_dir, "tokenizer.json"))
-                    if tok is not None else "")
-  run = RunConfig(model=cfg, data=data)
+  # Training on text reads it with the tokenizer kept in model_dir (loop.make_data).
+  run = RunConfig(model=cfg, data=DataConfig(vocab_size=tok.vocab_size) if tok else DataConfig())
   runtime = loop.Runtime(run)
   state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, seed, run.batch.seq_len)
   state = state.replace(params=jax.device_put(params, runtime.shardings.params))

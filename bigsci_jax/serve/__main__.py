@@ -52,8 +52,8 @@ def load(model_dir, max_batch, prompt_dir=None, offload="none"):
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt import soft_prompt
   from bigsci_jax.serve.engine import Engine
-  tokenizer = loop.read_tokenizer(model_dir)
   run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload)
+  tokenizer = loop.read_tokenizer(model_dir)
   params = soft_prompt.attach_dir(params, prompt_dir, run.model)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
   metadata = {"attention": run.model.mask, "step": step, "bos_token_id": tokenizer.bos_id,
