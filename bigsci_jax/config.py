@@ -267,8 +267,7 @@ class DataConfig:
         isinstance(r, (int, float)) and r > 0 for r in self.rates.values())), self, "rates",
         "it must be None or a dict of positive rates per language, e.g. {'en': 0.6, 'fr': 0.4} "
         "(`python -m bigsci_jax.scaling mixture` writes one)")
-    _check(self.vocab_size >= 260, self, "vocab_size",
-           "SentencePiece with byte fallback needs at least 256 byte pieces plus specials")
+    _check(self.vocab_size > 0, self, "vocab_size", "it must be > 0")
     _check(corpus in ("synthetic", "handbook") or "{lang}" in self.tfds_pattern, self,
            "tfds_pattern", f"the corpus {corpus!r} is not the embedded handbook, so name its TFDS "
            f"datasets with a {{lang}} placeholder, e.g. '{corpus}/{{lang}}:1.3.0'")

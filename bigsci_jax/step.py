@@ -78,14 +78,21 @@ def abstract_state(model, tx, mesh, seq_len, window=TrainConfig.spike_window):
   return with_shardings, shardings
 
 
-def init_state(model, tx, mesh, seed, seq_len, window=TrainConfig.spike_window):
-  """The train state, created directly in its shardings (no unsharded copy)."""
+def init_state(model, tx, mesh, seed, seq_len, window=TrainConfig.spike_window, params=None):
+  """The train state, created directly in its shardings (no unsharded copy). With
+  `params` (placed in their shardings; donated), the state holds those parameters and
+  a fresh optimizer state: the random initialisation is never computed (dead code)."""
   _, shardings = abstract_state(model, tx, mesh, seq_len, window)
-  init = jax.jit(lambda key: nn.meta.unbox(_init_boxed(model, tx, key, seq_len, window)),
-                 out_shardings=shardings)
+
+  def init(key, given):
+    state = nn.meta.unbox(_init_boxed(model, tx, key, seq_len, window))
+    if given is None:
+      return state
+    return state.replace(params=given, opt_state=tx.init(given))
+
   # Not under sharding.activate: the logical rules would constrain flax's
   # intermediate (flattened) kernels; out_shardings place the result.
-  return init(jax.random.key(seed))
+  return jax.jit(init, out_shardings=shardings, donate_argnums=1)(jax.random.key(seed), params)
 
 
 def model_inputs(model_cfg: ModelConfig, batch):

@@ -24,11 +24,13 @@ import tensorflow_datasets as tfds
 from bigsci_jax import corpus as handbook_corpus
 from bigsci_jax import handbook_dataset  # noqa: F401  (registers the TFDS builder)
 from bigsci_jax import vocab
+from bigsci_jax.config import ConfigError
 from bigsci_jax.corpus import CorpusError
 from bigsci_jax.data import temperature_rates
 from bigsci_jax.tasks import vocabularies
 
 HANDBOOK_PATTERN = "handbook/{lang}:1.0.0"
+MIN_TRAINED_VOCAB = 260  # 256 byte pieces plus the specials
 # A handbook language counts as translated when its train split holds this many TFDS
 # record bytes (~0.8 of 500 kB of text: the train split is 8 chapters in 10).
 MIN_TRAIN_BYTES = 400_000
@@ -278,6 +280,10 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
   corpus, which = data_cfg.corpus, data_cfg.mixture.partition("_")[2]
   if data_cfg.vocab_path:  # before any data is prepared
     vocabularies.check_exists(data_cfg.vocab_path)
+  elif data_cfg.vocab_size < MIN_TRAINED_VOCAB:
+    raise ConfigError(f"DataConfig.vocab_size={data_cfg.vocab_size} is invalid: a SentencePiece "
+                      f"vocabulary with byte fallback needs at least {MIN_TRAINED_VOCAB} pieces "
+                      f"(256 bytes plus specials).")
   data_dir = data_cfg.data_dir or default_data_dir()
   if corpus == "handbook":
     handbook_corpus.handbook_root()  # one sentence on how to install it when it is absent

@@ -129,6 +129,7 @@ def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, 
   assert [e.value for e in events.Scalars("eval/bpb/ja")] == pytest.approx([final["bpb/ja"]])
 
 
+@pytest.mark.slow  # the README command at length; test_training_logs_per_language_eval_and_resumes_exactly is the fast path
 def test_default_command_prints_bits_per_byte_per_language(handbook_data_dir, tmp_path, capsys):
   """`python train.py` as the README runs it, shortened to 3 languages and 150 steps."""
   model_dir = str(tmp_path / "default")

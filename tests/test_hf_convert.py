@@ -37,6 +37,23 @@ def _tiny(arch):
   return model
 
 
+TEXTS = ["Debian est un système d'exploitation libre.", "The package is installed twice.",
+         "apt-get install debian-handbook", "Le paquet </s> est installé"]
+
+
+def _save_tokenizer(folder):
+  """A small BPE tokenizer (ids below VOCAB) trained here, with its special tokens named."""
+  from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+  backend = Tokenizer(models.BPE(unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  backend.train_from_iterator(TEXTS * 4, trainers.BpeTrainer(
+      vocab_size=VOCAB - 6, special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+  backend.save(os.path.join(folder, "tokenizer.json"))
+  with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+               "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}, f)
+
+
 def _files(directory):
   return {n: safetensors_numpy.load_file(os.path.join(directory, n))
           for n in os.listdir(directory) if n.endswith(".safetensors")}
@@ -52,6 +69,7 @@ def imported(request, tmp_path_factory):
   root = tmp_path_factory.mktemp(arch)
   model = _tiny(arch)
   model.save_pretrained(str(root / "hf"), safe_serialization=True)
+  _save_tokenizer(str(root / "hf"))
   assert hf_main(["import", f"--hf_dir={root / 'hf'}", f"--model_dir={root / 'run'}",
                   "--max_len=64"]) == 0
   return arch, model, root
@@ -83,8 +101,12 @@ def test_import_then_export_gives_back_every_tensor_bit_for_bit(imported, capsys
   keys = (["n_layer", "n_head", "hidden_size", "layer_norm_epsilon"] if arch == "bloom" else
           ["num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
            "intermediate_size", "rms_norm_eps", "tie_word_embeddings", "attention_bias"])
-  assert {k: config[k] for k in keys + ["vocab_size"]} == {k: back[k] for k in keys +
-                                                           ["vocab_size"]}
+  keys += ["vocab_size", "bos_token_id", "eos_token_id"]
+  assert {k: config[k] for k in keys} == {k: back[k] for k in keys}
+  theirs, ours = (transformers.AutoTokenizer.from_pretrained(str(root / d)) for d in ("hf", "out"))
+  assert [ours(t).input_ids for t in TEXTS] == [theirs(t).input_ids for t in TEXTS]
+  assert max(max(theirs(t).input_ids) for t in TEXTS) < VOCAB
+  assert (ours.bos_token_id, ours.eos_token_id) == (theirs.bos_token_id, theirs.eos_token_id) == (1, 2)
 
 
 def _left_padded_batch(rng, rows=3, length=12):

@@ -124,6 +124,7 @@ def test_simple_evaluate_with_the_adapter_matches_the_builtin_scores(tmp_path, m
       -rolling.sum() / size / math.log(2), rel=1e-9)
 
 
+@pytest.mark.slow  # the adapter agrees with the builtin scorer fast in test_simple_evaluate_with_the_adapter_matches_the_builtin_scores
 def test_lm_eval_command_and_builtin_evaluator_agree_on_a_trained_run(tmp_path,
                                                                       handbook_data_dir):
   """python -m bigsci_jax.lm_eval on a prefix-LM checkpoint, 8 devices sharing the batch."""

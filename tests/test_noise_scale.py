@@ -111,6 +111,7 @@ def _lines(model_dir):
           for r in read_metrics(model_dir, "train")]
 
 
+@pytest.mark.slow  # the estimate is fast in test_a_run_without_accumulation_logs_the_noise_scale
 def test_the_gns_schedule_grows_the_batch_and_resumes_bit_exactly(tmp_path):
   straight = loop.train(GNS_RUN, str(tmp_path / "straight"), progress=False)
   lines = _lines(str(tmp_path / "straight"))

@@ -139,6 +139,7 @@ def _per_language_sweep(tmp_path, capsys, data_dir, budgets, sizes):
   return out, by_lang_csv
 
 
+@pytest.mark.slow  # the sweep mechanics are fast in test_tiny_sweep_runs_resumes_fits_and_plots
 def test_sweep_on_the_handbook_writes_per_language_rows(tmp_path, capsys, handbook_data_dir):
   _per_language_sweep(tmp_path, capsys, handbook_data_dir, (3e10,), 2)
 

@@ -68,6 +68,25 @@ def test_batch_warmup_compiles_once_per_accumulation_count():
   assert train_step.jitted._cache_size() == len({s // 4 for s in sizes}) == 4
 
 
+def test_a_state_around_given_parameters_has_them_and_a_fresh_optimizer_state():
+  """init_state(params=...) (an imported checkpoint): those parameters in their shardings,
+  the optimizer state a fresh init would have (no random initialisation runs)."""
+  mesh = sharding.make_mesh(MeshConfig(2, 2, 1), jax.devices()[:4])
+  model = Transformer(CFG)
+  tx, _ = make_optimizer(OptimizerConfig(), 10)
+  fresh = steps.init_state(model, tx, mesh, 0, 32)
+  given = jax.tree.map(lambda x: x + 1.0, init_params(model, jax.random.key(5)))
+  expected = jax.device_get(given)
+  _, shardings = steps.abstract_state(model, tx, mesh, 32)
+  state = steps.init_state(model, tx, mesh, 0, 32,
+                           params=jax.device_put(given, shardings.params))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), expected)
+  assert jax.tree.map(lambda x: x.sharding, state.params) == shardings.params
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state),
+               jax.device_get(fresh.opt_state))  # zero moments, count 0
+  assert int(state.step) == 0
+
+
 def test_schedule_shapes():
   peak = 1e-3
   cos = learning_rate_schedule(OptimizerConfig(learning_rate=peak, warmup_steps=10,

@@ -11,7 +11,7 @@ import pytest
 import train
 from bigsci_jax import flops
 from bigsci_jax import step as steps
-from bigsci_jax.config import MeshConfig, RunConfig
+from bigsci_jax.config import ConfigError, MeshConfig, RunConfig
 from bigsci_jax.metrics import read_metrics
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
@@ -25,8 +25,16 @@ ALL_GIN = sorted(os.path.relpath(p, GIN) for p in glob.glob(os.path.join(GIN, "*
 @pytest.mark.parametrize("name", ALL_GIN)
 def test_every_gin_file_builds_its_config(name):
   files = [name] if name.startswith("runs/") else ["runs/cpu_smoke.gin", name]
-  run, text = train.build_config(files, [])
+  # A recipe names what it needs; alone it refuses to build.
+  required = {"recipes/adapt_language.gin": ["NEW_LANGUAGE = {'sw': '/data/swahili'}"]}
+  if name in required:
+    with pytest.raises(ConfigError, match=r"DataConfig.text_dirs=\{\} is invalid"):
+      train.build_config(files, [])
+  run, text = train.build_config(files, required.get(name, []))
   assert "TrainConfig.train_steps" in text
+  if name == "recipes/adapt_language.gin":
+    assert run.data.text_dirs == {"sw": "/data/swahili"} and run.data.replay == 0.25
+    assert run.train.eval_at_start and run.batch.micro_batch_size == run.batch.batch_size
   if name.startswith("models/") and name != "models/tiny.gin":
     assert run.model.num_layers > 2  # the size file overrode the smoke model
   if name == "arch/alibi.gin":

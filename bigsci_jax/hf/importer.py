@@ -90,15 +90,19 @@ def import_hf(hf_dir, model_dir, max_len=None, seed=0):
   tok = tokenizers.from_dir(hf_dir)  # checked before anything is written
   if tok is not None and tok.vocab_size > cfg.vocab_size:
     raise convert.ConversionError(f"{hf_dir}'s tokenizer has {tok.vocab_size} tokens but the "
-                                  f"model's vocab_size is {cfg.vocab_size}.")
+                                  f"model's vocab_size is {cfg.vocab_size}; give the tokenizer the "
+                                  f"checkpoint was trained with.")
   params = convert.from_hf(weights.read, cfg, arch)
   # Training on text reads it with the tokenizer kept in model_dir (loop.make_data).
   run = RunConfig(model=cfg, data=DataConfig(vocab_size=tok.vocab_size) if tok else DataConfig())
   runtime = loop.Runtime(run)
-  state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, seed, run.batch.seq_len)
-  state = state.replace(params=jax.device_put(params, runtime.shardings.params))
+  count = sum(x.size for x in jax.tree.leaves(params))
+  placed = jax.device_put(params, runtime.shardings.params)
+  del params  # the host copy
+  state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, seed, run.batch.seq_len,
+                           params=placed)
   files = tok.files() if tok is not None else None
   loop.write_run(model_dir, run, state, 0, {"rows": 0}, files)
   return {"arch": arch, "model_dir": model_dir, "tensors": len(weights.shapes),
-          "params": sum(x.size for x in jax.tree.leaves(params)),
+          "params": count,
           "tokenizer": sorted(files or ())}
