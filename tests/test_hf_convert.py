@@ -264,5 +264,8 @@ def test_lm_eval_scores_the_export_and_the_run_alike(held_out_and_vocab, tmp_pat
   by_doc = {m: {s["doc_id"]: [x[0][0] for x in s["resps"]]
                 for s in results[m]["samples"]["bj_hf_mc"]} for m in results}
   assert len(by_doc["hf"]) == len(items)
+  gap = max(abs(a - b) for d, v in by_doc["bigsci_jax"].items() for a, b in zip(v, by_doc["hf"][d]))
+  print(json.dumps({"acc_hf": theirs["acc,none"], "acc_bigsci_jax": ours["acc,none"],
+                    "items": len(items), "max_loglik_gap": gap}))  # shown with -s
   for doc, values in by_doc["bigsci_jax"].items():
     np.testing.assert_allclose(by_doc["hf"][doc], values, atol=1e-3)
