@@ -11,9 +11,11 @@ comparison.md and comparison.png in --out (default: the first model_dir). The
 last stdout line is a JSON object of the results. Tasks (mc_tasks:
 next_sentence/<lang>, translation/<lang>, cloze/<lang>) read text with the run's
 tokenizer (model_dir/vocab.model, or an imported model's tokenizer.json), so a run
-without one (synthetic data) gets losses only. With --prompt_dir (a soft prompt from python -m bigsci_jax.prompt_tune, one
-model_dir) the tasks are scored with the prompt starting every input (the corpus
-losses stay the base model's) and eval_results.json goes to the prompt directory.
+without one (synthetic data) gets losses only. With --prompt_dir (an adapter from
+python -m bigsci_jax.prompt_tune, one model_dir) the tasks are scored with it applied
+(a soft prompt starting every input, or LoRA factors merged into the weights; the
+corpus losses stay the base model's) and eval_results.json goes to the adapter's
+directory.
 --offload=host keeps the parameters in pinned host memory and brings each layer's
 weights to the device as it runs (model.Transformer): slower, for models larger
 than the devices' memory.
@@ -79,10 +81,10 @@ def restore(model_dir, batch_size=None, offload="none"):
 
 
 def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=None):
-  """A likelihood.Scorer of these params (with the soft prompt of prompt_dir attached,
-  if given) with the run's vocabulary."""
-  from bigsci_jax.adapt import soft_prompt
-  params = soft_prompt.attach_dir(params, prompt_dir, run.model)
+  """A likelihood.Scorer of these params (with the adapter of prompt_dir applied, if
+  given) with the run's vocabulary."""
+  from bigsci_jax.adapt import store
+  params = store.attach_dir(params, prompt_dir, run.model)
   return likelihood.Scorer(runtime.model, params, loop.read_tokenizer(model_dir), run.batch.seq_len,
                            batch_size or run.batch.micro_batch_size, runtime.mesh)
 
@@ -160,19 +162,19 @@ def main(argv):
   p.add_argument("--split", default="validation", choices=("validation", "test"))
   p.add_argument("--limit", type=int, default=200, help="items per task")
   p.add_argument("--out", default=None)
-  p.add_argument("--prompt_dir", default=None, help="a soft prompt to score the tasks with")
+  p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to score the tasks with")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
-  from bigsci_jax.adapt.soft_prompt import PromptError
+  from bigsci_jax.adapt.store import AdapterError
   try:
     if args.prompt_dir and len(args.model_dir) > 1:
       raise EvaluationError("--prompt_dir goes with one --model_dir (the model it was tuned for).")
     results = [evaluate_dir(d, tasks, args.split, args.limit, args.prompt_dir, args.offload)
                for d in args.model_dir]
   except (EvaluationError, ConfigError, CorpusError, loop.TrainingError, loop.RunNotFound,
-          PromptError) as e:
+          AdapterError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for result in results:

@@ -10,7 +10,8 @@ not fit the context window with the tokens to generate is refused.
   python -m bigsci_jax.generate --model_dir=DIR --prompt="Debian est" [--max_new_tokens=40]
       [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--prompt_dir=P] [--offload=host]
 
---prompt_dir: a soft prompt (python -m bigsci_jax.prompt_tune) starts every prompt.
+--prompt_dir: an adapter (python -m bigsci_jax.prompt_tune): a soft prompt starts every
+prompt; LoRA factors are merged into the weights.
 --offload=host: the parameters stay in pinned host memory and each layer's weights are
 brought to the device as the layer scan reaches it (a model larger than device memory).
 """
@@ -268,22 +269,22 @@ def main(argv):
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every prompt with")
+  p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   from bigsci_jax import evaluate, loop
-  from bigsci_jax.adapt import soft_prompt
+  from bigsci_jax.adapt import store
   try:  # one device: generate() runs without a mesh
     run, runtime, params, _ = evaluate.restore(args.model_dir, batch_size=1, offload=args.offload)
-    params = soft_prompt.attach_dir(params, args.prompt_dir, run.model)
+    params = store.attach_dir(params, args.prompt_dir, run.model)
     tok = loop.read_tokenizer(args.model_dir)
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outputs = generate(runtime.model, params, [tok.encode(t) for t in args.prompt],
                        args.max_new_tokens, sampling, args.seed, vocab=tok.vocab_size,
                        bos_id=tok.bos_id)
   except (GenerationError, evaluate.EvaluationError, loop.RunNotFound,
-          soft_prompt.PromptError) as e:
+          store.AdapterError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   texts = [tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)

@@ -110,11 +110,11 @@ def main(argv):
   for a model_dir that cannot be evaluated."""
   from lm_eval.__main__ import cli_evaluate
   from bigsci_jax import likelihood, loop
-  from bigsci_jax.adapt.soft_prompt import PromptError
+  from bigsci_jax.adapt.store import AdapterError
   sys.argv = ["lm-eval", *argv]
   try:
     cli_evaluate()
-  except (loop.RunNotFound, EvaluationError, likelihood.LikelihoodError, PromptError) as e:
+  except (loop.RunNotFound, EvaluationError, likelihood.LikelihoodError, AdapterError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -1,7 +1,10 @@
-"""Prompt tuning (Lester et al. 2021) on a run's latest checkpoint, kept frozen.
+"""Prompt tuning (Lester et al. 2021) or LoRA (Hu et al. 2021) on a run's latest
+checkpoint, kept frozen.
 
   python -m bigsci_jax.prompt_tune --model_dir=DIR --task=NAME --out=P
-      [--num_virtual_tokens=20 --steps=300 --batch_size=8 --learning_rate=3e-2]
+      [--adapter=prompt|lora] [--num_virtual_tokens=20]
+      [--lora_rank=8 --lora_alpha=16 --lora_targets=query,key,value,out]
+      [--steps=300 --batch_size=8 --learning_rate=R]
       [--objective=auto|choice|lm] [--limit=200] [--include_path=DIR] [--seed=0]
 
 Tasks: the built-in ones (next_sentence/<lang>, translation/<lang>, cloze/<lang>,
@@ -13,12 +16,17 @@ its evaluation split). The objective `auto` is `choice` (cross-entropy over the
 choices' log-likelihoods) for multiple choice and `lm` (the answer's likelihood)
 for cloze.
 
-The prompt's rows start as embeddings of common vocabulary pieces. Only P is
-written: the prompt (orbax, `embeddings/`) and prompt.json (the model's shape,
-the task, the settings, the losses, and the task's scores without and with the
-prompt, --limit items, also printed). The checkpoint is only read. Use the prompt
-with --prompt_dir=P in evaluate, generate and serve, and model_args
-prompt_dir=P in python -m bigsci_jax.lm_eval. The last stdout line is a JSON
+--adapter=prompt (the default) trains --num_virtual_tokens embeddings that start
+every input, their rows first set to embeddings of common vocabulary pieces;
+--adapter=lora trains rank --lora_rank factors added to the attention projections
+named by --lora_targets (scaled by alpha / rank; B starts at zero, so tuning starts
+from the base model). --learning_rate defaults to 3e-2 for a prompt, 3e-3 for LoRA.
+Only P is written: the adapter (orbax, `embeddings/` or `lora/`) and prompt.json
+(its kind, the model's shape, the task, the settings, the losses, and the task's
+scores without and with the adapter, --limit items, also printed). The checkpoint
+is only read. Use either kind with --prompt_dir=P in evaluate, generate and serve,
+and model_args prompt_dir=P in python -m bigsci_jax.lm_eval (LoRA factors are
+merged into the weights once, when P is loaded). The last stdout line is a JSON
 object of the scores.
 """
 
@@ -28,7 +36,7 @@ import json
 import sys
 
 from bigsci_jax import evaluate, likelihood, loop, mc_tasks
-from bigsci_jax.adapt import soft_prompt, tune
+from bigsci_jax.adapt import lora, store, tune
 from bigsci_jax.corpus import CorpusError
 
 
@@ -87,10 +95,16 @@ def main(argv):
   p.add_argument("--model_dir", required=True)
   p.add_argument("--task", required=True)
   p.add_argument("--out", required=True, help="the prompt directory to write")
+  p.add_argument("--adapter", default="prompt", choices=tune.ADAPTERS)
   p.add_argument("--num_virtual_tokens", type=int, default=20)
+  p.add_argument("--lora_rank", type=int, default=8)
+  p.add_argument("--lora_alpha", type=float, default=16.0)
+  p.add_argument("--lora_targets", default=",".join(lora.TARGETS),
+                 help="attention projections LoRA adapts")
   p.add_argument("--steps", type=int, default=300)
   p.add_argument("--batch_size", type=int, default=8, help="items per step")
-  p.add_argument("--learning_rate", type=float, default=3e-2)
+  p.add_argument("--learning_rate", type=float, default=0.0,
+                 help="Adam's peak rate (default: 3e-2 for a prompt, 3e-3 for LoRA)")
   p.add_argument("--objective", default="auto", choices=("auto",) + tune.OBJECTIVES)
   p.add_argument("--limit", type=int, default=200, help="items scored before and after")
   p.add_argument("--train_limit", type=int, default=100000, help="training items at most")
@@ -102,8 +116,10 @@ def main(argv):
   if objective == "auto":
     objective = "lm" if args.task.startswith("cloze/") else "choice"
   try:
-    cfg = tune.TuneConfig(args.num_virtual_tokens, args.steps, args.batch_size,
-                          args.learning_rate, min(20, args.steps // 10), objective, args.seed)
+    cfg = tune.TuneConfig(args.adapter, args.num_virtual_tokens, args.lora_rank, args.lora_alpha,
+                          tuple(t for t in args.lora_targets.split(",") if t), args.steps,
+                          args.batch_size, args.learning_rate, min(20, args.steps // 10),
+                          objective, args.seed)
     if builtin:
       train_items, eval_items = builtin_items(args.task, "train", args.train_limit), None
     else:
@@ -111,21 +127,21 @@ def main(argv):
       eval_items = lm_eval_items(args.task, "eval", args.limit, args.include_path)
     run, runtime, params, step = evaluate.restore(args.model_dir)
     base = evaluate.make_scorer(args.model_dir, run, runtime, params)
-    init_PxD = soft_prompt.init_from_vocab(params, cfg.num_virtual_tokens, args.seed)
     scores = {"untuned": task_scores(args.task, eval_items, base, args.limit)}
     print(f"untuned: {_line(scores['untuned'])}", flush=True)
-    prompt_PxD, losses = tune.tune(
-        runtime.model, params, train_items, base.tokenizer, init_PxD, cfg, run.batch.seq_len,
-        runtime.mesh, lambda i, loss: print(f"step {i}: loss {loss:.4f}", flush=True))
-    tuned = likelihood.Scorer(runtime.model, soft_prompt.attach(params, prompt_PxD),
+    arrays, losses = tune.tune(
+        runtime.model, params, train_items, base.tokenizer, cfg.initial(params), cfg,
+        run.batch.seq_len, runtime.mesh,
+        lambda i, loss: print(f"step {i}: loss {loss:.4f}", flush=True))
+    tuned = likelihood.Scorer(runtime.model, cfg.apply(params, arrays),
                               base.tokenizer, base.seq_len, base.batch_size, runtime.mesh)
     scores["tuned"] = task_scores(args.task, eval_items, tuned, args.limit)
     print(f"tuned:   {_line(scores['tuned'])}", flush=True)
-    out = soft_prompt.save(args.out, prompt_PxD, run.model, {
-        "task": args.task, "base_model_dir": args.model_dir, "base_step": step,
+    out = store.save(args.out, cfg.kind, arrays, run.model, {
+        **cfg.info(), "task": args.task, "base_model_dir": args.model_dir, "base_step": step,
         "train_items": len(train_items), "settings": dataclasses.asdict(cfg),
         "loss_first": losses[0], "loss_last": losses[-1], "scores": scores})
-  except (evaluate.EvaluationError, soft_prompt.PromptError, CorpusError, ValueError,
+  except (evaluate.EvaluationError, store.AdapterError, CorpusError, ValueError,
           loop.RunNotFound, loop.TrainingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

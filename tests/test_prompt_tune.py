@@ -1,8 +1,11 @@
-"""Soft prompts: a prompt made of token embeddings is those tokens (model, Scorer,
-generation), tuning changes only the prompt, a prompt for another model shape is one
-sentence; end to end on the smoke model (slow): the tuned prompt beats the untuned
-model, the checkpoint is only read, the prompt is all that is written."""
+"""Adapters. Soft prompts: a prompt made of token embeddings is those tokens (model,
+Scorer, generation). LoRA: untrained it is the base model, merged it is W + s·A·B
+(checked against x·W + s·(x·A)·B), offloaded kernels stay in host memory. Tuning
+changes only the adapter; an adapter for another model shape is one sentence; end to
+end on the smoke model (slow): the tuned prompt and the tuned LoRA beat the untuned
+model, the checkpoint is only read, the adapter is all that is written."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +18,7 @@ import numpy as np
 import pytest
 
 from bigsci_jax import generate, likelihood, mc_tasks
-from bigsci_jax.adapt import soft_prompt, tune
+from bigsci_jax.adapt import lora, soft_prompt, store, tune
 from bigsci_jax.config import ModelConfig
 from bigsci_jax.model import SOFT_PROMPT, Transformer, init_params, soft_prompt_ids
 from test_mc_tasks import Bytes, _tiny
@@ -63,7 +66,8 @@ def test_a_prompt_of_token_embeddings_is_those_tokens(mask):
     generate.generate(model, prompted, [text], 64 - 10)
 
 
-def test_tuning_moves_only_the_prompt_and_lowers_the_loss():
+@pytest.mark.parametrize("adapter", ["prompt", "lora"])
+def test_tuning_moves_only_the_adapter_and_lowers_the_loss(adapter):
   # init_std 0.3: a random model whose outputs depend on its inputs enough to be steered
   model = Transformer(ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=259,
                                   max_len=64, dtype="float32", init_std=0.3))
@@ -80,35 +84,131 @@ def test_tuning_moves_only_the_prompt_and_lowers_the_loss():
     choices = [words[i] for i in rng.permutation(4)]
     items.append(mc_tasks.Item("".join(chr(c) for c in rng.integers(97, 123, 6)),
                                tuple(choices), choices.index(target)))
-  init = soft_prompt.init_from_vocab(params, 4, pool=259)
-  cfg = tune.TuneConfig(num_virtual_tokens=4, steps=40, batch_size=8, learning_rate=0.1)
-  prompt, losses = tune.tune(model, params, items, Bytes(), init, cfg, seq_len=64)
-  assert prompt.shape == (4, 32) and not np.allclose(prompt, init)
-  assert np.mean(losses[-5:]) < 0.1 * np.mean(losses[:5])
+  cfg = tune.TuneConfig(adapter, num_virtual_tokens=4, lora_rank=4, steps=40, batch_size=8,
+                        learning_rate=0.1 if adapter == "prompt" else 0.02)
+  if adapter == "prompt":
+    init = soft_prompt.init_from_vocab(params, 4, pool=259)
+  else:
+    init = cfg.initial(params)
+  tuned, losses = tune.tune(model, params, items, Bytes(), init, cfg, seq_len=64)
+  assert jax.tree.map(np.shape, tuned) == jax.tree.map(np.shape, init)
+  assert not any(jax.tree.leaves(jax.tree.map(np.allclose, tuned, init)))  # every array moved
+  assert np.mean(losses[-5:]) < 0.1 * np.mean(losses[:5]), losses
   jax.tree.map(np.testing.assert_array_equal, params, before)  # read, never written
-  scorer = likelihood.Scorer(model, soft_prompt.attach(params, prompt), Bytes(), 64, 8)
+  scorer = likelihood.Scorer(model, cfg.apply(params, tuned), Bytes(), 64, 8)
   score = lambda s: mc_tasks.score(items, lambda r: s.loglikelihood(r)[0])["acc"]  # noqa: E731
   assert score(scorer) == 1.0 and score(untuned) < 0.5
 
 
-def test_prompts_refuse_another_model_shape_and_foreign_directories(tmp_path):
+def test_adapters_refuse_another_model_shape_and_foreign_directories(tmp_path):
   cfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=259)
-  out = soft_prompt.save(tmp_path / "p", np.ones((3, 32), np.float32), cfg, {"task": "t"})
-  assert sorted(os.listdir(out)) == ["embeddings", soft_prompt.PROMPT_FILE]
-  np.testing.assert_array_equal(soft_prompt.load(out, cfg), np.ones((3, 32)))
+  out = store.save(tmp_path / "p", "soft_prompt", np.ones((3, 32), np.float32), cfg,
+                   {"task": "t"})
+  assert sorted(os.listdir(out)) == ["embeddings", store.PROMPT_FILE]
+  info, arrays = store.load(out, cfg)
+  assert info["kind"] == "soft_prompt" and info["num_virtual_tokens"] == 3
+  np.testing.assert_array_equal(arrays, np.ones((3, 32)))
   wider = ModelConfig(num_layers=1, d_model=64, num_heads=2, d_ff=64, vocab_size=259)
-  with pytest.raises(soft_prompt.PromptError,
+  with pytest.raises(store.AdapterError,
                      match=r"tuned for a model with d_model=32, and this model has d_model=64"):
-    soft_prompt.load(out, wider)
-  with pytest.raises(soft_prompt.PromptError, match="not a soft-prompt directory"):
-    soft_prompt.load(tmp_path, cfg)
+    store.load(out, wider)
+  with pytest.raises(store.AdapterError, match="not an adapter directory"):
+    store.load(tmp_path, cfg)
   (tmp_path / "run").mkdir()
   (tmp_path / "run" / "config.gin").write_text("x")
-  with pytest.raises(soft_prompt.PromptError, match="exists and is not a soft-prompt directory"):
-    soft_prompt.save(tmp_path / "run", np.ones((3, 32), np.float32), cfg, {})
+  with pytest.raises(store.AdapterError, match="exists and is not an adapter directory"):
+    store.save(tmp_path / "run", "soft_prompt", np.ones((3, 32), np.float32), cfg, {})
   assert os.listdir(tmp_path / "run") == ["config.gin"]
-  soft_prompt.save(out, np.zeros((2, 32), np.float32), cfg, {})  # a prompt dir is replaced
-  assert soft_prompt.load(out, cfg).shape == (2, 32)
+  store.save(out, "soft_prompt", np.zeros((2, 32), np.float32), cfg, {})  # an adapter is replaced
+  assert store.load(out, cfg)[1].shape == (2, 32)
+  # a prompt.json written before adapters had kinds is a soft prompt
+  meta = json.loads((tmp_path / "p" / store.PROMPT_FILE).read_text())
+  del meta["kind"], meta["model"]["head_dim"]
+  (tmp_path / "p" / store.PROMPT_FILE).write_text(json.dumps(meta))
+  assert store.load(out, cfg)[0]["kind"] == "soft_prompt"
+
+
+def _lora_model(scan_layers=True, seed=0):
+  model = Transformer(ModelConfig(num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                                  head_dim=8, d_ff=64, vocab_size=259, max_len=64,
+                                  dtype="float32", scan_layers=scan_layers))
+  return model, init_params(model, jax.random.key(seed))
+
+
+def _random_factors(params, rank, targets=lora.TARGETS, seed=1):
+  """LoRA factors with B non-zero too (an untrained adapter's B is 0)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.3,
+                      lora.shapes(params, rank, targets))
+
+
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_lora_is_the_base_model_untrained_and_a_low_rank_update_merged(scan_layers):
+  model, params = _lora_model(scan_layers)
+  x = jnp.asarray(np.random.default_rng(0).integers(3, 259, (2, 12)))
+  factors = lora.init(params, 4)
+  assert len(lora.sites(params)) == 4 * (1 if scan_layers else 2)
+  base = model.apply({"params": params}, x)
+  np.testing.assert_array_equal(model.apply({"params": lora.merge(params, factors, 2.0)}, x),
+                                base)  # B = 0: exactly the base model
+
+  factors = _random_factors(params, 4, ("query", "out"))
+  merged = lora.merge(params, factors, 0.5)
+  assert not np.allclose(model.apply({"params": merged}, x), base, atol=1e-3)
+  rng = np.random.default_rng(2)
+  for path, kernel in lora.sites(params, ("query", "out")):
+    ab = factors
+    new = merged
+    for name in path:
+      ab, new = ab[name], new[name]
+    kernel, new = np.asarray(kernel), np.asarray(new["kernel"])
+    layers = kernel.shape[:-3] or (1,)
+    for layer in range(int(np.prod(layers))):  # x·W' == x·W + s·(x·A)·B, layer by layer
+      w = kernel.reshape((-1,) + kernel.shape[-3:])[layer]
+      w_new = new.reshape((-1,) + kernel.shape[-3:])[layer]
+      a = ab["a"].reshape((-1,) + ab["a"].shape[-2:])[layer]
+      b = ab["b"].reshape((-1,) + ab["b"].shape[-2:])[layer]
+      n_in = a.shape[0]
+      x_in = rng.standard_normal((5, n_in)).astype(np.float32)
+      want = x_in @ w.reshape(n_in, -1) + 0.5 * (x_in @ a) @ b
+      np.testing.assert_allclose(x_in @ w_new.reshape(n_in, -1), want, atol=1e-4, rtol=1e-5)
+  untouched = jax.tree_util.tree_leaves_with_path(merged)
+  changed = {path for path, _ in lora.sites(params, ("query", "out"))}
+  for path, leaf in untouched:  # key, value, the MLP, embeddings: the base's own arrays
+    keys = tuple(getattr(k, "key", None) for k in path)
+    if not any(keys[:len(c)] == c for c in changed):
+      original = params
+      for k in keys:
+        original = original[k]
+      assert leaf is original, keys
+
+
+def test_a_saved_lora_applies_as_tuned_and_offloaded_kernels_stay_on_the_host(tmp_path):
+  model, params = _lora_model()
+  cfg = tune.TuneConfig("lora", lora_rank=4, lora_alpha=8.0, lora_targets=("key", "value"))
+  factors = _random_factors(params, 4, cfg.lora_targets)
+  out = store.save(tmp_path / "l", "lora", factors, model.cfg, {**cfg.info(), "task": "t"})
+  assert sorted(os.listdir(out)) == ["lora", store.PROMPT_FILE]
+  assert store.describe(out) == {"prompt_dir": out, "kind": "lora", "task": "t", "rank": 4,
+                                 "alpha": 8.0, "targets": ["key", "value"]}
+  want = cfg.apply(params, factors)
+  jax.tree.map(np.testing.assert_array_equal, store.attach_dir(params, out, model.cfg), want)
+
+  cpu = jax.devices("cpu")[0]
+  host = jax.sharding.SingleDeviceSharding(cpu, memory_kind="pinned_host")
+  offloaded = jax.tree_util.tree_map_with_path(
+      lambda p, x: jax.device_put(x, host) if p[-1].key == "kernel" else x, params)
+  merged = store.attach_dir(offloaded, out, model.cfg)
+  for path, kernel in lora.sites(merged):
+    assert kernel.sharding.memory_kind == "pinned_host", path
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(merged), jax.device_get(want))
+
+  other, _ = _lora_model()
+  wider = dataclasses.replace(other.cfg, head_dim=16)
+  with pytest.raises(store.AdapterError, match="head_dim=8, and this model has head_dim=16"):
+    store.attach_dir(params, out, wider)
+  with pytest.raises(ValueError, match="lora_targets=query,mlp: each is one of"):
+    tune.TuneConfig("lora", lora_targets=("query", "mlp"))
 
 
 def _digests(directory):
@@ -122,31 +222,39 @@ def _digests(directory):
 
 
 @pytest.mark.slow
-def test_a_tuned_prompt_beats_the_untuned_smoke_model(tmp_path, handbook_data_dir):
-  """The embedded smoke run (600 steps), then prompt_tune on word_choice/en."""
+def test_a_tuned_prompt_and_a_tuned_lora_beat_the_untuned_smoke_model(tmp_path,
+                                                                      handbook_data_dir):
+  """The embedded smoke run (600 steps), then prompt_tune on word_choice/en with each
+  adapter kind."""
   pytest.importorskip("seqio")
   import train
-  model_dir, out = str(tmp_path / "smoke"), str(tmp_path / "prompt")
+  model_dir = str(tmp_path / "smoke")
   assert train.main([f"--model_dir={model_dir}", "--no_progress",
                      f"--gin.DataConfig.data_dir='{handbook_data_dir}'"]) == 0
   base = _digests(model_dir)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "bigsci_jax.prompt_tune",
-                         f"--model_dir={model_dir}", "--task=word_choice/en", f"--out={out}"],
-                        env=env, capture_output=True, text=True, timeout=1800)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  scores = json.loads(proc.stdout.strip().splitlines()[-1])
-  untuned, tuned = scores["untuned"], scores["tuned"]
-  assert tuned["acc"] - untuned["acc"] > 1.96 * untuned["acc_stderr"], scores
-  assert _digests(model_dir) == base  # the checkpoint is only read
-  assert sorted(os.listdir(tmp_path)) == ["prompt", "smoke"]
-  assert sorted(os.listdir(out)) == ["embeddings", soft_prompt.PROMPT_FILE]
-
   from bigsci_jax import evaluate
-  again = evaluate.evaluate_dir(model_dir, ["word_choice/en"], prompt_dir=out)
-  assert again["tasks"]["word_choice/en"]["acc"] == tuned["acc"]
-  proc = subprocess.run([sys.executable, "-m", "bigsci_jax.generate", f"--model_dir={model_dir}",
-                         "--prompt=Debian", f"--prompt_dir={out}", "--max_new_tokens=5"],
-                        env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  for adapter, arrays in (("prompt", "embeddings"), ("lora", "lora")):
+    out = str(tmp_path / adapter)
+    proc = subprocess.run([sys.executable, "-m", "bigsci_jax.prompt_tune",
+                           f"--model_dir={model_dir}", "--task=word_choice/en", f"--out={out}",
+                           f"--adapter={adapter}"],
+                          env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    scores = json.loads(proc.stdout.strip().splitlines()[-1])
+    untuned, tuned = scores["untuned"], scores["tuned"]
+    print(f"{adapter}: untuned acc {untuned['acc']:.3f} ± {untuned['acc_stderr']:.3f}, "
+          f"tuned {tuned['acc']:.3f}")
+    assert tuned["acc"] - untuned["acc"] > 1.96 * untuned["acc_stderr"], scores
+    assert _digests(model_dir) == base  # the checkpoint is only read
+    assert sorted(os.listdir(out)) == [arrays, store.PROMPT_FILE]
+
+    again = evaluate.evaluate_dir(model_dir, ["word_choice/en"], prompt_dir=out)
+    assert again["tasks"]["word_choice/en"]["acc"] == tuned["acc"]
+    proc = subprocess.run([sys.executable, "-m", "bigsci_jax.generate",
+                           f"--model_dir={model_dir}", "--prompt=Debian", f"--prompt_dir={out}",
+                           "--max_new_tokens=5"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  assert sorted(os.listdir(tmp_path)) == ["lora", "prompt", "smoke"]
   assert SOFT_PROMPT not in evaluate.restore(model_dir)[2]

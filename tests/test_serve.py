@@ -163,6 +163,37 @@ def test_a_soft_prompt_of_token_embeddings_serves_like_those_tokens(restored):
   assert [c.text for c in with_prompt[4:]] == [c.text for c in literal[4:]]
 
 
+def test_a_lora_adapter_serves_its_merged_weights(restored, run_dir, tmp_path):
+  """serve's load with a LoRA directory: echo log-probabilities are those of the model
+  with W + s·A·B in place of the adapted kernels, not the base model's."""
+  from bigsci_jax.adapt import lora, store, tune
+  from bigsci_jax.serve.__main__ import load
+  model, params, tok = restored
+  cfg = tune.TuneConfig("lora", lora_rank=2, lora_alpha=4.0, lora_targets=("query", "value"))
+  rng = np.random.default_rng(0)
+  factors = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32) * 0.1,
+                         lora.shapes(params, 2, cfg.lora_targets))
+  out = store.save(tmp_path / "lora", "lora", factors, model.cfg, cfg.info())
+  engine, _, metadata = load(run_dir, 4, out)
+  assert metadata["adapter"]["kind"] == "lora" and metadata["adapter"]["rank"] == 2
+  ids = [tok.encode(p) for p in PROMPTS]
+  try:
+    echo = [Choice(p, 0, generate.Sampling(), 0, logprobs=1, echo=True) for p in ids]
+    _submit(engine, echo)()
+  finally:
+    engine.stop()
+  merged, gaps = cfg.apply(params, factors), []
+  for p, c in zip(ids, echo):
+    row = jnp.asarray([[tok.bos_id] + p])
+    with jax.default_matmul_precision("highest"):
+      logp = jax.nn.log_softmax(model.apply({"params": merged}, row)[0], axis=-1)
+      base = jax.nn.log_softmax(model.apply({"params": params}, row)[0], axis=-1)
+    want = [float(logp[i, p[i]]) for i in range(1, len(p))]
+    np.testing.assert_allclose(c.prompt_logprobs[1:], want, atol=1e-5, rtol=0)
+    gaps += [abs(float(base[i, p[i]]) - w) for i, w in zip(range(1, len(p)), want)]
+  assert max(gaps) > 1e-2  # the adapter changed the model
+
+
 def test_request_checks_name_the_field(restored):
   _, _, tok = restored
 

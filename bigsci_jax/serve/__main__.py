@@ -11,9 +11,10 @@ model=NAME,tokenizer_backend=remote`. The checkpoint is placed on every device
 present (data parallel when they divide --max_batch). Concurrent requests are
 batched (serve/engine.py); --warmup compiles every bucket before the port opens.
 SIGTERM stops accepting connections, finishes what is in flight and exits 0.
---prompt_dir: a soft prompt (python -m bigsci_jax.prompt_tune) starts every request's
-prompt, invisibly: tokens, offsets and echo cover the request's own text, and
-max_model_len is the window less the prompt's virtual tokens.
+--prompt_dir: an adapter (python -m bigsci_jax.prompt_tune), named in /v1/models'
+metadata. A soft prompt starts every request's prompt, invisibly: tokens, offsets
+and echo cover the request's own text, and max_model_len is the window less the
+prompt's virtual tokens. LoRA factors are merged into the weights once, at load.
 --offload=host: the parameters stay in pinned host memory and each layer's weights
 reach the device as the layer scan gets to it, so a model larger than the devices'
 memory is served (every call reads all weights over the host link).
@@ -47,14 +48,14 @@ def bind(host, port):
 
 
 def load(model_dir, max_batch, prompt_dir=None, offload="none"):
-  """(engine, tokenizer, name metadata) for a run's latest checkpoint (and a soft prompt),
+  """(engine, tokenizer, name metadata) for a run's latest checkpoint (and an adapter),
   its parameters in pinned host memory for offload="host"."""
   from bigsci_jax import evaluate, loop
-  from bigsci_jax.adapt import soft_prompt
+  from bigsci_jax.adapt import store
   from bigsci_jax.serve.engine import Engine
   run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload)
   tokenizer = loop.read_tokenizer(model_dir)
-  params = soft_prompt.attach_dir(params, prompt_dir, run.model)
+  params = store.attach_dir(params, prompt_dir, run.model)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
   metadata = {"attention": run.model.mask, "step": step, "bos_token_id": tokenizer.bos_id,
               "offload": offload,
@@ -64,9 +65,7 @@ def load(model_dir, max_batch, prompt_dir=None, offload="none"):
                                   "itself); generated tokens follow the prompt as the prefix"
                                   if run.model.mask == "prefix" else "")}
   if prompt_dir:
-    info = soft_prompt.read_info(prompt_dir)
-    metadata["soft_prompt"] = {"prompt_dir": prompt_dir, "task": info.get("task"),
-                               "num_virtual_tokens": info["num_virtual_tokens"]}
+    metadata["adapter"] = store.describe(prompt_dir)
   return engine, tokenizer, metadata
 
 
@@ -81,7 +80,7 @@ def main(argv):
   p.add_argument("--max_batch", type=int, default=16, help="rows decoded together")
   p.add_argument("--gather_ms", type=float, default=5.0, help="how long a batch waits to fill")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
-  p.add_argument("--prompt_dir", default=None, help="a soft prompt to start every request with")
+  p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
@@ -94,7 +93,7 @@ def main(argv):
           f"pip install -e '.[serve]'.", file=sys.stderr)
     return 2
   from bigsci_jax import evaluate, loop
-  from bigsci_jax.adapt.soft_prompt import PromptError
+  from bigsci_jax.adapt.store import AdapterError
   from bigsci_jax.checkpoint import CheckpointMismatch
   try:
     sock = bind(args.host, args.port)
@@ -106,7 +105,7 @@ def main(argv):
   try:
     engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir,
                                        args.offload)
-  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, PromptError) as e:
+  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, AdapterError) as e:
     sock.close()
     print(f"error: {e}", file=sys.stderr)
     return 2
