@@ -56,18 +56,18 @@ def init_run(model_dir, gin_files, bindings, vocab):
   """A run of the gin files' model with random weights and `vocab`, at step 0."""
   import dataclasses
   import train
-  from bigsci_jax import loop
+  from bigsci_jax import loop, tokenizer
   from bigsci_jax import step as steps
   from bigsci_jax.config import MeshConfig
-  if os.path.exists(os.path.join(model_dir, "checkpoints")) or not vocab:
+  if os.path.exists(os.path.join(model_dir, "checkpoints")) or not vocab or not os.path.isfile(
+      vocab):
     raise SystemExit(f"--init_gin needs an empty --model_dir ({model_dir} holds a run) and "
-                     f"--vocab=FILE.")
+                     f"--vocab=FILE (a vocab.model or tokenizer.json).")
   run, _ = train.build_config(["runs/cpu_smoke.gin"] + gin_files, bindings)
   run = dataclasses.replace(run, mesh=MeshConfig(1, 1, 1))
   runtime = loop.Runtime(run)
   state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, 0, run.batch.seq_len)
-  with open(vocab, "rb") as f:
-    loop.write_run(model_dir, run, state, 0, {"rows": 0}, f.read())
+  loop.write_run(model_dir, run, state, 0, {"rows": 0}, tokenizer.read_files(vocab))
   print(f"wrote a random-weight run to {model_dir}", flush=True)
 
 
@@ -107,9 +107,12 @@ def main(argv):
     levels = []
     for clients in (int(c) for c in args.concurrency.split(",")):
       _level(url, clients, 1, prompts, args.max_tokens)  # warm-up
+      batches = requests.get(f"{url}/health", timeout=60).json()["batches"]
       tokens, seconds = _level(url, clients, args.requests, prompts, args.max_tokens)
+      batches = requests.get(f"{url}/health", timeout=60).json()["batches"] - batches
       levels.append({"clients": clients, "tokens": tokens, "seconds": seconds,
-                     "tokens_per_s": tokens / seconds})
+                     "tokens_per_s": tokens / seconds,
+                     "rows_per_batch": clients * args.requests / batches})
   finally:
     proc.send_signal(signal.SIGTERM)
     proc.wait(120)

@@ -296,9 +296,11 @@ def find(folder):
   return None
 
 
-def read_files(folder):
-  """{name: bytes} of the tokenizer files a run keeps in `folder` (not parsed), or None."""
-  path = find(folder)
+def read_files(location):
+  """{name: bytes} of the tokenizer files (not parsed) a run keeps in the folder
+  `location`, or of the vocab.model / tokenizer.json at that path; None when there are
+  none."""
+  path = location if os.path.isfile(location) else find(location)
   if path is None:
     return None
   files = {}

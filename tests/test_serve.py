@@ -136,6 +136,29 @@ def test_batches_of_any_mix_compile_nothing_after_warmup(restored):
     engine.stop()
 
 
+def test_clients_that_come_back_one_by_one_share_a_batch(restored):
+  """After a batch of 4 rows, the next 4 arrive spread out (the first well ahead, as
+  when a server writes its answers one by one): they wait for each other and run as
+  one batch, not as a batch of 1 and one of 3."""
+  model, params, tok = restored
+  engine = Engine(model, params, tok, max_batch=4, gather_ms=5)
+  try:
+    engine.warmup(row_counts=[1, 4], widths=[32])
+    choose = lambda: [Choice(tok.encode("Debian"), 2, generate.Sampling(), 0)]  # noqa: E731
+    first = [_submit(engine, choose()) for _ in range(4)]
+    [wait() for wait in first]
+    batches = engine.batches
+    waits = [_submit(engine, choose())]
+    time.sleep(0.015)  # three gather windows with nothing new
+    for _ in range(3):
+      waits.append(_submit(engine, choose()))
+      time.sleep(0.002)
+    [wait() for wait in waits]
+    assert engine.batches - batches == 1
+  finally:
+    engine.stop()
+
+
 def test_a_soft_prompt_of_token_embeddings_serves_like_those_tokens(restored):
   """A prompt whose rows are the embeddings of some tokens: echo log-probabilities and
   greedy text equal those of the plain model with the tokens written before each prompt,

@@ -78,7 +78,7 @@ def main(argv):
   p.add_argument("--name", default=None, help="the model's name in the API (default: the "
                  "model_dir's last component)")
   p.add_argument("--max_batch", type=int, default=16, help="rows decoded together")
-  p.add_argument("--gather_ms", type=float, default=5.0, help="how long a batch waits to fill")
+  p.add_argument("--gather_ms", type=float, default=5.0, help="a batch stops gathering after this long with no new row")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
   p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,

@@ -1,5 +1,5 @@
 """The batching engine behind the server: one thread that gathers the choices of
-concurrent requests for a few milliseconds and decodes them together.
+concurrent requests for a few milliseconds (Engine._take) and decodes them together.
 
 Every choice (a prompt, one of its n samples) is a row. A batch of rows is padded
 to a bucket of row counts (powers of two up to max_batch) and prompt widths
@@ -38,6 +38,7 @@ from bigsci_jax.likelihood import bucket_width
 from bigsci_jax.model import soft_prompt_ids
 
 log = logging.getLogger(__name__)
+GATHER_CAP = 8  # a batch waits at most this many gather windows for its rows
 
 
 class EngineStopped(RuntimeError):
@@ -100,6 +101,8 @@ class Engine:
                           for i in range(self.window.bit_length() + 1)})
     self.gather_s, self.max_queue = gather_ms / 1000.0, max_queue
     self._queue = collections.deque()  # (job, choice)
+    self._last_arrival = 0.0
+    self._expected = 1  # rows the last batch took
     self._cv = threading.Condition()
     self._stopping = False
     self.batches = 0         # batches run
@@ -117,6 +120,7 @@ class Engine:
         raise EngineBusy(f"{len(self._queue)} rows are already queued; retry later.")
       for choice in job.choices:
         self._queue.append((job, choice))
+      self._last_arrival = time.monotonic()
       self._cv.notify()
 
   def stop(self, timeout=None):
@@ -127,18 +131,24 @@ class Engine:
     self._thread.join(timeout)
 
   def _take(self):
-    """Up to max_batch rows: wait for one, then gather for gather_ms."""
+    """Up to max_batch rows: wait for one, then gather until gather_ms pass with no new
+    row once the queue holds as many rows as the last batch ran (those clients tend
+    to come back together), or GATHER_CAP times gather_ms in all. (Clients answered
+    together return one by one as the server writes their responses, the first well
+    ahead of the rest: a window from the first arrival split 16 clients into batches
+    of 1 and 15.)"""
     with self._cv:
       while not self._queue and not self._stopping:
         self._cv.wait()
       if not self._queue:
         return None
-      deadline = time.monotonic() + self.gather_s
+      cap = time.monotonic() + GATHER_CAP * self.gather_s
       while len(self._queue) < self.max_batch and not self._stopping:
-        left = deadline - time.monotonic()
-        if left <= 0:
+        idle = self._last_arrival + self.gather_s
+        left = (idle if len(self._queue) >= self._expected else cap) - time.monotonic()
+        if min(left, cap - time.monotonic()) <= 0:
           break
-        self._cv.wait(left)
+        self._cv.wait(min(left, cap - time.monotonic()))
       rows = []
       while self._queue and len(rows) < self.max_batch:
         job, choice = self._queue.popleft()
@@ -146,6 +156,7 @@ class Engine:
           self.cancelled_rows += 1
         else:
           rows.append((job, choice))
+      self._expected = max(len(rows), 1)
       return rows
 
   def status(self):
