@@ -274,6 +274,7 @@ def main(argv):
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
   from bigsci_jax import evaluate, loop
+  from bigsci_jax import tokenizer as tokenizers
   from bigsci_jax.adapt import store
   try:  # one device: generate() runs without a mesh
     run, runtime, params, _ = evaluate.restore(args.model_dir, batch_size=1, offload=args.offload)
@@ -287,8 +288,7 @@ def main(argv):
           store.AdapterError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  texts = [tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
-           for ids in outputs]
+  texts = [tokenizers.decode_until_eos(tok, ids) for ids in outputs]
   for prompt, text in zip(args.prompt, texts):
     print(f"{prompt}{text}")
   print(json.dumps({"prompts": args.prompt, "completions": texts}))

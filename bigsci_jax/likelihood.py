@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigsci_jax import generate, sharding
+from bigsci_jax import tokenizer as tokenizers
 from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax import step as steps
 
@@ -196,11 +197,7 @@ class Scorer:
       prompts.append(ids)
 
     eos = self.tokenizer.eos_id
-
-    def text(ids):
-      if eos in ids:
-        ids = ids[:ids.index(eos)]
-      return self.tokenizer.decode(ids)
+    text = functools.partial(tokenizers.decode_until_eos, self.tokenizer)
 
     def cut(s):
       for stop in until:

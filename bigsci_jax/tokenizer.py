@@ -25,9 +25,10 @@ import re
 
 import numpy as np
 
+from bigsci_jax.vocab import EOS_ID, PAD_ID, UNK_ID
+
 SPM_FILE = "vocab.model"
 HF_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_SPM_SPECIALS = {"pad": 0, "eos": 1, "unk": 2}  # seqio's conventions (vocab.PAD_ID, ...)
 
 
 class TokenizerError(ValueError):
@@ -133,9 +134,9 @@ class SentencePieceTokenizer(Tokenizer):
     self.model_proto = model_proto
     self.sp = spm.SentencePieceProcessor(model_proto=model_proto)
     self.vocab_size = self.sp.get_piece_size()
-    self.pad_id, self.eos_id, self.unk_id = (_SPM_SPECIALS[k] for k in ("pad", "eos", "unk"))
+    self.pad_id, self.eos_id, self.unk_id = PAD_ID, EOS_ID, UNK_ID
     self.bos_id = self.pad_id
-    self.specials = {self.sp.id_to_piece(i): i for i in _SPM_SPECIALS.values()}
+    self.specials = {self.sp.id_to_piece(i): i for i in (PAD_ID, EOS_ID, UNK_ID)}
     self._bytes = [_piece_bytes(self.sp, i) for i in range(self.vocab_size)]
     self._finish()
 
@@ -150,6 +151,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def files(self):
     return {SPM_FILE: self.model_proto}
+
+
+def decode_until_eos(tok, ids):
+  """The text of ids up to tok's first EOS (a generation's text); tok: anything with
+  eos_id and decode."""
+  ids = list(ids)
+  return tok.decode(ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
 
 
 def _piece_bytes(sp, i):

@@ -50,6 +50,12 @@ def factor_shapes(kernel_shape, target, rank):
   return lead + (n_in, rank), lead + (rank, n_out)
 
 
+def _factor_sites(params, rank, targets):
+  """[(path, A's shape, B's shape)] for every target projection in params."""
+  return [(path, *factor_shapes(kernel.shape, path[-1], rank))
+          for path, kernel in sites(params, targets)]
+
+
 def _set(tree, path, value):
   """A copy of the nested dict `tree` with tree[path...] = value (dicts along path copied)."""
   if not path:
@@ -75,8 +81,7 @@ def init(params, rank, targets=TARGETS, seed=0):
   """The float32 factor tree of an untrained adapter (B = 0) for params' kernels."""
   check(rank, targets)
   rng, factors = np.random.default_rng(seed), {}
-  for path, kernel in sites(params, targets):
-    a_shape, b_shape = factor_shapes(kernel.shape, path[-1], rank)
+  for path, a_shape, b_shape in _factor_sites(params, rank, targets):
     a = rng.standard_normal(a_shape, dtype=np.float32) / np.sqrt(a_shape[-2], dtype=np.float32)
     factors = _set(factors, path, {"a": a, "b": np.zeros(b_shape, np.float32)})
   return factors
@@ -86,8 +91,7 @@ def shapes(params, rank, targets=TARGETS):
   """The factor tree's jax.ShapeDtypeStructs for params' kernels (what a saved adapter
   is restored into)."""
   tree = {}
-  for path, kernel in sites(params, targets):
-    a_shape, b_shape = factor_shapes(kernel.shape, path[-1], rank)
+  for path, a_shape, b_shape in _factor_sites(params, rank, targets):
     tree = _set(tree, path, {"a": jax.ShapeDtypeStruct(a_shape, jnp.float32),
                              "b": jax.ShapeDtypeStruct(b_shape, jnp.float32)})
   return tree

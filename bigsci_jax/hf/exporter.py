@@ -98,8 +98,7 @@ def export(model_dir, out_dir, arch="auto", dtype="float32", shard_gib=5.0):
     files += [os.path.basename(p) for p in tokenizer.write(tok.model_proto, out_dir,
                                                            run.model.max_len)]
   elif tok is not None:  # an imported run keeps the tokenizer files it came with
-    for name, content in tok.files().items():
-      loop.write_atomic(os.path.join(out_dir, name), content)
-      files.append(name)
+    loop.write_vocab_files(out_dir, tok.files())
+    files += list(tok.files())
   return {"arch": arch, "step": step, "dtype": dtype, "tensors": len(shapes),
           "out": out_dir, "files": sorted(files)}

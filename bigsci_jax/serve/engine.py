@@ -144,11 +144,13 @@ class Engine:
         return None
       cap = time.monotonic() + GATHER_CAP * self.gather_s
       while len(self._queue) < self.max_batch and not self._stopping:
-        idle = self._last_arrival + self.gather_s
-        left = (idle if len(self._queue) >= self._expected else cap) - time.monotonic()
-        if min(left, cap - time.monotonic()) <= 0:
+        until = cap
+        if len(self._queue) >= self._expected:
+          until = min(cap, self._last_arrival + self.gather_s)
+        left = until - time.monotonic()
+        if left <= 0:
           break
-        self._cv.wait(min(left, cap - time.monotonic()))
+        self._cv.wait(left)
       rows = []
       while self._queue and len(rows) < self.max_batch:
         job, choice = self._queue.popleft()
