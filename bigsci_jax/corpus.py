@@ -11,6 +11,7 @@ Pure Python (no TensorFlow): the TFDS builder and the tests read it.
 """
 
 import functools
+import glob
 import html.parser
 import os
 import re
@@ -177,3 +178,38 @@ def split_chapters(root):
   for i, (chapter, _) in enumerate(chapters(root, ENGLISH)):
     splits[chapter_split(i)].add(chapter)
   return splits
+
+
+def text_files(text_dir):
+  """{split: [files]} of a folder of UTF-8 text (one document per line): <dir>/<split>/*.txt,
+  or <dir>/*.txt for train only; every file is checked to decode as UTF-8."""
+  splits = {s: sorted(glob.glob(os.path.join(text_dir, s, "*.txt")))
+            for s in ("train", "validation", "test")}
+  if not any(splits.values()):
+    splits = {"train": sorted(glob.glob(os.path.join(text_dir, "*.txt")))}
+  splits = {s: files for s, files in splits.items() if files}
+  if not splits:
+    raise CorpusError(f"the folder {text_dir} holds no .txt files; put UTF-8 text, one document "
+                      f"per line, in {text_dir}/*.txt or {text_dir}/<split>/*.txt.")
+  for path in (f for files in splits.values() for f in files):
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise CorpusError(f"{path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
+  return splits
+
+
+def folder_texts(folder, max_chars, split="train"):
+  """The first max_chars characters of a text folder's documents in `split` (one per
+  line)."""
+  texts, chars = [], 0
+  for path in text_files(folder).get(split, ()):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        texts.append(line.rstrip("\n"))
+        chars += len(texts[-1])
+        if chars >= max_chars:
+          return texts
+  return texts

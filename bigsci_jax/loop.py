@@ -122,6 +122,22 @@ def write_run(model_dir, run: RunConfig, state, step, data_state, vocab_files=No
   out.close()
 
 
+def write_params_run(model_dir, run: RunConfig, params, vocab_files=None, seed=0,
+                     mesh=None):
+  """write_run at step 0 around `params` (host arrays, dropped once placed): put straight
+  into their sharded layout on the mesh of `mesh` (a MeshConfig; default run.mesh, which
+  is what config.gin keeps either way), with a fresh optimizer state and data position.
+  Returns the number of parameters."""
+  runtime = Runtime(dataclasses.replace(run, mesh=mesh or run.mesh))
+  count = sum(x.size for x in jax.tree.leaves(params))
+  placed = jax.device_put(params, runtime.shardings.params)
+  del params  # the host copy, when the caller passed it without keeping it
+  state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, seed, run.batch.seq_len,
+                           params=placed)
+  write_run(model_dir, run, state, 0, {"rows": 0}, vocab_files)
+  return count
+
+
 def check_batch_fits_mesh(run: RunConfig, mesh, processes=None):
   processes = jax.process_count() if processes is None else processes
   shards = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -183,13 +183,15 @@ def _byte_level_chars():
   return table
 
 
-def _decoder_types(spec):
-  """The type names in a tokenizer.json decoder spec (Sequence decoders flattened)."""
+def spec_types(spec):
+  """The type names in a tokenizer.json component spec (a decoder, pre-tokenizer or
+  normalizer), Sequence members included."""
   if not spec:
     return set()
   types = {spec.get("type")}
-  for inner in spec.get("decoders") or ():
-    types |= _decoder_types(inner)
+  for key in ("decoders", "pretokenizers", "normalizers"):
+    for inner in spec.get(key) or ():
+      types |= spec_types(inner)
   return types
 
 
@@ -226,7 +228,7 @@ class HFTokenizer(Tokenizer):
     self._finish()
 
   def _token_bytes(self, decoder_spec):
-    types = _decoder_types(decoder_spec)
+    types = spec_types(decoder_spec)
     byte_level = _byte_level_chars() if "ByteLevel" in types else None
     out = []
     for i in range(self.vocab_size):

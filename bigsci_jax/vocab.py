@@ -57,7 +57,6 @@ def train(texts_by_lang, cache_dir, cfg: VocabConfig = VocabConfig(), *, sizes=N
 
   With cached_only, a model not in the cache is an error instead of being trained
   (processes other than the one that trains it)."""
-  import sentencepiece as spm
   lines = training_sample(texts_by_lang, cfg, sizes)
   key = hashlib.sha256(repr((_FORMAT, dataclasses.astuple(cfg))).encode()
                        + "\n".join(lines).encode())
@@ -69,17 +68,28 @@ def train(texts_by_lang, cache_dir, cfg: VocabConfig = VocabConfig(), *, sizes=N
                             f"DataConfig.data_dir on a filesystem every process shares, or set "
                             f"DataConfig.vocab_path to a SentencePiece model they can all read.")
   os.makedirs(cache_dir, exist_ok=True)
-  model = io.BytesIO()
-  spm.set_random_generator_seed(cfg.seed)
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
-      vocab_size=cfg.vocab_size, character_coverage=cfg.character_coverage, byte_fallback=True,
-      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, num_threads=os.cpu_count() or 1,
-      input_sentence_size=len(lines), shuffle_input_sentence=False,
-      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
-      split_digits=True, allow_whitespace_only_pieces=True, minloglevel=2)
   tmp = path + ".tmp"
   with open(tmp, "wb") as f:
-    f.write(model.getvalue())
+    f.write(train_model(lines, cfg.vocab_size, cfg.character_coverage, cfg.seed))
   os.replace(tmp, path)
   return path
+
+
+def train_model(lines, vocab_size, character_coverage=0.9995, seed=0, hard_limit=True):
+  """The bytes of a SentencePiece model trained on `lines` with this module's settings
+  (unigram, byte fallback, identity normalization, no dummy prefix). hard_limit=False
+  lets a small text yield fewer than vocab_size pieces instead of failing."""
+  import sentencepiece as spm
+  model = io.BytesIO()
+  spm.set_random_generator_seed(seed)
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
+      vocab_size=vocab_size, character_coverage=character_coverage, byte_fallback=True,
+      pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1, num_threads=os.cpu_count() or 1,
+      input_sentence_size=len(lines) if len(lines) > 100 else 0,  # 0: all of them
+      shuffle_input_sentence=False,
+      normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+      split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=hard_limit,
+      minloglevel=2)
+  return model.getvalue()
+

@@ -13,7 +13,6 @@ beyond the corpus come from folders of text (DataConfig.text_dirs) or from a cal
 """
 
 import dataclasses
-import glob
 import os
 
 import seqio
@@ -113,27 +112,6 @@ def _cleaner(pattern):
   return clean_wiki40b if pattern.startswith("wiki40b") else None
 
 
-def _text_files(text_dir):
-  """{split: [files]} of a folder of UTF-8 text (one document per line): <dir>/<split>/*.txt,
-  or <dir>/*.txt for train only; every file is checked to decode as UTF-8."""
-  splits = {s: sorted(glob.glob(os.path.join(text_dir, s, "*.txt")))
-            for s in ("train", "validation", "test")}
-  if not any(splits.values()):
-    splits = {"train": sorted(glob.glob(os.path.join(text_dir, "*.txt")))}
-  splits = {s: files for s, files in splits.items() if files}
-  if not splits:
-    raise CorpusError(f"the folder {text_dir} holds no .txt files; put UTF-8 text, one document "
-                      f"per line, in {text_dir}/*.txt or {text_dir}/<split>/*.txt.")
-  for path in (f for files in splits.values() for f in files):
-    with open(path, "rb") as f:
-      raw = f.read()
-    try:
-      raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise CorpusError(f"{path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
-  return splits
-
-
 def register_language(lang, vocab_path, *, text_dir=None, tfds_name=None, data_dir=None,
                       prefix_lm=False):
   """Add the Task `handbook_<lang>` from a folder of UTF-8 text files (one document per
@@ -145,7 +123,7 @@ def register_language(lang, vocab_path, *, text_dir=None, tfds_name=None, data_d
   if (text_dir is None) == (tfds_name is None):
     raise ValueError("register_language needs exactly one of text_dir and tfds_name.")
   if text_dir is not None:
-    source = seqio.TextLineDataSource(_text_files(text_dir))
+    source = seqio.TextLineDataSource(handbook_corpus.text_files(text_dir))
   else:
     source = seqio.TfdsDataSource(tfds_name, tfds_data_dir=data_dir)
   name = task_name(lang, prefix_lm)
@@ -179,7 +157,8 @@ def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False,
   of text}), and the mixture of those with a non-zero rate (mixture_rates). Returns the
   mixture name."""
   vocabulary = vocabularies.load(vocab_path)[0]
-  text_files = {lang: _text_files(folder) for lang, folder in (text_dirs or {}).items()}
+  text_files = {lang: handbook_corpus.text_files(folder)
+                for lang, folder in (text_dirs or {}).items()}
   for lang, files in text_files.items():
     if "train" not in files:
       raise CorpusError(f"the text folder of {lang!r} has no training text: put it in "
@@ -258,19 +237,6 @@ def _train_texts(builder, max_chars):
   return texts
 
 
-def _folder_texts(folder, max_chars):
-  """The first max_chars characters of a text folder's training documents."""
-  texts, chars = [], 0
-  for path in _text_files(folder).get("train", ()):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        texts.append(line.rstrip("\n"))
-        chars += len(texts[-1])
-        if chars >= max_chars:
-          return texts
-  return texts
-
-
 def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
   """Prepare the TFDS data and the vocabulary for `data_cfg` (a config.DataConfig) and
   register its Tasks and mixture; everything is cached in the data dir, so later
@@ -305,9 +271,10 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
       raise CorpusError(f"a vocabulary cannot be trained into {data_dir}: set "
                         f"DataConfig.vocab_path to a SentencePiece model for this corpus.")
     texts = {lang: _train_texts(b, cfg.sample_chars) for lang, b in builders.items()}
-    texts.update({lang: _folder_texts(folder, cfg.sample_chars)
+    texts.update({lang: handbook_corpus.folder_texts(folder, cfg.sample_chars)
                   for lang, folder in text_dirs.items()})
-    text_sizes = _text_sizes({lang: _text_files(folder) for lang, folder in text_dirs.items()})
+    text_sizes = _text_sizes({lang: handbook_corpus.text_files(folder)
+                              for lang, folder in text_dirs.items()})
     vocab_path = vocab.train(texts, os.path.join(data_dir, "vocab"), cfg,
                              sizes={**sizes, **text_sizes}, cached_only=not primary)
   if which == "multilingual":

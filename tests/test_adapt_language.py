@@ -33,15 +33,16 @@ def _documents(locale):
   return [d["text"] for d in corpus.documents(root, locale, english)]
 
 
-def _hf_checkpoint(folder):
-  """A tiny BLOOM with a byte-level BPE tokenizer trained on English and French text."""
+def _hf_checkpoint(folder, locales=("en-US", NEW)):
+  """A tiny BLOOM with a byte-level BPE tokenizer trained on these locales' text."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   backend = Tokenizer(models.BPE())
   backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   backend.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  backend.train_from_iterator([t[:5000] for t in _documents("en-US") + _documents(NEW)], trainer)
+  backend.train_from_iterator([t[:5000] for locale in locales for t in _documents(locale)],
+                              trainer)
   os.makedirs(folder)
   backend.save(os.path.join(folder, "tokenizer.json"))
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
@@ -62,6 +63,17 @@ def _text_folder(folder, docs):
       f.writelines(" ".join(d.split()) + "\n" for d in part)
 
 
+def _adapt(model_dir, steps, texts, data_dir):
+  """gin/recipes/adapt_language.gin on model_dir: French from texts, English replayed."""
+  return train.main([
+      f"--model_dir={model_dir}", "--no_progress", "--gin_file=recipes/adapt_language.gin",
+      f"--gin.NEW_LANGUAGE={{'fr': '{texts}'}}", "--gin.DataConfig.languages=('en',)",
+      f"--gin.DataConfig.data_dir='{data_dir}'", f"--gin.TRAIN_STEPS={steps}",
+      "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64", "--gin.TrainConfig.eval_batches=2",
+      "--gin.TrainConfig.checkpoint_every=10", "--gin.OptimizerConfig.learning_rate=3e-3",
+      "--gin.OptimizerConfig.warmup_steps=2", "--gin.OptimizerConfig.decay_steps=20"])
+
+
 @pytest.mark.slow  # three short training runs over the handbook (about 2 minutes)
 def test_an_imported_model_learns_a_new_language_and_resumes_exactly(handbook_data_dir,
                                                                      tmp_path):
@@ -72,16 +84,7 @@ def test_an_imported_model_learns_a_new_language_and_resumes_exactly(handbook_da
   halves_dir = str(tmp_path / "halves")
   shutil.copytree(run_dir, halves_dir)
 
-  def adapt(model_dir, steps):
-    return train.main([
-        f"--model_dir={model_dir}", "--no_progress", "--gin_file=recipes/adapt_language.gin",
-        f"--gin.NEW_LANGUAGE={{'fr': '{texts}'}}", "--gin.DataConfig.languages=('en',)",
-        f"--gin.DataConfig.data_dir='{handbook_data_dir}'", f"--gin.TRAIN_STEPS={steps}",
-        "--gin.BATCH_SIZE=8", "--gin.SEQ_LEN=64", "--gin.TrainConfig.eval_batches=2",
-        "--gin.TrainConfig.checkpoint_every=10", "--gin.OptimizerConfig.learning_rate=3e-3",
-        "--gin.OptimizerConfig.warmup_steps=2", "--gin.OptimizerConfig.decay_steps=20"])
-
-  assert adapt(run_dir, 20) == 0
+  assert _adapt(run_dir, 20, texts, handbook_data_dir) == 0
   before, after = read_metrics(run_dir, "eval")
   assert (before["step"], after["step"]) == (0, 20)
   assert {"loss/fr", "bpb/fr", "loss/en", "bpb/en"} <= set(before) & set(after)
@@ -89,8 +92,8 @@ def test_an_imported_model_learns_a_new_language_and_resumes_exactly(handbook_da
   assert after["bpb/fr"] < before["bpb/fr"]
   print(json.dumps({k: (before[k], after[k]) for k in ("loss/fr", "bpb/fr", "loss/en", "bpb/en")}))
 
-  assert adapt(halves_dir, 10) == 0
-  assert adapt(halves_dir, 20) == 0
+  assert _adapt(halves_dir, 10, texts, handbook_data_dir) == 0
+  assert _adapt(halves_dir, 20, texts, handbook_data_dir) == 0
   train_lines = lambda d: [(r["step"], r["loss"]) for r in read_metrics(d, "train")]  # noqa: E731
   assert train_lines(halves_dir) == train_lines(run_dir)
   assert [s for s, _ in train_lines(run_dir)] == list(range(1, 21))
@@ -127,3 +130,27 @@ def test_an_imported_model_scores_and_generates_from_its_own_start_token(tmp_pat
                                 eos_token_id=None, pad_token_id=3)[0, 1 + len(prompt):]
   assert ours_ids == theirs_ids.tolist()
   assert generate.main([f"--model_dir={run_dir}", "--prompt=Debian", "--max_new_tokens=4"]) == 0
+
+
+@pytest.mark.slow  # an import, an extension and two short training runs (about 2 minutes)
+def test_an_extended_vocabulary_reads_the_new_language_in_fewer_tokens_and_learns_it(
+    handbook_data_dir, tmp_path, capsys):
+  from bigsci_jax.extend_vocab import main as extend_main
+  hf_dir, run_dir, wide_dir, texts = (str(tmp_path / n) for n in ("hf", "run", "wide", "fr"))
+  _hf_checkpoint(hf_dir, locales=("en-US",))  # a tokenizer that never saw French
+  _text_folder(texts, _documents(NEW))
+  assert hf_main(["import", f"--hf_dir={hf_dir}", f"--model_dir={run_dir}", "--max_len=64"]) == 0
+  capsys.readouterr()
+  assert extend_main([f"--from_dir={run_dir}", f"--to_dir={wide_dir}", f"--text_dir={texts}",
+                      "--new_tokens=128", "--pad_to=64"]) == 0
+  extension = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert extension["vocab_size_after"] == 640 and extension["new_tokens"] == 128
+  assert extension["tokens_per_byte_after"] < 0.85 * extension["tokens_per_byte_before"]
+  tokens = {}
+  for model_dir in (run_dir, wide_dir):
+    assert _adapt(model_dir, 20, texts, handbook_data_dir) == 0
+    before, after = read_metrics(model_dir, "eval")
+    assert after["bpb/fr"] < before["bpb/fr"] - 0.2, (before, after)
+    tokens[model_dir] = read_metrics(model_dir, "train")[-1]["tokens_seen"]
+    print(json.dumps({k: (before[k], after[k]) for k in ("loss/fr", "bpb/fr", "bpb/en")}))
+  print(json.dumps(extension))

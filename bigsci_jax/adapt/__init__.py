@@ -1,1 +1,2 @@
-"""Adapting a frozen checkpoint: soft prompts (prompt tuning)."""
+"""Adapting a trained checkpoint: soft prompts and LoRA (prompt_tune), a new language's
+vocabulary (extend_vocab)."""

@@ -70,9 +70,7 @@ class _Weights:
 
 def import_hf(hf_dir, model_dir, max_len=None, seed=0):
   """Write hf_dir's checkpoint into model_dir as a run; returns a summary dict."""
-  import jax
   from bigsci_jax import loop
-  from bigsci_jax import step as steps
   from bigsci_jax.config import DataConfig, RunConfig
   path = os.path.join(hf_dir, "config.json")
   if not os.path.exists(path):
@@ -92,17 +90,11 @@ def import_hf(hf_dir, model_dir, max_len=None, seed=0):
     raise convert.ConversionError(f"{hf_dir}'s tokenizer has {tok.vocab_size} tokens but the "
                                   f"model's vocab_size is {cfg.vocab_size}; give the tokenizer the "
                                   f"checkpoint was trained with.")
-  params = convert.from_hf(weights.read, cfg, arch)
   # Training on text reads it with the tokenizer kept in model_dir (loop.make_data).
   run = RunConfig(model=cfg, data=DataConfig(vocab_size=tok.vocab_size) if tok else DataConfig())
-  runtime = loop.Runtime(run)
-  count = sum(x.size for x in jax.tree.leaves(params))
-  placed = jax.device_put(params, runtime.shardings.params)
-  del params  # the host copy
-  state = steps.init_state(runtime.model, runtime.tx, runtime.mesh, seed, run.batch.seq_len,
-                           params=placed)
   files = tok.files() if tok is not None else None
-  loop.write_run(model_dir, run, state, 0, {"rows": 0}, files)
+  count = loop.write_params_run(model_dir, run, convert.from_hf(weights.read, cfg, arch), files,
+                                seed)
   return {"arch": arch, "model_dir": model_dir, "tensors": len(weights.shapes),
           "params": count,
           "tokenizer": sorted(files or ())}
