@@ -94,6 +94,30 @@ def test_a_byte_level_bpe_gains_french_merges_and_keeps_its_ids(documents):
   assert merges[:len(merges) - 200] == json.loads(files["tokenizer.json"])["model"]["merges"]
 
 
+def test_a_sentencepiece_style_bpe_gains_pieces_that_start_words(documents):
+  """Llama 2's tokenizer.json: spaces normalized to U+2581, no pre-tokenizer, byte
+  fallback; new pieces carry U+2581 only at their start, as SentencePiece's do."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  backend = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+  backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
+                                             normalizers.Replace(" ", "\u2581")])
+  backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
+                                       decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+  backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")  # as spm trains
+  byte_pieces = [f"<0x{i:02X}>" for i in range(256)]
+  backend.train_from_iterator(documents["en"], trainers.BpeTrainer(
+      vocab_size=1000, special_tokens=["<unk>", "<s>", "</s>", *byte_pieces], show_progress=False))
+  backend.pre_tokenizer = None
+  spec = json.loads(backend.to_str())
+  spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] not in byte_pieces]
+  files = {"tokenizer.json": json.dumps(spec).encode(),
+           "tokenizer_config.json": json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                "unk_token": "<unk>"}).encode()}
+  _, new, extension = _check_extension(files, documents, 200)
+  texts = [new.token_text(i).replace(" ", "\u2581") for i in extension.new_ids]
+  assert all("\u2581" not in t[1:] for t in texts), texts
+
+
 def test_other_tokenizer_models_are_refused(documents):
   from tokenizers import Tokenizer, models
   backend = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))

@@ -16,7 +16,9 @@ their meaning (BLOOM+1, Yong et al. 2022, compares this with adapting without ne
   through the tokenizer's own normalizer and pre-tokenizer; its merges are appended in
   their order when they make a token the vocabulary lacks out of two it has. Appended
   merges rank after every existing merge, so a word the old merges already cut
-  differently may not reach a new token: `used` counts the new tokens the text needs.
+  differently may not reach a new token (extend_vocab reports how many the text uses).
+  A SentencePiece-style BPE (Llama 2: spaces normalized to U+2581, no pre-tokenizer) learns
+  within words, U+2581 only at a piece's start, as SentencePiece trained it.
   Ids continue after the largest id the tokenizer has (added special tokens included).
 
 Embedding rows (and the output head's, when untied) of a new token start as the mean of
@@ -36,6 +38,7 @@ from bigsci_jax import vocab
 
 # SentencePiece's piece types (sentencepiece_model.proto) and model type.
 NORMAL, UNIGRAM = 1, 1
+SPACE = "\u2581"  # SentencePiece's escaped space
 
 
 class VocabularyError(ValueError):
@@ -119,6 +122,11 @@ def _extend_bpe(files, spec, texts, num_new):
   learner_spec = dict(spec, model=dict(model, vocab={}, merges=[]), added_tokens=[],
                       post_processor=None)
   learner = Tokenizer.from_str(json.dumps(learner_spec))
+  if learner.pre_tokenizer is None and learner.normalizer is not None and (
+      SPACE in learner.normalizer.normalize_str("a b")):
+    # SentencePiece-style BPE (Llama 2): words are not split before the model, but
+    # SentencePiece learned pieces within words, U+2581 only at their start; learn so.
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
   byte_level = "ByteLevel" in tokenizers.spec_types(spec.get("pre_tokenizer"))
   alphabet = pre_tokenizers.ByteLevel.alphabet() if byte_level else []
   size = (len(alphabet) or len(set("".join(texts)))) + 4 * num_new
