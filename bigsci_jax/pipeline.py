@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 
 from bigsci_jax.config import ConfigError
 from bigsci_jax.data import FEATURES, Corpus
-from bigsci_jax.tasks import handbook, vocabularies
+from bigsci_jax.tasks import handbook
 
 tf.config.set_visible_devices([], "GPU")
 
@@ -122,7 +122,7 @@ def open_corpus(run, split="validation"):
     multihost_utils.sync_global_devices("bigsci_jax: data prepared")
   if index != 0:
     prepared = handbook.prepare(run.data, prefix_lm=prefix_lm, primary=False)
-  _, tok = vocabularies.load(prepared.vocab_path)
+  tok = prepared.tokenizer
   if tok.vocab_size > run.model.vocab_size:
     raise ConfigError(f"ModelConfig.vocab_size={run.model.vocab_size} is smaller than the "
                       f"{tok.vocab_size} tokens of {prepared.vocab_path}; raise it.")

@@ -151,12 +151,12 @@ def mixture_rates(sizes, alpha=0.3, rates=None, text_sizes=None, replay=None):
 
 def register(data_dir, vocab_path, sizes, alpha=0.3, prefix_lm=False,
              pattern=HANDBOOK_PATTERN, corpus="handbook", rates=None, text_dirs=None,
-             replay=None):
+             replay=None, vocabulary=None):
   """Register one Task per language of `sizes` ({lang: size}) over the TFDS dataset
   `pattern.format(lang=lang)` in data_dir, one per language of `text_dirs` ({lang: folder
   of text}), and the mixture of those with a non-zero rate (mixture_rates). Returns the
-  mixture name."""
-  vocabulary = vocabularies.load(vocab_path)[0]
+  mixture name. `vocabulary`: vocab_path's seqio vocabulary when the caller has read it."""
+  vocabulary = vocabulary or vocabularies.load(vocab_path)[0]
   text_files = {lang: handbook_corpus.text_files(folder)
                 for lang, folder in (text_dirs or {}).items()}
   for lang, files in text_files.items():
@@ -190,6 +190,7 @@ class Prepared:
   mixture: str
   tasks: dict        # {lang: task name}
   vocab_path: str
+  tokenizer: object  # bigsci_jax.tokenizer.Tokenizer of vocab_path
   sizes: dict        # {lang: train-split bytes}, what the mixture rates follow
 
 
@@ -277,13 +278,14 @@ def prepare(data_cfg, *, prefix_lm=False, primary=True, dataset="handbook"):
                               for lang, folder in text_dirs.items()})
     vocab_path = vocab.train(texts, os.path.join(data_dir, "vocab"), cfg,
                              sizes={**sizes, **text_sizes}, cached_only=not primary)
+  vocabulary, tok = vocabularies.load(vocab_path)
   if which == "multilingual":
     mixture = register(data_dir, vocab_path, sizes, data_cfg.alpha, prefix_lm, pattern, corpus,
-                       data_cfg.rates, text_dirs, data_cfg.replay)
+                       data_cfg.rates, text_dirs, data_cfg.replay, vocabulary)
   else:
     source = seqio.TfdsDataSource(pattern.format(lang=which), tfds_data_dir=data_dir)
     mixture = task_name(which, prefix_lm, corpus)
-    _add(mixture, source, vocabularies.load(vocab_path)[0], prefix_lm, _cleaner(pattern))
-  return Prepared(mixture=mixture, vocab_path=vocab_path, sizes=sizes,
+    _add(mixture, source, vocabulary, prefix_lm, _cleaner(pattern))
+  return Prepared(mixture=mixture, vocab_path=vocab_path, tokenizer=tok, sizes=sizes,
                   tasks={lang: task_name(lang, prefix_lm, corpus)
                          for lang in (*languages, *text_dirs)})
