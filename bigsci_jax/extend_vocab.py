@@ -29,7 +29,6 @@ NEW (before any training: the new rows are only a starting point).
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 
@@ -38,18 +37,16 @@ import jax
 from bigsci_jax import corpus, evaluate, loop, tokenizer
 from bigsci_jax.adapt import vocabulary
 from bigsci_jax.config import ConfigError
+from bigsci_jax.metrics import bits_per_byte
 
 
-def _bits_per_byte(model_dir, texts):
-  run, runtime, params, _ = evaluate.restore(model_dir, batch_size=1)
+def _bits_per_byte(model_dir, restored, texts):
+  """Bits per UTF-8 byte of texts under model_dir's run, restored: evaluate.restore's
+  (run, runtime, params, step) with batch_size 1."""
+  run, runtime, params, _ = restored
   scorer = evaluate.make_scorer(model_dir, run, runtime, params, batch_size=1)
-  nats = -scorer.loglikelihood_rolling(texts).sum()
-  return float(nats / math.log(2) / sum(len(t.encode()) for t in texts))
-
-
-def _tokens_per_byte(tok, texts):
-  return sum(len(tok.encode(t, special_tokens=False)) for t in texts) / sum(
-      len(t.encode()) for t in texts)
+  return float(bits_per_byte(-scorer.loglikelihood_rolling(texts).sum(),
+                             sum(len(t.encode()) for t in texts)))
 
 
 def extend_run(from_dir, to_dir, text_dir, new_tokens=4000, *, pad_to=128,
@@ -73,25 +70,29 @@ def extend_run(from_dir, to_dir, text_dir, new_tokens=4000, *, pad_to=128,
   held_out = [t for t in corpus.folder_texts(text_dir, sample_chars, "validation")
               if t.strip()][:eval_docs]
   sample = held_out or texts
-  used = set()
-  for t in sample:
-    used.update(new_tok.encode(t, special_tokens=False))
+  sample_bytes = sum(len(t.encode()) for t in sample)
+  sample_ids = [i for t in sample for i in new_tok.encode(t, special_tokens=False)]
   result = {"new_tokens": len(extension.new_ids),
-            "new_tokens_used": len(used.intersection(extension.new_ids)),
+            "new_tokens_used": len(set(sample_ids).intersection(extension.new_ids)),
             "vocab_size_before": run.model.vocab_size, "vocab_size_after": vocab_size,
-            "tokens_per_byte_before": _tokens_per_byte(old_tok, sample),
-            "tokens_per_byte_after": _tokens_per_byte(new_tok, sample)}
+            "tokens_per_byte_before": sum(len(old_tok.encode(t, special_tokens=False))
+                                          for t in sample) / sample_bytes,
+            "tokens_per_byte_after": len(sample_ids) / sample_bytes}
 
-  here, _, params, _ = evaluate.restore(from_dir)  # on this machine's devices
+  source = evaluate.restore(from_dir, batch_size=1)  # on this machine's devices
+  if held_out:
+    result["bpb_before"] = _bits_per_byte(from_dir, source, held_out)
+  here, _, params, _ = source
   params, result["rows_from_mean"] = vocabulary.extend_params(
       jax.device_get(params), run.model, old_tok, new_tok, extension.new_ids, vocab_size)
+  del source
   extended = dataclasses.replace(
       run, model=dataclasses.replace(run.model, vocab_size=vocab_size),
       data=dataclasses.replace(run.data, vocab_path="", vocab_size=new_tok.vocab_size))
   loop.write_params_run(to_dir, extended, params, extension.files, seed, mesh=here.mesh)
   if held_out:
-    result["bpb_before"] = _bits_per_byte(from_dir, held_out)
-    result["bpb_after"] = _bits_per_byte(to_dir, held_out)
+    result["bpb_after"] = _bits_per_byte(to_dir, evaluate.restore(to_dir, batch_size=1),
+                                         held_out)
   return result
 
 

@@ -92,4 +92,3 @@ def train_model(lines, vocab_size, character_coverage=0.9995, seed=0, hard_limit
       split_digits=True, allow_whitespace_only_pieces=True, hard_vocab_limit=hard_limit,
       minloglevel=2)
   return model.getvalue()
-

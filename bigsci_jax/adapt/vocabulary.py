@@ -139,14 +139,13 @@ def _extend_bpe(files, spec, texts, num_new):
   # get their ids from the vocabulary's size when the file is read: put them in it, so
   # they keep their ids once the new tokens are appended after them.
   vocab_map = {**{t["content"]: t["id"] for t in spec.get("added_tokens", ())}, **model["vocab"]}
-  token_ids = dict(vocab_map)
-  start = next_id = max(token_ids.values(), default=-1) + 1
+  start = next_id = max(vocab_map.values(), default=-1) + 1
   for merge in learned:
     left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
     token = left + right
-    if token in token_ids or left not in vocab_map or right not in vocab_map:
+    if token in vocab_map or left not in vocab_map or right not in vocab_map:
       continue
-    vocab_map[token] = token_ids[token] = next_id
+    vocab_map[token] = next_id
     next_id += 1
     merges.append([left, right] if pairs else f"{left} {right}")
     if next_id - start == num_new:
