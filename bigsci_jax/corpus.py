@@ -10,6 +10,7 @@ the chapter the book's table of contents puts it.
 Pure Python (no TensorFlow): the TFDS builder and the tests read it.
 """
 
+import codecs
 import functools
 import glob
 import html.parser
@@ -22,6 +23,7 @@ _BLOCKS = {"p", "li", "dt", "dd", "h1", "h2", "h3", "h4", "h5", "td", "th", "div
 _SKIP = {"pre", "script", "style", "head"}
 _CONTENT = {"chapter", "section", "preface", "appendix"}
 _SPACES = re.compile(r"\s+")
+_UTF8_CHUNK = 1 << 24
 
 
 class CorpusError(ValueError):
@@ -192,13 +194,27 @@ def text_files(text_dir):
     raise CorpusError(f"the folder {text_dir} holds no .txt files; put UTF-8 text, one document "
                       f"per line, in {text_dir}/*.txt or {text_dir}/<split>/*.txt.")
   for path in (f for files in splits.values() for f in files):
-    with open(path, "rb") as f:
-      raw = f.read()
-    try:
-      raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-      raise CorpusError(f"{path} is not valid UTF-8 (byte {e.start}); re-encode it as UTF-8.") from None
+    stat = os.stat(path)
+    _check_utf8(path, stat.st_size, stat.st_mtime_ns)
   return splits
+
+
+@functools.lru_cache(maxsize=4096)
+def _check_utf8(path, size, mtime_ns):
+  """Raise CorpusError unless the file decodes as UTF-8; read in 16 MiB chunks, once per
+  process for a file of the same size and modification time (`size`, `mtime_ns`: the
+  cache key)."""
+  decoder, start = codecs.getincrementaldecoder("utf-8")(), 0  # start: file offset of the
+  with open(path, "rb") as f:                                    # bytes the decoder holds
+    chunk = True
+    while chunk:
+      chunk = f.read(_UTF8_CHUNK)
+      try:
+        decoder.decode(chunk, final=not chunk)
+      except UnicodeDecodeError as e:
+        raise CorpusError(f"{path} is not valid UTF-8 (byte {start + e.start}); re-encode it "
+                          f"as UTF-8.") from None
+      start = f.tell() - len(decoder.getstate()[0])
 
 
 def folder_texts(folder, max_chars, split="train"):

@@ -48,3 +48,26 @@ def test_code_listings_are_skipped(root):
 def test_language_codes():
   all_locales = ["fr-FR", "zh-CN", "zh-TW", "pt-BR"]
   assert [corpus.lang_code(l, all_locales) for l in all_locales] == ["fr", "zh_cn", "zh_tw", "pt"]
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 24])
+def test_utf8_check_names_the_first_bad_byte_whatever_the_read_size(tmp_path, monkeypatch, chunk):
+  monkeypatch.setattr(corpus, "_UTF8_CHUNK", chunk)
+  corpus._check_utf8.cache_clear()
+  path = tmp_path / "bad.txt"
+  path.write_bytes("é".encode() * 5 + b"\xc3\x28 after\n")  # a cut two-byte character at 10
+  with pytest.raises(corpus.CorpusError, match=r"bad.txt is not valid UTF-8 \(byte 10\)"):
+    corpus.text_files(str(tmp_path))
+  path.write_bytes("é".encode() * 5 + b"\xc3")  # cut at the end of the file
+  with pytest.raises(corpus.CorpusError, match=r"\(byte 10\)"):
+    corpus.text_files(str(tmp_path))
+
+
+def test_utf8_check_reruns_when_a_file_changes(tmp_path):
+  path = tmp_path / "train" / "part.txt"
+  path.parent.mkdir()
+  path.write_text("un texte correct\n", encoding="utf-8")
+  assert corpus.text_files(str(tmp_path)) == {"train": [str(path)]}
+  path.write_bytes(b"now \xff broken\n")  # same path, new size: checked again
+  with pytest.raises(corpus.CorpusError, match=r"part.txt is not valid UTF-8 \(byte 4\)"):
+    corpus.text_files(str(tmp_path))
