@@ -1,7 +1,8 @@
 """Completions-server throughput: generated tokens/s with 1 and with N concurrent clients.
 
   python benchmarks/serve.py --model_dir=DIR [--concurrency=1,16] [--requests=8]
-      [--prompt_tokens=32] [--max_tokens=32] [--max_batch=16] [--results=benchmarks/RESULTS.md]
+      [--prompt_tokens=32] [--max_tokens=32] [--min_tokens=N] [--max_batch=16]
+      [--results=benchmarks/RESULTS.md]
   python benchmarks/serve.py --model_dir=NEW --init_gin=models/350m.gin \
       --init_binding=ModelConfig.vocab_size=8192 --vocab=RUN/vocab.model ...
 
@@ -11,11 +12,14 @@ not depend on what the weights are, and no data pipeline or TensorFlow is needed
 
 Starts `python -m bigsci_jax.serve --warmup` on the run, then for each concurrency
 level C runs C clients, each sending `--requests` greedy requests back to back (a
-prompt of --prompt_tokens random in-vocabulary ids, up to --max_tokens new tokens;
-a row that reaches EOS stops early, so tokens are counted from each response's
-`usage`). Throughput = completion tokens / wall time of the level; one
-warm-up level at the same concurrency runs first and is not counted. The last
-stdout line is a JSON object; with --results a row per level is appended.
+prompt of --prompt_tokens random in-vocabulary ids, up to --max_tokens new tokens, or
+with --min_tokens a max_tokens drawn uniformly from [min_tokens, max_tokens] per
+request, the same draws for every level and run; a row that reaches EOS stops early,
+so tokens are counted from each response's `usage`). Throughput = completion tokens /
+wall time of the level; latency = each request's time from sending to the whole
+response (p50 and p90 of the level). One warm-up level at the same concurrency runs
+first and is not counted. The last stdout line is a JSON object; with --results a row
+per level is appended.
 """
 
 import argparse
@@ -35,21 +39,26 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.results_table import append_row  # noqa: E402
 
 
-def _level(url, clients, count, prompts, max_tokens):
+def _level(url, clients, count, prompts, lengths):
+  """(completion tokens, wall seconds, [seconds per request]) of `clients` clients each
+  sending `count` requests back to back; request i: prompts[i], max_tokens lengths[i]."""
   def client(c):
-    tokens = 0
+    tokens, latencies = 0, []
     for k in range(count):
+      i = (c * count + k) % len(prompts)
+      sent = time.perf_counter()
       r = requests.post(f"{url}/v1/completions", timeout=600, json={
-          "prompt": prompts[(c * count + k) % len(prompts)], "max_tokens": max_tokens,
-          "temperature": 0})
+          "prompt": prompts[i], "max_tokens": int(lengths[i]), "temperature": 0})
       r.raise_for_status()
+      latencies.append(time.perf_counter() - sent)
       tokens += r.json()["usage"]["completion_tokens"]
-    return tokens
+    return tokens, latencies
 
   start = time.perf_counter()
   with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-    tokens = sum(pool.map(client, range(clients)))
-  return tokens, time.perf_counter() - start
+    done = list(pool.map(client, range(clients)))
+  return (sum(t for t, _ in done), time.perf_counter() - start,
+          [s for _, latencies in done for s in latencies])
 
 
 def init_run(model_dir, gin_files, bindings, vocab):
@@ -79,6 +88,8 @@ def main(argv):
   p.add_argument("--requests", type=int, default=8)
   p.add_argument("--prompt_tokens", type=int, default=32)
   p.add_argument("--max_tokens", type=int, default=32)
+  p.add_argument("--min_tokens", type=int, default=None,
+                 help="draw each request's max_tokens from [min_tokens, max_tokens]")
   p.add_argument("--max_batch", type=int, default=16)
   p.add_argument("--results", default=None)
   p.add_argument("--init_gin", action="append", default=[],
@@ -104,14 +115,17 @@ def main(argv):
     info = requests.get(f"{url}/tokenizer_info", timeout=60).json()
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, info["vocab_size"], (64, args.prompt_tokens)).tolist()
+    lengths = rng.integers(args.min_tokens or args.max_tokens, args.max_tokens + 1, 64)
     levels = []
     for clients in (int(c) for c in args.concurrency.split(",")):
-      _level(url, clients, 1, prompts, args.max_tokens)  # warm-up
+      _level(url, clients, 1, prompts, lengths)  # warm-up
       batches = requests.get(f"{url}/health", timeout=60).json()["batches"]
-      tokens, seconds = _level(url, clients, args.requests, prompts, args.max_tokens)
+      tokens, seconds, latencies = _level(url, clients, args.requests, prompts, lengths)
       batches = requests.get(f"{url}/health", timeout=60).json()["batches"] - batches
       levels.append({"clients": clients, "tokens": tokens, "seconds": seconds,
                      "tokens_per_s": tokens / seconds,
+                     "latency_p50_s": float(np.percentile(latencies, 50)),
+                     "latency_p90_s": float(np.percentile(latencies, 90)),
                      "rows_per_batch": clients * args.requests / batches})
   finally:
     proc.send_signal(signal.SIGTERM)
@@ -122,10 +136,13 @@ def main(argv):
   for level in levels:
     level["speedup"] = level["tokens_per_s"] / base
     if args.results:
+      tokens = (f"{args.min_tokens}-{args.max_tokens}" if args.min_tokens
+                else args.max_tokens)
       append_row(args.results, [
           os.path.basename(os.path.normpath(args.model_dir)), device, level["clients"],
-          args.prompt_tokens, args.max_tokens, args.max_batch, level["tokens"],
+          args.prompt_tokens, tokens, args.max_batch, level["tokens"],
           f"{level['seconds']:.1f}", f"{level['tokens_per_s']:,.0f}", f"{level['speedup']:.1f}x",
+          f"{level['latency_p50_s']:.2f}", f"{level['latency_p90_s']:.2f}",
           f"jax {jax.__version__}"])
   print(json.dumps({"model_dir": args.model_dir, "device": device, "levels": levels}))
 

@@ -245,7 +245,8 @@ def compile_train_step(run, devices, topology=""):
 # layers first: keys / values [layers, B, S, G, K], positions / prefix [layers, B, S].
 _CACHE_AXES = {"keys": (None, "batch", None, "kv_heads", None),
                "values": (None, "batch", None, "kv_heads", None),
-               "positions": (None, "batch", None), "prefix": (None, "batch", None)}
+               "positions": (None, "batch", None), "prefix": (None, "batch", None),
+               "index": (None, "batch")}
 
 
 def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
@@ -276,7 +277,7 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
   floats = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row)
   decoder = generate.Decoder(model, mesh)
   compiled, seconds = _compile(
-      lambda: decoder._step.lower(0, params, cache, ints, ints, keys, 1, (floats, ints, floats)),
+      lambda: decoder._step.lower(0, params, cache, ints, ints, keys, ints, (floats, ints, floats)),
       mesh, devices, topology, "decoding step", offload)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="decode", offload=offload,

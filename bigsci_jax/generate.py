@@ -97,7 +97,8 @@ def _pick(logits_BxV, keys_B, step, rows, top, vocab):
   """Sample each row's next token among the first `vocab` ids (the tokenizer's; a model's
   embedding table may be padded past it); log-probabilities are over the whole table."""
   temperature_B, top_k_B, top_p_B = rows
-  step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+  step_B = jnp.broadcast_to(jnp.asarray(step, jnp.int32), keys_B.shape)  # a row's own count
+  step_keys_B = jax.vmap(jax.random.fold_in)(keys_B, step_B)
   allowed_BxV = jnp.where(jnp.arange(logits_BxV.shape[-1]) < vocab, logits_BxV, -jnp.inf)
   token_B = sample(allowed_BxV, step_keys_B, temperature_B, top_k_B, top_p_B)
   logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
@@ -111,6 +112,40 @@ def _reset(path, x):
   if name == "positions":
     return jnp.full_like(x, -1)
   return jnp.zeros_like(x)
+
+
+# How many axes follow the row (batch) axis in each cache array of model.Attention;
+# layers scanned with nn.scan put one more axis in front.
+_AFTER_ROW = {"keys": 3, "values": 3, "positions": 1, "prefix": 1, "index": 0}
+
+
+def _row_axis(path, x):
+  return x.ndim - 1 - _AFTER_ROW[path[-1].key]
+
+
+def _take_rows(cache, rows_R):
+  """A cache of R rows: row i is `cache`'s row rows_R[i] (to grow or shrink a batch)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.take(x, rows_R, axis=_row_axis(path, x)), cache)
+
+
+def _put_rows(cache, new, slots_N, shift_N):
+  """`cache` with row slots_N[i] replaced by `new`'s row i moved shift_N[i] slots to the
+  left (a left-padded prefill's padding goes to the end of the row, its tokens start at
+  slot 0 and its index drops by the shift); rows with slots_N[i] out of range are not
+  put anywhere. The two caches have the same slots per row."""
+  def put(path, x, new_x):
+    axis = _row_axis(path, x)
+    if path[-1].key == "index":
+      moved = new_x - shift_N
+    else:
+      slots = new_x.shape[axis + 1]
+      from_NxS = (jnp.arange(slots)[None, :] + shift_N[:, None]) % slots
+      from_NxS = from_NxS.reshape(from_NxS.shape + (1,) * (new_x.ndim - axis - 2))
+      moved = jnp.take_along_axis(new_x, from_NxS[(None,) * axis], axis=axis + 1)
+    index = (slice(None),) * axis + (slots_N,)
+    return x.at[index].set(moved, mode="drop")
+  return jax.tree_util.tree_map_with_path(put, cache, new)
 
 
 def empty_cache(model, batch_size, length=None):
@@ -173,8 +208,10 @@ def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, key
 class Decoder:
   """The jitted pieces of decoding for one model, each compiled once per shape:
   `prefill` (prompt rows into a fresh cache of cache_len slots, then the first pick),
-  `step` (one more token per row) and `prompt_logprobs` (every prompt token's
-  log-probability under a causal pass, for scoring). `top` is how many alternatives
+  `step` (one more token per row), `prompt_logprobs` (every prompt token's
+  log-probability under a causal pass, for scoring), and for a server's running batch
+  `take_rows` / `put_rows` (regroup a cache's rows; put prefilled rows into it). `top`
+  is how many alternatives
   each pick reports (static); tokens are drawn from the first `vocab` ids (default: the
   model's whole table). With a mesh, the model traces under its logical rules."""
 
@@ -186,6 +223,9 @@ class Decoder:
                          donate_argnums=(2,))
     self._prompt = jax.jit(functools.partial(_prompt_logprobs, model, vocab),
                            static_argnums=(0,))
+    self._empty = jax.jit(functools.partial(empty_cache, model), static_argnums=(0, 1))
+    self._take_rows = jax.jit(_take_rows)
+    self._put_rows = jax.jit(_put_rows, donate_argnums=(0,))
 
   def _run(self, fn, *args):
     if self.mesh is None:
@@ -198,15 +238,33 @@ class Decoder:
     return self._run(self._prefill, cache_len, top, params, *batch, keys, rows)
 
   def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0):
+    """One more token per row; `step` (an int, or one per row) counts the row's picks
+    so far, for its sampling key."""
     return self._run(self._step, top, params, cache, token_B, positions_B, keys, step, rows)
 
   def prompt_logprobs(self, params, batch, keys, rows, top=0):
     tokens, positions, segments, _ = batch
     return self._run(self._prompt, top, params, tokens, positions, segments, keys, rows)
 
+  def empty_cache(self, rows, cache_len):
+    """A fresh cache of `rows` rows of cache_len slots (nothing visible)."""
+    return self._run(self._empty, rows, cache_len)
+
+  def take_rows(self, cache, rows_R):
+    """The cache of R rows whose row i is row rows_R[i] of `cache`."""
+    return self._run(self._take_rows, cache, np.asarray(rows_R, np.int32))
+
+  def put_rows(self, cache, new, slots_N, shift_N):
+    """`cache` (donated) with row slots_N[i] replaced by row i of `new` (a prefill's cache
+    of the same slots per row) moved shift_N[i] slots left; slots_N[i] >= the rows of
+    `cache` puts that row nowhere."""
+    return self._run(self._put_rows, cache, new, np.asarray(slots_N, np.int32),
+                     np.asarray(shift_N, np.int32))
+
   def compiled_shapes(self):
-    """How many shapes the three functions have compiled (a warm server's count stays)."""
-    return sum(f._cache_size() for f in (self._prefill, self._step, self._prompt))
+    """How many shapes the jitted functions have compiled (a warm server's count stays)."""
+    return sum(f._cache_size() for f in (self._prefill, self._step, self._prompt,
+                                         self._empty, self._take_rows, self._put_rows))
 
 
 @functools.lru_cache(maxsize=8)

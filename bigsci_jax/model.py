@@ -149,7 +149,8 @@ class Attention(nn.Module):
     """Decoding: append this call's keys / values to the cache ("cache" collection,
     max_len slots per row) and attend over every filled slot: key j is visible to
     query i iff j holds a real token and (pos_j <= pos_i, or both are in the prompt
-    prefix of a prefix LM). Calls fill slots in order; positions come per token."""
+    prefix of a prefix LM). Each row fills its slots in order from its own `index`
+    (rows of a server's batch join at different times); positions come per token."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
     cache_shape = (b, cfg.max_len) + k_BxTxGxK.shape[2:]
@@ -157,21 +158,28 @@ class Attention(nn.Module):
     values = self.variable("cache", "values", jnp.zeros, cache_shape, v_BxTxGxK.dtype)
     pos = self.variable("cache", "positions", lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
     prefix = self.variable("cache", "prefix", lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
-    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    index_B = self.variable("cache", "index", lambda: jnp.zeros((b,), jnp.int32))
     real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
     in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
         else jnp.zeros((b, t), bool)
-    at = (0, index.value)
-    keys.value = jax.lax.dynamic_update_slice(keys.value, k_BxTxGxK, at + (0, 0))
-    values.value = jax.lax.dynamic_update_slice(values.value, v_BxTxGxK, at + (0, 0))
-    pos.value = jax.lax.dynamic_update_slice(
-        pos.value, jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32), at)
-    prefix.value = jax.lax.dynamic_update_slice(prefix.value, in_prefix_BxT, at)
-    index.value = index.value + t
+    at_B = index_B.value
+    keys.value = _write_rows(keys.value, k_BxTxGxK, at_B)
+    values.value = _write_rows(values.value, v_BxTxGxK, at_B)
+    pos.value = _write_rows(pos.value, jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32),
+                            at_B)
+    prefix.value = _write_rows(prefix.value, in_prefix_BxT, at_B)
+    index_B.value = at_B + t
     return kernels.cached_attention(
         q_BxTxHxK, keys.value, values.value, query_positions=positions_BxT,
         key_positions=pos.value, query_prefix=in_prefix_BxT, key_prefix=prefix.value,
         alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None)
+
+
+def _write_rows(cache_BxS, update_BxT, at_B):
+  """cache_BxS with row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]."""
+  def write(row_S, update_T, at):
+    return jax.lax.dynamic_update_slice(row_S, update_T, (at,) + (0,) * (row_S.ndim - 1))
+  return jax.vmap(write)(cache_BxS, update_BxT.astype(cache_BxS.dtype), at_B)
 
 
 class Mlp(nn.Module):

@@ -69,3 +69,62 @@ def test_sampling_options_and_overlong_prompts():
   assert len({str(s) for s in sampled}) > 1
   with pytest.raises(generate.GenerationError, match="exceeds the context window of 24"):
     generate.generate(model, params, [list(range(2, 22))], 5)
+
+
+@pytest.mark.parametrize("position, mask, scan", [("alibi", "prefix", True),
+                                                  ("rotary", "causal", False)])
+def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan):
+  """What a server's running batch does: row A decodes alone for three picks, then row
+  B's left-padded prefill is put into a grown cache (moved past its padding), both
+  step together, then A leaves and the cache shrinks to B. Each row's tokens (sampled,
+  per-row seeds and pick counts) and logits equal those of the row decoded alone."""
+  cfg = dataclasses.replace(BASE, position=position, mask=mask, scan_layers=scan)
+  model = Transformer(cfg)
+  params = init_params(model, jax.random.key(3))
+  decoder, sampling = generate.Decoder(model), generate.Sampling(temperature=1.0)
+  prompts, seeds, steps = {"a": [5, 9, 3, 7, 11], "b": [8, 2]}, {"a": 3, "b": 7}, 8
+  with jax.default_matmul_precision("highest"):
+    alone = {r: generate.generate(model, params, [prompts[r]], steps, sampling,
+                                  seed=seeds[r], return_logits=True) for r in prompts}
+
+    def prefill(r):  # one row, left-padded to 8 columns, into a cache of max_len slots
+      batch = generate.prompt_batch([prompts[r]], mask == "prefix", 8)
+      picked, cache = decoder.prefill(params, batch, generate.row_keys([seeds[r]]),
+                                      generate.sampling_rows([sampling]), cfg.max_len)
+      return picked, cache, 8 - 1 - len(prompts[r])
+
+    got = {"a": [], "b": []}
+    picked, cache, _ = prefill("a")
+    got["a"].append(picked)
+    keys, rows = generate.row_keys([seeds["a"]]), generate.sampling_rows([sampling])
+    for pick in (1, 2):
+      picked, cache = decoder.step(params, cache, np.asarray(picked.token),
+                                   np.asarray([len(prompts["a"]) + pick]), keys, pick, rows)
+      got["a"].append(picked)
+    picked_b, new, shift = prefill("b")
+    got["b"].append(picked_b)
+    cache = decoder.take_rows(cache, [0, 0])  # grow to two rows; row 1 is taken next
+    cache = decoder.put_rows(cache, new, [1], [shift])
+    token = np.asarray([picked.token[0], picked_b.token[0]])
+    position = np.asarray([len(prompts["a"]) + 3, len(prompts["b"]) + 1])
+    picks = np.asarray([3, 1])
+    keys = generate.row_keys([seeds["a"], seeds["b"]])
+    rows = generate.sampling_rows([sampling] * 2)
+    while len(got["a"]) < steps:
+      picked, cache = decoder.step(params, cache, token, position, keys, picks, rows)
+      for i, r in enumerate("ab"):
+        got[r].append(jax.tree.map(lambda x: x[i:i + 1], picked))
+      token, position, picks = np.asarray(picked.token), position + 1, picks + 1
+    cache = decoder.take_rows(cache, [1])  # A is done: B goes on alone
+    token, position, picks = token[1:], position[1:], picks[1:]
+    keys, rows = generate.row_keys([seeds["b"]]), generate.sampling_rows([sampling])
+    while len(got["b"]) < steps:
+      picked, cache = decoder.step(params, cache, token, position, keys, picks, rows)
+      got["b"].append(picked)
+      token, position, picks = np.asarray(picked.token), position + 1, picks + 1
+  for r in prompts:
+    tokens, logits = alone[r]
+    assert [int(p.token[0]) for p in got[r]] == tokens[0], r
+    for step, p in enumerate(got[r]):
+      np.testing.assert_allclose(p.logits[0], logits[step][0], atol=1e-5, rtol=1e-5)
+  assert len(set(alone["a"][0][0])) > 1  # really sampled

@@ -159,6 +159,78 @@ def test_clients_that_come_back_one_by_one_share_a_batch(restored):
     engine.stop()
 
 
+def test_requests_join_a_running_batch_and_decode_as_if_alone(restored):
+  """Continuous batching: two short requests sent while a long one decodes join its
+  batch at once and end while it still runs; every row's tokens and log-probabilities
+  are those `generate` gives the row alone (sampled rows with their own seeds). The
+  long row fills the whole window although its prompt was padded to a 32-wide bucket."""
+  model, params, tok = restored
+  window = model.cfg.max_len
+  engine = Engine(model, params, tok, max_batch=4, gather_ms=5)
+  prompt = tok.encode("Debian is")
+  rows = {"long": Choice(prompt, window - len(prompt), generate.Sampling(), 0),
+          "greedy": Choice(tok.encode("Le projet Debian"), 12, generate.Sampling(), 0),
+          "sampled": Choice(tok.encode("apt"), 12, generate.Sampling(1.0, 40, 0.95), 5)}
+  long_done_when_short_ended = []
+  try:
+    wait_long = _submit(engine, [rows["long"]])
+    while len(rows["long"].tokens) < 4:
+      time.sleep(0.01)
+    batches = engine.batches
+    short = Job([rows["greedy"], rows["sampled"]],
+                lambda: long_done_when_short_ended.append(rows["long"].finished)
+                if all(c.finished for c in (rows["greedy"], rows["sampled"])) else None)
+    engine.submit(short)
+    wait_long()
+    assert short.done and short.error is None
+  finally:
+    engine.stop()
+  assert engine.batches == batches + 1 and long_done_when_short_ended[:1] == [False]
+  assert rows["long"].finish_reason == "length" and len(rows["long"].tokens) == window - len(prompt)
+  for name, c in rows.items():
+    with jax.default_matmul_precision("highest"):
+      want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
+                                       seed=c.seed, return_logits=True, vocab=tok.vocab_size)
+    n = len(c.tokens)
+    assert c.tokens == want[0][:n] and (c.finish_reason == "length" or want[0][n] == tok.eos_id)
+    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
+    np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(restored, monkeypatch):
+  """A decoding step that raises (here: the third) ends every running row's job with the
+  error, in one sentence naming it; the next request decodes as before."""
+  model, params, tok = restored
+  engine = Engine(model, params, tok, max_batch=2)
+  real_step, calls = engine.decoder.step, []
+
+  def failing_step(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError("device lost")
+    return real_step(*args, **kwargs)
+
+  monkeypatch.setattr(engine.decoder, "step", failing_step)
+  try:
+    prompt = tok.encode("Debian is")
+    first = [Choice(prompt, 8, generate.Sampling(), 0) for _ in range(2)]
+    changed = threading.Event()
+    job = Job(first, changed.set)
+    engine.submit(job)
+    assert changed.wait(120)
+    while not job.done:
+      changed.clear()
+      changed.wait(1)
+    assert job.error == "RuntimeError: device lost"
+    assert engine.status()["running"] == 0
+    again = Choice(prompt, 8, generate.Sampling(), 0)
+    _submit(engine, [again])()
+  finally:
+    engine.stop()
+  assert len(again.tokens) == 8 or again.finish_reason == "stop"
+  assert again.tokens[:2] == first[0].tokens[:2]  # the picks before the failure were right
+
+
 def test_a_soft_prompt_of_token_embeddings_serves_like_those_tokens(restored):
   """A prompt whose rows are the embeddings of some tokens: echo log-probabilities and
   greedy text equal those of the plain model with the tokens written before each prompt,

@@ -8,8 +8,9 @@ Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
 POST /tokenize, POST /detokenize (vLLM's shapes). lm-evaluation-harness drives it
 with `--model local-completions --model_args base_url=http://HOST:PORT/v1/completions,
 model=NAME,tokenizer_backend=remote`. The checkpoint is placed on every device
-present (data parallel when they divide --max_batch). Concurrent requests are
-batched (serve/engine.py); --warmup compiles every bucket before the port opens.
+present (data parallel when they divide --max_batch). Requests are batched
+continuously (serve/engine.py: new rows join the running ones between decoding
+steps); --warmup compiles every bucket before the port opens.
 SIGTERM stops accepting connections, finishes what is in flight and exits 0.
 --prompt_dir: an adapter (python -m bigsci_jax.prompt_tune), named in /v1/models'
 metadata. A soft prompt starts every request's prompt, invisibly: tokens, offsets

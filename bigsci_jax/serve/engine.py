@@ -1,28 +1,35 @@
-"""The batching engine behind the server: one thread that gathers the choices of
-concurrent requests for a few milliseconds (Engine._take) and decodes them together.
+"""The batching engine behind the server: one thread that decodes every running row
+together, one token per step, and lets new rows join between steps (continuous
+batching, as in Orca, Yu et al. 2022): a short request that arrives while long ones
+run starts at the next step instead of waiting for them to end.
 
-Every choice (a prompt, one of its n samples) is a row. A batch of rows is padded
-to a bucket of row counts (powers of two up to max_batch) and prompt widths
-(powers of two from 32 up to the context window), so after the buckets have each
-been seen once nothing compiles again (every pick reports LOGPROBS_MAX
-alternatives, whatever the rows ask for, so log-probabilities add no shapes). A
-batch runs, with the jitted pieces of
-generate.Decoder:
-  - prompt log-probabilities (echo with logprobs) from a causal pass over the
+Every choice (a prompt, one of its n samples) is a row. The running rows sit in the
+slots of a KV cache whose row count is a bucket (powers of two up to max_batch);
+the engine grows it when more rows want in and halves it when few are left, and
+ends it when none is. A slot's row writes its keys and values from its own cache
+index, so rows that joined at different times share each step. Between steps the
+rows waiting in the queue (up to the free room) join:
+  - their prompt log-probabilities (echo with logprobs) from a causal pass over the
     prompts — for a prefix LM too: scored bidirectionally, each prompt token would
     see itself;
-  - a prefill of the prompts into a fresh KV cache (for a prefix LM the prompt is
-    the bidirectional prefix) and one decoding step per further token, each row
-    with its own temperature / top-k / top-p and seed, until every row has met
-    its max_tokens, EOS or a stop string. A causal model whose rows all want at
-    most one token takes it from the scoring pass and builds no cache.
+  - a prefill of their prompts, left-padded to a bucket of prompt widths (powers of
+    two from 32 up to the context window), into a fresh cache, and their first
+    token; a causal model whose new rows all want at most one token takes it from
+    the scoring pass and builds no cache;
+  - their cache rows put into free slots, moved left past their padding, so a row
+    uses only its own tokens' slots (a prompt fits when start token + prompt +
+    max_tokens - 1 fits the window).
+Each row keeps its own temperature / top-k / top-p, seed and pick count (its
+sampling key), so its tokens do not depend on which rows share its steps. It ends at
+its max_tokens, EOS or a stop string, and its slot is free at once. When no row
+runs, the engine waits for one and then gathers for a few milliseconds
+(Engine._take), so clients that come together start together. After the buckets
+have each been seen once (Engine.warmup) nothing compiles again: every pick
+reports LOGPROBS_MAX alternatives, whatever the rows ask for.
 A soft prompt attached to the params (adapt.soft_prompt) starts every row, after
 BOS; requests get the rest of the window (max_len).
-The cache has context-window slots when the widest prompt bucket plus the
-longest generation fits (the last new token is never fed back), twice that
-otherwise (left padding takes slots).
 A cancelled job (its client went away) leaves the queue, and its rows stop at the
-next step; a batch whose rows have all stopped ends early.
+next step.
 """
 
 import collections
@@ -83,6 +90,48 @@ class Job:
     self.cancelled = True
 
 
+
+class _Slate:
+  """The running rows: slot s of the cache holds rows[s] ((job, choice), None when
+  free), fed token[s] at position[s] next, its picks[s]-th pick; keys and sampling
+  are the device-ready per-slot settings, rebuilt when rows join. The arrays are
+  replaced, never written in place: a computation still in flight may be reading
+  them (on CPU a numpy argument can be the device buffer itself)."""
+
+  def __init__(self, cache, size):
+    self.cache, self.rows = cache, [None] * size
+    self.token, self.position = np.zeros(size, np.int32), np.zeros(size, np.int32)
+    self.picks, self.seeds = np.zeros(size, np.int32), np.zeros(size, np.int64)
+    self.samplings = [generate.Sampling()] * size
+    self.keys = self.sampling = None
+
+  def live(self):
+    return [s for s, row in enumerate(self.rows) if row is not None]
+
+  def regroup(self, slots):
+    """Keep the rows of `slots`, in that order, then free slots up to len(slots)."""
+    def pick(values, blank):
+      return [values[s] if s is not None else blank for s in slots]
+    self.rows = pick(self.rows, None)
+    self.samplings = pick(self.samplings, generate.Sampling())
+    for name in ("token", "position", "picks", "seeds"):
+      values = getattr(self, name)
+      setattr(self, name, np.asarray(pick(values, 0), values.dtype))
+
+  def put(self, slot, row, token, position, seed):
+    """A row joins at `slot` after its first pick."""
+    self.rows[slot], self.samplings[slot] = row, row[1].sampling
+    for name, value in (("token", token), ("position", position), ("picks", 1),
+                        ("seeds", seed)):
+      values = getattr(self, name).copy()
+      values[slot] = value
+      setattr(self, name, values)
+
+  def settle(self):
+    self.keys = generate.row_keys(self.seeds)
+    self.sampling = generate.sampling_rows(self.samplings)
+
+
 class Engine:
   def __init__(self, model, params, tokenizer, *, mesh=None, max_batch=16, gather_ms=5.0,
                max_queue=4096):
@@ -102,11 +151,13 @@ class Engine:
     self.gather_s, self.max_queue = gather_ms / 1000.0, max_queue
     self._queue = collections.deque()  # (job, choice)
     self._last_arrival = 0.0
-    self._expected = 1  # rows the last batch took
+    self._expected = 1  # the most rows the last slate ran together
+    self._slate, self._peak = None, 0
     self._cv = threading.Condition()
     self._stopping = False
-    self.batches = 0         # batches run
-    self.running = 0         # rows of the batch being decoded that have not finished
+    self.batches = 0         # groups of rows that joined (one prefill each)
+    self.steps = 0           # decoding steps run
+    self.running = 0         # rows being decoded
     self.cancelled_rows = 0  # rows stopped because their client went away
     self._thread = threading.Thread(target=self._loop, name="bigsci-engine", daemon=True)
     self._thread.start()
@@ -130,90 +181,115 @@ class Engine:
       self._cv.notify()
     self._thread.join(timeout)
 
-  def _take(self):
-    """Up to max_batch rows: wait for one, then gather until gather_ms pass with no new
-    row once the queue holds as many rows as the last batch ran (those clients tend
-    to come back together), or GATHER_CAP times gather_ms in all. (Clients answered
+  def _take(self, room, wait):
+    """Up to `room` queued rows. With `wait` (no row is running): wait for one, then
+    gather until gather_ms pass with no new row once the queue holds as many rows as
+    last ran together (those clients tend to come back together), or GATHER_CAP times
+    gather_ms in all; None once stopping with nothing queued. (Clients answered
     together return one by one as the server writes their responses, the first well
     ahead of the rest: a window from the first arrival split 16 clients into batches
     of 1 and 15.)"""
     with self._cv:
-      while not self._queue and not self._stopping:
-        self._cv.wait()
-      if not self._queue:
-        return None
-      cap = time.monotonic() + GATHER_CAP * self.gather_s
-      while len(self._queue) < self.max_batch and not self._stopping:
-        until = cap
-        if len(self._queue) >= self._expected:
-          until = min(cap, self._last_arrival + self.gather_s)
-        left = until - time.monotonic()
-        if left <= 0:
-          break
-        self._cv.wait(left)
+      if wait:
+        while not self._queue and not self._stopping:
+          self._cv.wait()
+        if not self._queue:
+          return None
+        cap = time.monotonic() + GATHER_CAP * self.gather_s
+        while len(self._queue) < room and not self._stopping:
+          until = cap
+          if len(self._queue) >= self._expected:
+            until = min(cap, self._last_arrival + self.gather_s)
+          left = until - time.monotonic()
+          if left <= 0:
+            break
+          self._cv.wait(left)
       rows = []
-      while self._queue and len(rows) < self.max_batch:
+      while self._queue and len(rows) < room:
         job, choice = self._queue.popleft()
         if job.cancelled:
           self.cancelled_rows += 1
         else:
           rows.append((job, choice))
-      self._expected = max(len(rows), 1)
       return rows
 
   def status(self):
     return {"queued": len(self._queue), "running": self.running,
-            "cancelled": self.cancelled_rows, "batches": self.batches}
+            "cancelled": self.cancelled_rows, "batches": self.batches, "steps": self.steps}
 
   def _loop(self):
     while True:
-      rows = self._take()
+      live = 0 if self._slate is None else len(self._slate.live())
+      rows = self._take(self.max_batch - live, wait=self._slate is None)
       if rows is None:
         return
-      if not rows:
-        continue
-      try:
-        self.running = len(rows)
-        self._run(rows)
-      except Exception as e:  # noqa: BLE001 - reported to every request in the batch
-        log.exception("a batch of %d rows failed", len(rows))
-        for job, _ in rows:
-          job.error = f"{type(e).__name__}: {e}"
-      self.running = 0
-      for job in {id(j): j for j, _ in rows}.values():
-        if job.done or job.cancelled:
-          job.notify()
+      self._peak = max(self._peak, live + len(rows))
+      if rows:
+        self._guarded(rows, self._admit, rows)
+      if self._slate is not None:
+        self._guarded([], self._step)
+      self.running = 0 if self._slate is None else len(self._slate.live())
+      if self._slate is None and self._peak:
+        self._expected, self._peak = self._peak, 0
 
-  # --- one batch -------------------------------------------------------------
+  def _guarded(self, rows, work, *args):
+    """work(*args); if it raises, every job of `rows` (the rows joining) and of the
+    slate fails with the error (the slate's cache may be half-updated, so it ends)."""
+    try:
+      work(*args)
+    except Exception as e:  # noqa: BLE001 - reported to every request it touched
+      if self._slate is not None:
+        rows = rows + [row for row in self._slate.rows if row]
+        self._slate, self.running = None, 0
+      log.exception("decoding %d rows failed", len(rows))
+      jobs = {id(j): j for j, _ in rows}.values()
+      for job in jobs:
+        job.error = f"{type(e).__name__}: {e}"
+      for job in jobs:
+        job.notify()
+
+  # --- rows joining ----------------------------------------------------------
   def warmup(self, row_counts=None, widths=None):
-    """Compile every shape a batch of these bucket sizes (default: all) can take: the
-    scoring pass, and the prefill and step for both cache lengths."""
+    """Compile every shape these row buckets (default: all) and prompt widths can
+    take: the scoring pass and the prefill per (rows, width); for every slate size,
+    the step, putting each group size's rows in, and regrouping into each other size."""
     top = generate.LOGPROBS_MAX
-    for rows in row_counts or self.row_buckets:
+    counts = row_counts or self.row_buckets
+    prefilled = {}
+    for rows in counts:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
-      for cache_len in (self.window, 2 * self.window):
-        for width in [w for w in widths or self.widths if w > 1 + len(self.lead)]:
-          batch = generate.prompt_batch([[3] * (width - 1 - len(self.lead))] * rows,
-                                        self.prefix_lm, width, self.lead, self.tokenizer.bos_id)
-          if cache_len == self.window:
-            jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
-                                                               sampling, top))
-          picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, cache_len, top)
-        picked, cache = self.decoder.step(self.params, cache, np.asarray(picked.token),
-                                          batch[1][:, -1] + 1,
-                                          keys, 1, sampling, top)
-        jax.block_until_ready(picked)
+      for width in [w for w in widths or self.widths if w > 1 + len(self.lead)]:
+        batch = generate.prompt_batch([[3] * (width - 1 - len(self.lead))] * rows,
+                                      self.prefix_lm, width, self.lead, self.tokenizer.bos_id)
+        jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
+                                                           sampling, top))
+        picked, prefilled[rows] = self.decoder.prefill(self.params, batch, keys, sampling,
+                                                       self.window, top)
+    for size in counts:
+      slate = _Slate(self.decoder.empty_cache(size, self.window), size)
+      for rows, cache in prefilled.items():
+        slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows) % size,
+                                            np.zeros(rows))
+      slate.settle()
+      picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
+                                              slate.position, slate.keys, slate.picks,
+                                              slate.sampling, top)
+      jax.block_until_ready(picked)
+      for other in counts:
+        if other != size:
+          cache = self.decoder.empty_cache(size, self.window)
+          jax.block_until_ready(self.decoder.take_rows(cache, np.arange(other) % size))
 
-  def _run(self, rows):
+  def _admit(self, rows):
+    """Score and prefill the new rows, take their first tokens, and put the rows still
+    going into the slate."""
     choices = [c for _, c in rows]
     count = next(s for s in self.row_buckets if s >= len(choices))
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
     padded = choices + [pad] * (count - len(choices))
     width = bucket_width(1 + len(self.lead) + max(len(c.prompt) for c in padded), self.window)
-    steps = max(c.max_tokens for c in padded)
-    cache_len = self.window if width + steps - 1 <= self.window else 2 * self.window
     top = generate.LOGPROBS_MAX  # one shape whatever the rows ask for; rows take their share
     batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width, self.lead,
                                   self.tokenizer.bos_id)
@@ -232,43 +308,94 @@ class Engine:
             c.prompt_top = [None] + [list(zip(top_ids[r, i, :c.logprobs].tolist(),
                                               top_lp[r, i, :c.logprobs].tolist()))
                                      for i in range(cols.start + 1, width)]
-          job.notify()
       if not self.prefix_lm:
         picked = causal_pick
     for job, c in rows:
       if c.max_tokens == 0:
         self._finish(job, c, "length")
-    if steps == 0:
-      return
     cache = None
-    if picked is None or steps > 1:
-      picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, cache_len, top)
-    next_pos = batch[1][:, -1] + 1
-    for i in range(steps):
-      token = np.asarray(picked.token)
-      logprob, top_ids, top_lp = jax.device_get((picked.logprob, picked.top_ids,
-                                                  picked.top_logprobs))
-      changed = set()
-      for r, (job, c) in enumerate(rows):
-        if c.finished:
-          continue
-        if job.cancelled:
-          self._finish(job, c, "cancelled")
-          self.cancelled_rows += 1
-          continue
-        self._append(job, c, int(token[r]), float(logprob[r]),
-                     list(zip(top_ids[r, :c.logprobs or 0].tolist(),
-                              top_lp[r, :c.logprobs or 0].tolist())))
-        changed.add(id(job))
-      self.running = sum(not c.finished for c in choices)
-      for job in {id(j): j for j, _ in rows}.values():
-        if id(job) in changed and not job.done:
-          job.notify()
-      if i + 1 == steps or all(c.finished for c in choices):
-        return
-      picked, cache = self.decoder.step(self.params, cache, token, next_pos, keys, i + 1,
-                                        sampling, top)
-      next_pos = next_pos + 1
+    if any(c.max_tokens > 1 for c in choices) or (
+        picked is None and any(c.max_tokens for c in choices)):
+      picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, self.window, top)
+    if picked is not None:
+      self._take_picks(rows, picked)
+    self._notify(rows)
+    joining = [r for r, (_, c) in enumerate(rows) if not c.finished]
+    if joining:
+      self._join(rows, joining, cache, batch[1][:, -1] + 1, width)
+
+  def _join(self, rows, joining, cache, next_position, width):
+    """Put rows[r] for r in `joining` (rows of the prefilled `cache`) into free slots,
+    growing the slate to the row bucket that holds them all."""
+    slate = self._slate
+    live = [] if slate is None else slate.live()
+    size = next(s for s in self.row_buckets if s >= len(live) + len(joining))
+    if slate is None:
+      slate = _Slate(self.decoder.empty_cache(size, self.window), size)
+    elif size != len(slate.rows):
+      self._regroup(slate, live, size)
+    free = [s for s, row in enumerate(slate.rows) if row is None]
+    slots = np.full(len(next_position), size, np.int32)  # out of range: put nowhere
+    shift = np.zeros(len(slots), np.int32)
+    for r, s in zip(joining, free):
+      c = rows[r][1]
+      slots[r], shift[r] = s, width - (1 + len(self.lead) + len(c.prompt))
+      slate.put(s, rows[r], c.tokens[-1], next_position[r], c.seed)
+    slate.cache = self.decoder.put_rows(slate.cache, cache, slots, shift)
+    slate.settle()
+    self._slate = slate
+
+  def _regroup(self, slate, live, size):
+    """Move the live rows to the first slots of a slate of `size` rows."""
+    order = live + [None] * (size - len(live))
+    slate.cache = self.decoder.take_rows(slate.cache, [s if s is not None else live[0]
+                                                       for s in order])
+    slate.regroup(order)
+
+  # --- one step --------------------------------------------------------------
+  def _step(self):
+    slate = self._slate
+    picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
+                                            slate.position, slate.keys, slate.picks,
+                                            slate.sampling, generate.LOGPROBS_MAX)
+    self.steps += 1
+    slate.position, slate.picks = slate.position + 1, slate.picks + 1
+    taken = [(s, row) for s, row in enumerate(slate.rows) if row is not None]
+    self._take_picks([row for _, row in taken], picked, [s for s, _ in taken])
+    self._notify([row for _, row in taken])
+    slate.token = np.asarray(picked.token).copy()
+    for s, (_, c) in taken:
+      if c.finished:
+        slate.rows[s] = None
+    live = slate.live()
+    if not live:
+      self._slate = None
+    elif len(live) <= len(slate.rows) // 2 and len(slate.rows) > self.row_buckets[0]:
+      self._regroup(slate, live, next(b for b in self.row_buckets if b >= len(live)))
+      slate.settle()
+
+  def _take_picks(self, rows, picked, at=None):
+    """Give rows[i] the pick of batch row at[i] (default i): its token, log-probability
+    and top alternatives; a row whose client went away stops instead."""
+    token = np.asarray(picked.token)
+    logprob, top_ids, top_lp = jax.device_get((picked.logprob, picked.top_ids,
+                                               picked.top_logprobs))
+    for i, (job, c) in enumerate(rows):
+      r = i if at is None else at[i]
+      if c.finished:
+        continue
+      if job.cancelled:
+        self._finish(job, c, "cancelled")
+        self.cancelled_rows += 1
+        continue
+      self._append(job, c, int(token[r]), float(logprob[r]),
+                   list(zip(top_ids[r, :c.logprobs or 0].tolist(),
+                            top_lp[r, :c.logprobs or 0].tolist())))
+
+  @staticmethod
+  def _notify(rows):
+    for job in {id(j): j for j, _ in rows}.values():
+      job.notify()
 
   def _finish(self, job, c, reason):
     with job.lock:
