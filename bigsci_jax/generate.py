@@ -211,9 +211,9 @@ class Decoder:
   `step` (one more token per row), `prompt_logprobs` (every prompt token's
   log-probability under a causal pass, for scoring), and for a server's running batch
   `take_rows` / `put_rows` (regroup a cache's rows; put prefilled rows into it). `top`
-  is how many alternatives
-  each pick reports (static); tokens are drawn from the first `vocab` ids (default: the
-  model's whole table). With a mesh, the model traces under its logical rules."""
+  is how many alternatives each pick reports (static); tokens are drawn from the first
+  `vocab` ids (default: the model's whole table). With a mesh, the model traces under
+  its logical rules."""
 
   def __init__(self, model, mesh=None, vocab=None):
     self.model, self.mesh = model, mesh

@@ -363,7 +363,7 @@ class Engine:
     taken = [(s, row) for s, row in enumerate(slate.rows) if row is not None]
     self._take_picks([row for _, row in taken], picked, [s for s, _ in taken])
     self._notify([row for _, row in taken])
-    slate.token = np.asarray(picked.token).copy()
+    slate.token = np.asarray(picked.token)
     for s, (_, c) in taken:
       if c.finished:
         slate.rows[s] = None
