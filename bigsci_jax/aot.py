@@ -277,7 +277,8 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
   floats = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row)
   decoder = generate.Decoder(model, mesh)
   compiled, seconds = _compile(
-      lambda: decoder._step.lower(0, params, cache, ints, ints, keys, ints, (floats, ints, floats)),
+      lambda: decoder._step.lower(0, None, params, cache, ints, ints, keys, ints,
+                                 (floats, ints, floats)),
       mesh, devices, topology, "decoding step", offload)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="decode", offload=offload,

@@ -29,6 +29,15 @@ import numpy as np
 from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax.config import OFFLOAD
 
+MIN_WIDTH = 32
+
+
+def bucket_width(length, seq_len):
+  """The smallest power of two >= length (at least MIN_WIDTH), capped at seq_len: the
+  few row widths (and cache reads) batches are padded to, so each compiles once."""
+  return min(seq_len, max(MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length()))
+
+
 class GenerationError(ValueError):
   """Generation cannot run as asked; the message says why and what to do."""
 
@@ -108,10 +117,7 @@ def _pick(logits_BxV, keys_B, step, rows, top, vocab):
 
 
 def _reset(path, x):
-  name = path[-1].key
-  if name == "positions":
-    return jnp.full_like(x, -1)
-  return jnp.zeros_like(x)
+  return jnp.full_like(x, _fill(path))
 
 
 # How many axes follow the row (batch) axis in each cache array of model.Attention;
@@ -121,6 +127,13 @@ _AFTER_ROW = {"keys": 3, "values": 3, "positions": 1, "prefix": 1, "index": 0}
 
 def _row_axis(path, x):
   return x.ndim - 1 - _AFTER_ROW[path[-1].key]
+
+
+def _row_slots(cache):
+  """How many slots each row of `cache` has."""
+  path, x = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(cache)
+                 if p[-1].key == "positions")
+  return x.shape[_row_axis(path, x) + 1]
 
 
 def _take_rows(cache, rows_R):
@@ -146,6 +159,34 @@ def _put_rows(cache, new, slots_N, shift_N):
     index = (slice(None),) * axis + (slots_N,)
     return x.at[index].set(moved, mode="drop")
   return jax.tree_util.tree_map_with_path(put, cache, new)
+
+
+def _fill(path):
+  return -1 if path[-1].key == "positions" else 0
+
+
+def _resize_slots(cache, slots):
+  """`cache` with `slots` slots per row: the first ones kept, invisible empty ones
+  added at the end (each row's index is unchanged)."""
+  def resize(path, x):
+    if path[-1].key == "index":
+      return x
+    axis = _row_axis(path, x) + 1
+    if slots <= x.shape[axis]:
+      return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, slots - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=_fill(path))
+  return jax.tree_util.tree_map_with_path(resize, cache)
+
+
+def _with_first_slots(cache, part):
+  """`cache` whose first slots per row (and index) are `part`'s."""
+  def put(path, x, part_x):
+    if path[-1].key == "index":
+      return part_x
+    return jax.lax.dynamic_update_slice_in_dim(x, part_x, 0, axis=_row_axis(path, x) + 1)
+  return jax.tree_util.tree_map_with_path(put, cache, part)
 
 
 def empty_cache(model, batch_size, length=None):
@@ -178,18 +219,25 @@ def prompt_batch(prompts, prefix_lm, min_width=0, lead=(), bos_id=0):
 
 
 def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, prefix, keys, rows):
-  cache = empty_cache(model, tokens.shape[0], cache_len)
+  """The prompt attends over its own P slots; the cache then gets cache_len."""
+  cache = empty_cache(model, tokens.shape[0], tokens.shape[1])
   logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                 prefix, decode=True, mutable=["cache"])
-  return _pick(logits[:, -1], keys, 0, rows, top, vocab), mutated["cache"]
+  return (_pick(logits[:, -1], keys, 0, rows, top, vocab),
+          _resize_slots(mutated["cache"], cache_len))
 
 
-def _step(model, vocab, top, params, cache, token_B, positions_B, keys, step, rows):
+def _step(model, vocab, top, reads, params, cache, token_B, positions_B, keys, step, rows):
+  """One token per row; attention reads only the first `reads` slots of each row
+  (None: all), which must hold every slot a row has filled, this token's included."""
+  part = cache if reads is None else _resize_slots(cache, reads)
   ones = jnp.ones_like(token_B)[:, None]
-  logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None],
+  logits, mutated = model.apply({"params": params, "cache": part}, token_B[:, None],
                                 positions_B[:, None], ones, 0 * ones, decode=True,
                                 mutable=["cache"])
-  return _pick(logits[:, -1], keys, step, rows, top, vocab), mutated["cache"]
+  part = mutated["cache"]
+  return (_pick(logits[:, -1], keys, step, rows, top, vocab),
+          part if reads is None else _with_first_slots(cache, part))
 
 
 def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, keys, rows):
@@ -219,8 +267,8 @@ class Decoder:
     self.model, self.mesh = model, mesh
     vocab = vocab or model.cfg.vocab_size
     self._prefill = jax.jit(functools.partial(_prefill, model, vocab), static_argnums=(0, 1))
-    self._step = jax.jit(functools.partial(_step, model, vocab), static_argnums=(0,),
-                         donate_argnums=(2,))
+    self._step = jax.jit(functools.partial(_step, model, vocab), static_argnums=(0, 1),
+                         donate_argnums=(3,))
     self._prompt = jax.jit(functools.partial(_prompt_logprobs, model, vocab),
                            static_argnums=(0,))
     self._empty = jax.jit(functools.partial(empty_cache, model), static_argnums=(0, 1))
@@ -237,10 +285,16 @@ class Decoder:
   def prefill(self, params, batch, keys, rows, cache_len, top=0):
     return self._run(self._prefill, cache_len, top, params, *batch, keys, rows)
 
-  def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0):
+  def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0, filled=None):
     """One more token per row; `step` (an int, or one per row) counts the row's picks
-    so far, for its sampling key."""
-    return self._run(self._step, top, params, cache, token_B, positions_B, keys, step, rows)
+    so far, for its sampling key. `filled`: the most slots a row holds once this token
+    is written (its index + 1); attention then reads only the first
+    bucket_width(filled) slots of every row instead of all of them (a step's
+    cost follows the rows' lengths, not the window; one compile per bucket)."""
+    slots = _row_slots(cache)
+    reads = None if filled is None else bucket_width(filled, slots)
+    return self._run(self._step, top, None if reads == slots else reads, params, cache,
+                     token_B, positions_B, keys, step, rows)
 
   def prompt_logprobs(self, params, batch, keys, rows, top=0):
     tokens, positions, segments, _ = batch
@@ -311,7 +365,8 @@ def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0
     if i + 1 == max_new_tokens or (
         stop_fn is not None and all(stop_fn(np.stack(out, axis=1).tolist()))):
       break
-    picked, cache = decoder.step(params, cache, token, next_pos, keys, i + 1, rows)
+    picked, cache = decoder.step(params, cache, token, next_pos, keys, i + 1, rows,
+                                 filled=width + i + 1)
     next_pos = next_pos + 1
   generated = np.stack(out, axis=1).tolist()
   return (generated, all_logits) if return_logits else generated

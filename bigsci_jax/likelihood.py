@@ -26,7 +26,6 @@ from bigsci_jax import tokenizer as tokenizers
 from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax import step as steps
 
-MIN_WIDTH = 32
 log = logging.getLogger(__name__)
 
 
@@ -87,12 +86,6 @@ def windows(tokens, first, window):
     pairs.append((tokens[max(0, end - window):start], tokens[start:end]))
     start = end
   return pairs
-
-
-def bucket_width(length, seq_len):
-  """The smallest power of two >= length (at least MIN_WIDTH), capped at seq_len: the
-  few row widths batches are padded to, so each compiles once."""
-  return min(seq_len, max(MIN_WIDTH, 1 << (max(length, 1) - 1).bit_length()))
 
 
 def row_logliks(params, batch, *, model):
@@ -157,7 +150,7 @@ class Scorer:
     summed log-likelihoods, bool [N] greedy)."""
     sums, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
     for ids, chunk in self._batches(pairs, lambda pair: len(pair[0]) + len(pair[1])):
-      width = bucket_width(len(self.lead) + len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
+      width = generate.bucket_width(len(self.lead) + len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
       chunk_sums, chunk_greedy = jax.device_get(
           self._apply(token_rows(chunk, width, self.prefix_lm, self.lead,
                                  self.tokenizer.bos_id)))
@@ -216,7 +209,7 @@ class Scorer:
 
     outputs = [None] * len(prompts)
     for n, (ids, chunk) in enumerate(self._batches(prompts, len)):
-      width = min(bucket_width(1 + len(self.lead) + len(chunk[0]), self.seq_len),
+      width = min(generate.bucket_width(1 + len(self.lead) + len(chunk[0]), self.seq_len),
                   1 + len(self.lead) + room)
       generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
                                     seed + n * self.batch_size, stop_fn=done, min_width=width,

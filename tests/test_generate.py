@@ -128,3 +128,32 @@ def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan)
     for step, p in enumerate(got[r]):
       np.testing.assert_allclose(p.logits[0], logits[step][0], atol=1e-5, rtol=1e-5)
   assert len(set(alone["a"][0][0])) > 1  # really sampled
+
+
+def test_steps_that_read_only_the_filled_slots_decode_as_steps_that_read_all():
+  """generate's steps read only the first bucket_width(filled) slots of a 128-slot cache
+  (32, then 64, then all 128 as the rows grow past 32 and 64 slots; prefix LM, ALiBi):
+  the same sampled tokens and logits as steps that read every slot, and the same
+  cache."""
+  cfg = dataclasses.replace(BASE, max_len=128, position="alibi", mask="prefix")
+  model = Transformer(cfg)
+  params = init_params(model, jax.random.key(4))
+  prompts, steps, sampling = [list(range(3, 28)), [8, 2, 5]], 80, generate.Sampling(1.0)
+  with jax.default_matmul_precision("highest"):
+    tokens, logits = generate.generate(model, params, prompts, steps, sampling, seed=2,
+                                       return_logits=True)
+    decoder = generate.Decoder(model)
+    batch = generate.prompt_batch(prompts, True)
+    keys, rows = generate.row_keys([2, 3]), generate.sampling_rows([sampling] * 2)
+    picked, cache = decoder.prefill(params, batch, keys, rows, cfg.max_len)
+    position = batch[1][:, -1] + 1
+    for step in range(steps):
+      assert picked.token.tolist() == [row[step] for row in tokens]
+      np.testing.assert_allclose(picked.logits, logits[step], atol=1e-5, rtol=1e-5)
+      if step + 1 < steps:
+        picked, cache = decoder.step(params, cache, np.asarray(picked.token), position, keys,
+                                     step + 1, rows)
+        position = position + 1
+  assert decoder._step._cache_size() == 1
+  assert generate.decoder_for(model, None)._step._cache_size() == 3  # reads of 32, 64 and 128
+  assert len(set(tokens[0])) > 1  # really sampled

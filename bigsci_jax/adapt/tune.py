@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bigsci_jax import likelihood, sharding
+from bigsci_jax import generate, likelihood, sharding
 from bigsci_jax.adapt import lora, soft_prompt
 from bigsci_jax.model import SOFT_PROMPT, soft_prompt_ids
 
@@ -165,7 +165,7 @@ def tune(model, params, items, tokenizer, initial, cfg: TuneConfig, seq_len, mes
     raise ValueError(f"no item has choices that fit the window of {seq_len} tokens after "
                      f"{len(lead)} virtual tokens.")
   longest = max(len(c) + max(len(x) for x in conts) for c, conts, _ in encoded)
-  width = likelihood.bucket_width(len(lead) + longest, seq_len)
+  width = generate.bucket_width(len(lead) + longest, seq_len)
   choices = max(len(item.choices) for item in items)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps,
                                                 cfg.steps - 1), cfg.steps, cfg.learning_rate / 10)

@@ -7,7 +7,9 @@ Every choice (a prompt, one of its n samples) is a row. The running rows sit in 
 slots of a KV cache whose row count is a bucket (powers of two up to max_batch);
 the engine grows it when more rows want in and halves it when few are left, and
 ends it when none is. A slot's row writes its keys and values from its own cache
-index, so rows that joined at different times share each step. Between steps the
+index, so rows that joined at different times share each step, and a step's
+attention reads only the slots the longest live row has filled (rounded up to a
+power of two), not the whole window. Between steps the
 rows waiting in the queue (up to the free room) join:
   - their prompt log-probabilities (echo with logprobs) from a causal pass over the
     prompts — for a prefix LM too: scored bidirectionally, each prompt token would
@@ -41,7 +43,6 @@ import jax
 import numpy as np
 
 from bigsci_jax import generate
-from bigsci_jax.likelihood import bucket_width
 from bigsci_jax.model import soft_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class Engine:
     # row counts: the batch-parallel size times powers of two, up to max_batch
     self.row_buckets = [step << i for i in range(max(max_batch // step, 1).bit_length())]
     self.max_batch = self.row_buckets[-1]
-    self.widths = sorted({bucket_width(1 << i, self.window)
+    self.widths = sorted({generate.bucket_width(1 << i, self.window)
                           for i in range(self.window.bit_length() + 1)})
     self.gather_s, self.max_queue = gather_ms / 1000.0, max_queue
     self._queue = collections.deque()  # (job, choice)
@@ -252,7 +253,8 @@ class Engine:
   def warmup(self, row_counts=None, widths=None):
     """Compile every shape these row buckets (default: all) and prompt widths can
     take: the scoring pass and the prefill per (rows, width); for every slate size,
-    the step, putting each group size's rows in, and regrouping into each other size."""
+    the step at each bucket of slots read, putting each group size's rows in, and
+    regrouping into each other size."""
     top = generate.LOGPROBS_MAX
     counts = row_counts or self.row_buckets
     prefilled = {}
@@ -272,10 +274,11 @@ class Engine:
         slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows) % size,
                                             np.zeros(rows))
       slate.settle()
-      picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
-                                              slate.position, slate.keys, slate.picks,
-                                              slate.sampling, top)
-      jax.block_until_ready(picked)
+      for reads in self.widths:
+        picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
+                                                slate.position, slate.keys, slate.picks,
+                                                slate.sampling, top, filled=reads)
+        jax.block_until_ready(picked)
       for other in counts:
         if other != size:
           cache = self.decoder.empty_cache(size, self.window)
@@ -289,7 +292,7 @@ class Engine:
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
     padded = choices + [pad] * (count - len(choices))
-    width = bucket_width(1 + len(self.lead) + max(len(c.prompt) for c in padded), self.window)
+    width = generate.bucket_width(1 + len(self.lead) + max(len(c.prompt) for c in padded), self.window)
     top = generate.LOGPROBS_MAX  # one shape whatever the rows ask for; rows take their share
     batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width, self.lead,
                                   self.tokenizer.bos_id)
@@ -355,9 +358,10 @@ class Engine:
   # --- one step --------------------------------------------------------------
   def _step(self):
     slate = self._slate
+    filled = int(slate.position[slate.live()].max()) + 1  # a row's slot = its position
     picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
                                             slate.position, slate.keys, slate.picks,
-                                            slate.sampling, generate.LOGPROBS_MAX)
+                                            slate.sampling, generate.LOGPROBS_MAX, filled)
     self.steps += 1
     slate.position, slate.picks = slate.position + 1, slate.picks + 1
     taken = [(s, row) for s, row in enumerate(slate.rows) if row is not None]
