@@ -31,3 +31,15 @@ import pytest  # noqa: E402
 def handbook_data_dir(tmp_path_factory):
   """One TFDS data dir for the session: tests that prepare handbook data share its cache."""
   return str(tmp_path_factory.mktemp("handbook_data"))
+
+
+# The README's test command runs `-n auto --dist loadfile` (pytest-xdist): one worker per
+# core, each test file on one worker so its module fixtures are built once. A worker
+# holds jax, TensorFlow and torch and a test's own subprocesses: about 6 GiB at its peak.
+WORKER_GIB = 6
+
+
+def pytest_xdist_auto_num_workers(config):
+  """-n auto: one worker per core, fewer where memory would not hold them."""
+  memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+  return max(1, min(os.cpu_count() or 1, int(memory_gib // WORKER_GIB)))
