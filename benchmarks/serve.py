@@ -10,8 +10,10 @@ With --init_gin, NEW (which must hold no run) first becomes a run of that model 
 random weights (a checkpoint at step 0 and the given vocabulary): throughput does
 not depend on what the weights are, and no data pipeline or TensorFlow is needed.
 
-Starts `python -m bigsci_jax.serve --warmup` on the run, then for each concurrency
-level C runs C clients, each sending `--requests` greedy requests back to back (a
+Starts `python -m bigsci_jax.serve --warmup --max_prompt_tokens=P` on the run (P =
+--prompt_tokens: the warmup prefills only the prompt widths used, whatever the
+window), then for each concurrency level C runs C clients, each sending
+`--requests` greedy requests back to back (a
 prompt of --prompt_tokens random in-vocabulary ids, up to --max_tokens new tokens, or
 with --min_tokens a max_tokens drawn uniformly from [min_tokens, max_tokens] per
 request, the same draws for every level and run; a row that reaches EOS stops early,
@@ -106,7 +108,9 @@ def main(argv):
       raise SystemExit(f"writing the random-weight run failed (exit {init.exitcode}).")
   proc = subprocess.Popen([sys.executable, "-m", "bigsci_jax.serve",
                            f"--model_dir={args.model_dir}", "--port=0", "--warmup",
-                           f"--max_batch={args.max_batch}"], stdout=subprocess.PIPE, text=True)
+                           f"--max_batch={args.max_batch}",
+                           f"--max_prompt_tokens={args.prompt_tokens}"],
+                          stdout=subprocess.PIPE, text=True)
   try:
     line = proc.stdout.readline()
     if not line.startswith("serving"):

@@ -111,19 +111,22 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
 
 
 def test_batches_of_any_mix_compile_nothing_after_warmup(restored):
+  """Prompts of at most 24 tokens (one prompt width: 32) decoding up to 90 tokens
+  (steps reading 32, 64 and 128 slots): after warmup nothing compiles."""
   model, params, tok = restored
-  engine = Engine(model, params, tok, max_batch=4, gather_ms=50)
+  engine = Engine(model, params, tok, max_batch=4, gather_ms=50, max_prompt=24)
+  assert engine.widths == [32] and engine.reads == [32, 64, 128]
   try:
-    engine.warmup(row_counts=[1, 2, 4], widths=[32])
+    engine.warmup(row_counts=[1, 2, 4])
     compiled = engine.decoder.compiled_shapes()
     rng = np.random.default_rng(0)
     waits, rows, batches = [], 0, engine.batches
     for i in range(10):
-      prompt = rng.integers(3, 900, rng.integers(1, 24)).tolist()
+      prompt = rng.integers(3, 900, rng.integers(1, 25)).tolist()
       echo = bool(i % 2)
       rows += 1 + i % 3
       waits.append(_submit(engine, [
-          Choice(prompt, 1 if echo else int(rng.integers(2, 8)),
+          Choice(prompt, 1 if echo else 90 if i == 4 else int(rng.integers(2, 8)),
                  generate.Sampling(float(i % 3) * 0.5, int(i % 4), 0.9), i,
                  logprobs=1 if echo else None, echo=echo) for _ in range(1 + i % 3)]))
     jobs = [wait() for wait in waits]
@@ -299,6 +302,9 @@ def test_request_checks_name_the_field(restored):
                                                              "max_tokens": 29})
   api.parse_completion({"prompt": [5] * 127, "max_tokens": 1}, tok, 128, "m")  # fits exactly
   assert "outside the vocabulary" in refused({"prompt": [5, 10**6]})
+  with pytest.raises(api.RequestError, match="prompt 1 is 11 tokens; this server takes prompts "
+                     "of at most 10 tokens"):
+    api.parse_completion({"prompt": [[5] * 10, [5] * 11]}, tok, 128, "m", 10)
   assert "'temperature' must be at least 0" in refused({"prompt": "a", "temperature": -1})
   assert "does not exist" in refused({"prompt": "a", "model": "other"}, 404)
   assert "'prompt' is required" in refused({"max_tokens": 1})
@@ -488,6 +494,13 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(run_dir):
       requests.get(f"{url}/health", timeout=5)
   finally:
     proc.kill()
+
+
+def test_a_bad_max_prompt_tokens_is_one_sentence(capsys):
+  from bigsci_jax.serve.__main__ import main
+  assert main(["--model_dir=unused", "--max_prompt_tokens=0"]) == 2
+  err = capsys.readouterr().err
+  assert "--max_prompt_tokens must be at least 1, not 0" in err and len(err.splitlines()) == 1
 
 
 def test_a_model_dir_without_a_checkpoint_is_one_sentence(tmp_path):

@@ -1,7 +1,8 @@
 """Serve a run's latest checkpoint over HTTP with OpenAI's legacy completions API.
 
   python -m bigsci_jax.serve --model_dir=DIR [--host 127.0.0.1 --port 8000] [--name NAME]
-      [--max_batch 16 --gather_ms 5] [--warmup] [--prompt_dir=P] [--offload=host]
+      [--max_batch 16 --gather_ms 5] [--max_prompt_tokens N] [--warmup] [--prompt_dir=P]
+      [--offload=host]
 
 Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
 `stream` for server-sent events), GET /v1/models, GET /health, GET /tokenizer_info,
@@ -11,6 +12,9 @@ model=NAME,tokenizer_backend=remote`. The checkpoint is placed on every device
 present (data parallel when they divide --max_batch). Requests are batched
 continuously (serve/engine.py: new rows join the running ones between decoding
 steps); --warmup compiles every bucket before the port opens.
+--max_prompt_tokens: refuse longer prompts (default: any that fits the window with its
+max_tokens); the prompt widths to compile stop at its bucket, while rows may still
+decode up to the whole window (a long window's warmup need not prefill long prompts).
 SIGTERM stops accepting connections, finishes what is in flight and exits 0.
 --prompt_dir: an adapter (python -m bigsci_jax.prompt_tune), named in /v1/models'
 metadata. A soft prompt starts every request's prompt, invisibly: tokens, offsets
@@ -48,7 +52,7 @@ def bind(host, port):
   return sock
 
 
-def load(model_dir, max_batch, prompt_dir=None, offload="none"):
+def load(model_dir, max_batch, prompt_dir=None, offload="none", max_prompt=None):
   """(engine, tokenizer, name metadata) for a run's latest checkpoint (and an adapter),
   its parameters in pinned host memory for offload="host"."""
   from bigsci_jax import evaluate, loop
@@ -57,7 +61,8 @@ def load(model_dir, max_batch, prompt_dir=None, offload="none"):
   run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload)
   tokenizer = loop.read_tokenizer(model_dir)
   params = store.attach_dir(params, prompt_dir, run.model)
-  engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch)
+  engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch,
+                  max_prompt=max_prompt)
   metadata = {"attention": run.model.mask, "step": step, "bos_token_id": tokenizer.bos_id,
               "offload": offload,
               "max_model_len": engine.max_len,
@@ -80,11 +85,17 @@ def main(argv):
                  "model_dir's last component)")
   p.add_argument("--max_batch", type=int, default=16, help="rows decoded together")
   p.add_argument("--gather_ms", type=float, default=5.0, help="a batch stops gathering after this long with no new row")
+  p.add_argument("--max_prompt_tokens", type=int, default=None,
+                 help="refuse longer prompts (default: any that fits the window)")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
   p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
   args = p.parse_args(argv)
+  if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+    print(f"error: --max_prompt_tokens must be at least 1, not {args.max_prompt_tokens}.",
+          file=sys.stderr)
+    return 2
   try:  # the whole web stack now, not after the model has loaded and compiled
     importlib.import_module("fastapi")
     import uvicorn
@@ -105,7 +116,7 @@ def main(argv):
   name = args.name or os.path.basename(os.path.normpath(args.model_dir))
   try:
     engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir,
-                                       args.offload)
+                                       args.offload, args.max_prompt_tokens)
   except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, AdapterError) as e:
     sock.close()
     print(f"error: {e}", file=sys.stderr)

@@ -106,8 +106,9 @@ def parse_prompts(value, tokenizer):
   return [(None, _token_list(value, tokenizer.vocab_size, "'prompt'"))]
 
 
-def parse_completion(body, tokenizer, max_len, model_name):
-  """(prompts [(text, ids)], options dict, choices [Choice]) of a completions body."""
+def parse_completion(body, tokenizer, max_len, model_name, max_prompt=None):
+  """(prompts [(text, ids)], options dict, choices [Choice]) of a completions body;
+  prompts of more than max_prompt tokens (default: any that fits max_len) are refused."""
   if not isinstance(body, dict):
     raise RequestError("the request body must be a JSON object.")
   unknown = sorted(set(body) - set(FIELDS))
@@ -144,6 +145,10 @@ def parse_completion(body, tokenizer, max_len, model_name):
   for i, (_, ids) in enumerate(prompts):
     if ids and ids[0] == tokenizer.bos_id:
       ids = ids[1:]
+    if max_prompt is not None and len(ids) > max_prompt:
+      raise RequestError(f"prompt {i} is {len(ids)} tokens; this server takes prompts of at "
+                         f"most {max_prompt} tokens (--max_prompt_tokens); shorten it.",
+                         "prompt")
     need = len(ids) + max(max_tokens, 1)  # the start token in, the last new token not fed back
     if need > max_len:
       raise RequestError(f"prompt {i} is {len(ids)} tokens; with the start token and max_tokens="
@@ -233,6 +238,7 @@ def make_app(engine, tokenizer, model_name, metadata):
   async def models():
     return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                         "owned_by": "bigsci_jax", "max_model_len": max_len,
+                                        "max_prompt_tokens": engine.max_prompt,
                                         "metadata": metadata}]}
 
   @app.get("/tokenizer_info")
@@ -272,7 +278,7 @@ def make_app(engine, tokenizer, model_name, metadata):
   @app.post("/v1/completions")
   async def completions(request: Request):
     prompts, opts, choices = parse_completion(await json_body(request), tokenizer, max_len,
-                                              model_name)
+                                              model_name, engine.max_prompt)
     loop = asyncio.get_running_loop()
     changed = asyncio.Event()
     job = Job(choices, lambda: loop.call_soon_threadsafe(changed.set))

@@ -135,20 +135,26 @@ class _Slate:
 
 class Engine:
   def __init__(self, model, params, tokenizer, *, mesh=None, max_batch=16, gather_ms=5.0,
-               max_queue=4096):
+               max_queue=4096, max_prompt=None):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.decoder = generate.Decoder(model, mesh, tokenizer.vocab_size)
     self.window = model.cfg.max_len
     self.lead = soft_prompt_ids(params)  # an attached soft prompt starts every row
     self.max_len = self.window - len(self.lead)  # what a request may use
+    # the longest prompt taken (it bounds the prompt widths to compile), and its width
+    self.max_prompt = min(self.max_len if max_prompt is None else max_prompt, self.max_len - 1)
+    if self.max_prompt < 1:
+      raise ValueError(f"max_prompt must be at least 1, not {max_prompt}.")
     self.prefix_lm = model.cfg.mask == "prefix"
     step = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in mesh.axis_names
                                                if a in ("data", "fsdp")]))
     # row counts: the batch-parallel size times powers of two, up to max_batch
     self.row_buckets = [step << i for i in range(max(max_batch // step, 1).bit_length())]
     self.max_batch = self.row_buckets[-1]
-    self.widths = sorted({generate.bucket_width(1 << i, self.window)
-                          for i in range(self.window.bit_length() + 1)})
+    self.reads = sorted({generate.bucket_width(1 << i, self.window)
+                         for i in range(self.window.bit_length() + 1)})  # slots a step reads
+    widest = generate.bucket_width(1 + len(self.lead) + self.max_prompt, self.window)
+    self.widths = [w for w in self.reads if w <= widest]  # prompt widths
     self.gather_s, self.max_queue = gather_ms / 1000.0, max_queue
     self._queue = collections.deque()  # (job, choice)
     self._last_arrival = 0.0
@@ -274,7 +280,7 @@ class Engine:
         slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows) % size,
                                             np.zeros(rows))
       slate.settle()
-      for reads in self.widths:
+      for reads in self.reads:
         picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
                                                 slate.position, slate.keys, slate.picks,
                                                 slate.sampling, top, filled=reads)
