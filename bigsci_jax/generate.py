@@ -146,19 +146,22 @@ def _put_rows(cache, new, slots_N, shift_N):
   """`cache` with row slots_N[i] replaced by `new`'s row i moved shift_N[i] slots to the
   left (a left-padded prefill's padding goes to the end of the row, its tokens start at
   slot 0 and its index drops by the shift); rows with slots_N[i] out of range are not
-  put anywhere. The two caches have the same slots per row."""
-  def put(path, x, new_x):
+  put anywhere. `new` may have fewer slots per row than `cache` (a prefill's cache of
+  its prompt width): the rest are empty."""
+  def move(path, x):
     axis = _row_axis(path, x)
     if path[-1].key == "index":
-      moved = new_x - shift_N
-    else:
-      slots = new_x.shape[axis + 1]
-      from_NxS = (jnp.arange(slots)[None, :] + shift_N[:, None]) % slots
-      from_NxS = from_NxS.reshape(from_NxS.shape + (1,) * (new_x.ndim - axis - 2))
-      moved = jnp.take_along_axis(new_x, from_NxS[(None,) * axis], axis=axis + 1)
-    index = (slice(None),) * axis + (slots_N,)
+      return x - shift_N
+    slots = x.shape[axis + 1]
+    from_NxS = (jnp.arange(slots)[None, :] + shift_N[:, None]) % slots
+    from_NxS = from_NxS.reshape(from_NxS.shape + (1,) * (x.ndim - axis - 2))
+    return jnp.take_along_axis(x, from_NxS[(None,) * axis], axis=axis + 1)
+
+  def put(path, x, moved):
+    index = (slice(None),) * _row_axis(path, x) + (slots_N,)
     return x.at[index].set(moved, mode="drop")
-  return jax.tree_util.tree_map_with_path(put, cache, new)
+  moved = _resize_slots(jax.tree_util.tree_map_with_path(move, new), _row_slots(cache))
+  return jax.tree_util.tree_map_with_path(put, cache, moved)
 
 
 def _fill(path):
@@ -309,9 +312,9 @@ class Decoder:
     return self._run(self._take_rows, cache, np.asarray(rows_R, np.int32))
 
   def put_rows(self, cache, new, slots_N, shift_N):
-    """`cache` (donated) with row slots_N[i] replaced by row i of `new` (a prefill's cache
-    of the same slots per row) moved shift_N[i] slots left; slots_N[i] >= the rows of
-    `cache` puts that row nowhere."""
+    """`cache` (donated) with row slots_N[i] replaced by row i of `new` (a prefill's cache,
+    of as many slots per row or fewer) moved shift_N[i] slots left; slots_N[i] >= the
+    rows of `cache` puts that row nowhere."""
     return self._run(self._put_rows, cache, new, np.asarray(slots_N, np.int32),
                      np.asarray(shift_N, np.int32))
 

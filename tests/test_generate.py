@@ -75,9 +75,10 @@ def test_sampling_options_and_overlong_prompts():
                                                   ("rotary", "causal", False)])
 def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan):
   """What a server's running batch does: row A decodes alone for three picks, then row
-  B's left-padded prefill is put into a grown cache (moved past its padding), both
-  step together, then A leaves and the cache shrinks to B. Each row's tokens (sampled,
-  per-row seeds and pick counts) and logits equal those of the row decoded alone."""
+  B's left-padded prefill (a cache of its prompt's width) is put into a grown cache
+  (moved past its padding, the rest of its slots empty), both step together, then A
+  leaves and the cache shrinks to B. Each row's tokens (sampled, per-row seeds and
+  pick counts) and logits equal those of the row decoded alone."""
   cfg = dataclasses.replace(BASE, position=position, mask=mask, scan_layers=scan)
   model = Transformer(cfg)
   params = init_params(model, jax.random.key(3))
@@ -87,21 +88,21 @@ def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan)
     alone = {r: generate.generate(model, params, [prompts[r]], steps, sampling,
                                   seed=seeds[r], return_logits=True) for r in prompts}
 
-    def prefill(r):  # one row, left-padded to 8 columns, into a cache of max_len slots
+    def prefill(r, slots):  # one row, left-padded to 8 columns, into a cache of `slots`
       batch = generate.prompt_batch([prompts[r]], mask == "prefix", 8)
       picked, cache = decoder.prefill(params, batch, generate.row_keys([seeds[r]]),
-                                      generate.sampling_rows([sampling]), cfg.max_len)
+                                      generate.sampling_rows([sampling]), slots)
       return picked, cache, 8 - 1 - len(prompts[r])
 
     got = {"a": [], "b": []}
-    picked, cache, _ = prefill("a")
+    picked, cache, _ = prefill("a", cfg.max_len)
     got["a"].append(picked)
     keys, rows = generate.row_keys([seeds["a"]]), generate.sampling_rows([sampling])
     for pick in (1, 2):
       picked, cache = decoder.step(params, cache, np.asarray(picked.token),
                                    np.asarray([len(prompts["a"]) + pick]), keys, pick, rows)
       got["a"].append(picked)
-    picked_b, new, shift = prefill("b")
+    picked_b, new, shift = prefill("b", 8)  # as the server's: just the prompt's width
     got["b"].append(picked_b)
     cache = decoder.take_rows(cache, [0, 0])  # grow to two rows; row 1 is taken next
     cache = decoder.put_rows(cache, new, [1], [shift])

@@ -15,9 +15,9 @@ rows waiting in the queue (up to the free room) join:
     prompts — for a prefix LM too: scored bidirectionally, each prompt token would
     see itself;
   - a prefill of their prompts, left-padded to a bucket of prompt widths (powers of
-    two from 32 up to the context window), into a fresh cache, and their first
-    token; a causal model whose new rows all want at most one token takes it from
-    the scoring pass and builds no cache;
+    two from 32 up to the context window), into a fresh cache of that width, and
+    their first token; a causal model whose new rows all want at most one token
+    takes it from the scoring pass and builds no cache;
   - their cache rows put into free slots, moved left past their padding, so a row
     uses only its own tokens' slots (a prompt fits when start token + prompt +
     max_tokens - 1 fits the window).
@@ -259,11 +259,11 @@ class Engine:
   def warmup(self, row_counts=None, widths=None):
     """Compile every shape these row buckets (default: all) and prompt widths can
     take: the scoring pass and the prefill per (rows, width); for every slate size,
-    the step at each bucket of slots read, putting each group size's rows in, and
+    the step at each bucket of slots read, putting each prefill's rows in, and
     regrouping into each other size."""
     top = generate.LOGPROBS_MAX
     counts = row_counts or self.row_buckets
-    prefilled = {}
+    prefilled = []
     for rows in counts:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
@@ -272,11 +272,11 @@ class Engine:
                                       self.prefix_lm, width, self.lead, self.tokenizer.bos_id)
         jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
                                                            sampling, top))
-        picked, prefilled[rows] = self.decoder.prefill(self.params, batch, keys, sampling,
-                                                       self.window, top)
+        prefilled.append((rows, self.decoder.prefill(self.params, batch, keys, sampling,
+                                                      width, top)[1]))
     for size in counts:
       slate = _Slate(self.decoder.empty_cache(size, self.window), size)
-      for rows, cache in prefilled.items():
+      for rows, cache in prefilled:
         slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows) % size,
                                             np.zeros(rows))
       slate.settle()
@@ -325,7 +325,7 @@ class Engine:
     cache = None
     if any(c.max_tokens > 1 for c in choices) or (
         picked is None and any(c.max_tokens for c in choices)):
-      picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, self.window, top)
+      picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)
     if picked is not None:
       self._take_picks(rows, picked)
     self._notify(rows)
