@@ -134,7 +134,7 @@ class Attention(nn.Module):
       k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
     if decode:
       out_BxLxHxK = self._cached(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
-                                 segment_ids_BxL, prefix_BxL, None if decode is True else decode)
+                                 segment_ids_BxL, prefix_BxL)
     else:
       out_BxLxHxK = kernels.attention(
           q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids=segment_ids_BxL,
@@ -145,15 +145,12 @@ class Attention(nn.Module):
                   name="out")(out_BxLxHxK)
 
 
-  def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, segment_ids_BxT, prefix_BxT,
-              reads=None):
+  def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, segment_ids_BxT, prefix_BxT):
     """Decoding: append this call's keys / values to the cache ("cache" collection,
     max_len slots per row) and attend over every filled slot: key j is visible to
     query i iff j holds a real token and (pos_j <= pos_i, or both are in the prompt
     prefix of a prefix LM). Each row fills its slots in order from its own `index`
-    (rows of a server's batch join at different times); positions come per token.
-    With `reads` (static), attention reads only the first `reads` slots of each row,
-    which the caller knows hold every filled one."""
+    (rows of a server's batch join at different times); positions come per token."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
     cache_shape = (b, cfg.max_len) + k_BxTxGxK.shape[2:]
@@ -172,11 +169,9 @@ class Attention(nn.Module):
                             at_B)
     prefix.value = _write_rows(prefix.value, in_prefix_BxT, at_B)
     index_B.value = at_B + t
-    first = (slice(None), slice(0, reads))
     return kernels.cached_attention(
-        q_BxTxHxK, keys.value[first], values.value[first], query_positions=positions_BxT,
-        key_positions=pos.value[first], query_prefix=in_prefix_BxT,
-        key_prefix=prefix.value[first],
+        q_BxTxHxK, keys.value, values.value, query_positions=positions_BxT,
+        key_positions=pos.value, query_prefix=in_prefix_BxT, key_prefix=prefix.value,
         alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None)
 
 
@@ -254,9 +249,7 @@ class Transformer(nn.Module):
   segment_ids: document id per token, 0 = padding; prefix: 1 on the
   bidirectional prefix (used only when cfg.mask == 'prefix'). A negative token
   -1 - i is virtual token i of a soft prompt attached to the params
-  (adapt.soft_prompt). decode=True: cached decoding (the "cache" collection, see
-  Attention._cached); decode=n (an int): the same, attention reading only the first n
-  cache slots of each row.
+  (adapt.soft_prompt).
 
   offload="host": the layers' weight matrices stay in host memory (the caller places
   them there: sharding.offloaded, `offload_params`) and the layer scan copies one
