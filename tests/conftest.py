@@ -35,8 +35,9 @@ def handbook_data_dir(tmp_path_factory):
 
 # The README's test command runs `-n auto --dist loadfile` (pytest-xdist): one worker per
 # core, each test file on one worker so its module fixtures are built once. A worker
-# holds jax, TensorFlow and torch and a test's own subprocesses: about 6 GiB at its peak.
-WORKER_GIB = 6
+# holds jax, TensorFlow and torch and a test's own subprocesses: two used at most 7.5 GiB
+# together on the 2-core CI VM.
+WORKER_GIB = 4
 
 
 def pytest_xdist_auto_num_workers(config):
