@@ -321,6 +321,8 @@ class TrainConfig:
   gns_ema: float = 0.95    # its moving averages' decay per sample
   init_from: str = ""      # a model_dir whose latest weights start a fresh run (new optimizer,
                            # data and schedule): continued pretraining on other data
+  profile_steps: int = 0   # a device trace of this many steps in model_dir (bigsci_jax.profiler)
+  profile_skip: int = 2    # steps after each start or resume before the trace (they compile)
 
   def __post_init__(self):
     _check_literals(self)
@@ -335,6 +337,8 @@ class TrainConfig:
     _check(self.gns_every >= 0, self, "gns_every", "it must be >= 0 (0: off)")
     _check(0 < self.gns_ema < 1, self, "gns_ema", "it must be in (0, 1)")
     _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
+    _check(self.profile_steps >= 0, self, "profile_steps", "it must be >= 0 (0: no trace)")
+    _check(self.profile_skip >= 0, self, "profile_skip", "it must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

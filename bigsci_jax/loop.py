@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from jax.experimental import multihost_utils
 
-from bigsci_jax import checkpoint, data, flops, preemption, sharding
+from bigsci_jax import checkpoint, data, flops, preemption, profiler, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import ConfigError, RunConfig, to_gin
 from bigsci_jax.metrics import MetricsWriter, bits_per_byte
@@ -427,19 +427,30 @@ class _Trainer(Runtime):
       summary.update(step=step, loss=loss)
       return None
 
+    def traced(window):
+      if window is not None:
+        first, last, folder = window
+        writer.write(last, "event", {"event": "profile", "steps": [first, last], "dir": folder})
+        self.say(f"steps {first}-{last} traced in {folder}: tensorboard --logdir "
+                 f"{self.model_dir} shows them (Profile tab, tensorboard-plugin-profile)")
+
+    profile = profiler.StepProfiler(self.model_dir, start + run.train.profile_skip + 1,
+                                    run.train.profile_steps, total)
     previous_handler = preemption.install(run.train.preemption_grace_s, self.say)
     try:
       if run.train.eval_at_start and start == 0:  # the "before" of continued pretraining
         writer.write(0, "eval", self.evaluate(state.params))
       rows = None
       for s in range(start, total):
-        rows = self.batch_rows(state, s, rows, tokens_seen)
-        accumulation, micro = rows // cfg_batch.micro_batch_size, cfg_batch.micro_batch_size
-        if run.train.gns_every and accumulation == 1 and s % run.train.gns_every == 0:
-          accumulation, micro = 2, micro // 2  # two half batches: a noise-scale sample
-        host = data.split_micro_batches(self.source.take(rows), accumulation)
-        batch = data.to_global(host, self.batch_sharding, micro)
-        state, metrics = self.train_step(state, batch)
+        with profile.step(s + 1):
+          rows = self.batch_rows(state, s, rows, tokens_seen)
+          accumulation, micro = rows // cfg_batch.micro_batch_size, cfg_batch.micro_batch_size
+          if run.train.gns_every and accumulation == 1 and s % run.train.gns_every == 0:
+            accumulation, micro = 2, micro // 2  # two half batches: a noise-scale sample
+          host = data.split_micro_batches(self.source.take(rows), accumulation)
+          batch = data.to_global(host, self.batch_sharding, micro)
+          state, metrics = self.train_step(state, batch)
+        traced(profile.finish(s + 1, state))
         tokens_seen += rows * cfg_batch.seq_len
         if pending is not None:
           rollback = flush(pending)
@@ -484,6 +495,7 @@ class _Trainer(Runtime):
                         run.to_dict())
         self.ckpts.wait()
     finally:
+      traced(profile.close())
       preemption.uninstall(previous_handler)
       bar.close()
       writer.close()

@@ -1,6 +1,7 @@
 """Two real processes (4 fake CPU devices each) form one 8-device mesh through
 jax.distributed, each reading only its own rows, and train like one process; their
-checkpoint restores in one process on 8 devices and on 1."""
+checkpoint restores in one process on 8 devices and on 1; a profile of a step is one
+folder for both."""
 
 import os
 import socket
@@ -31,7 +32,8 @@ def test_two_processes_train_like_one(tmp_path):
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, train.__file__, f"--model_dir={multi_dir}", *FLAGS,
-       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}"],
+       f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
+       "--gin.TrainConfig.profile_steps=1"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):
@@ -43,6 +45,10 @@ def test_two_processes_train_like_one(tmp_path):
   assert len(multi) == len(single) == 4
   np.testing.assert_allclose(multi, single, rtol=1e-5)
   assert sorted(os.listdir(multi_dir / "checkpoints")) == ["2", "4"]
+  # Both processes traced step 3 into one folder, named by process 0's clock.
+  (event,) = [e for e in read_metrics(str(multi_dir), "event") if e["event"] == "profile"]
+  assert event["steps"] == [3, 3]
+  assert os.listdir(multi_dir / "plugins" / "profile") == [os.path.basename(event["dir"])]
 
   # The pair's checkpoint is restored by one process on 8 devices and by one on 1 device.
   run = loop.read_run(str(multi_dir))

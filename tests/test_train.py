@@ -89,6 +89,7 @@ def test_size_ladder_parameter_counts():
     ("ModelConfig.num_heads=3", "ModelConfig.num_heads", "divide d_model=128"),
     ("MeshConfig.data=16", "MeshConfig", "only 8 are present"),
     ("BatchConfig.micro_batch_size=5", "BatchConfig.micro_batch_size", "divide batch_size=16"),
+    ("TrainConfig.profile_steps=-1", "TrainConfig.profile_steps", ">= 0 (0: no trace)"),
 ])
 def test_bad_gin_value_stops_with_one_sentence(tmp_path, capsys, binding, field, allowed):
   model_dir = tmp_path / "run"
@@ -191,3 +192,40 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, capsys
   assert train.main([f"--model_dir={tmp_path / 'bad'}", "--gin.TRAIN_STEPS=2", *common,
                      f"--gin.TrainConfig.init_from='{source}'", "--gin.ModelConfig.d_ff=128"]) == 2
   assert "ModelConfig d_ff differ" in capsys.readouterr().err
+
+
+def _traced_steps(folder):
+  """{step number of each StepTraceAnnotation}, and the number of train-step executions,
+  in the trace of `folder`."""
+  (path,) = glob.glob(os.path.join(folder, "*.xplane.pb"))
+  steps_seen, runs = set(), set()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        stats = dict(event.stats)
+        if event.name == "train" and "step_num" in stats:
+          steps_seen.add(int(stats["step_num"]))
+        if stats.get("hlo_module") == "jit_train_step":
+          runs.add(stats["run_id"])
+  return steps_seen, len(runs)
+
+
+def test_profile_traces_the_chosen_steps_after_each_start(tmp_path, capsys):
+  """profile_steps=2 after profile_skip=2: a trace of steps 3 and 4 holding exactly two
+  train-step executions; resumed at step 6 with a window past the end, the trace holds
+  the steps left (7, 8) and stops with the run."""
+  model_dir = str(tmp_path / "profiled")
+  common = [f"--model_dir={model_dir}", "--no_progress", "--gin.MIXTURE='synthetic'",
+            "--gin.ModelConfig.vocab_size=64", "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=16",
+            "--gin.ModelConfig.d_model=32", "--gin.ModelConfig.d_ff=64",
+            "--gin.TrainConfig.eval_batches=1"]
+  assert train.main([*common, "--gin.TRAIN_STEPS=6", "--gin.TrainConfig.profile_steps=2"]) == 0
+  assert train.main([*common, "--gin.TRAIN_STEPS=8", "--gin.TrainConfig.profile_steps=5",
+                     "--gin.TrainConfig.profile_skip=0"]) == 0
+  events = [e for e in read_metrics(model_dir, "event") if e["event"] == "profile"]
+  assert [(e["step"], e["steps"]) for e in events] == [(4, [3, 4]), (8, [7, 8])]
+  for event, steps_wanted in zip(events, ({3, 4}, {7, 8})):
+    assert os.path.dirname(event["dir"]) == os.path.join(model_dir, "plugins", "profile")
+    assert _traced_steps(event["dir"]) == (steps_wanted, 2)
+  assert "steps 3-4 traced in" in capsys.readouterr().err
+  assert [r["step"] for r in read_metrics(model_dir, "train")] == list(range(1, 9))
