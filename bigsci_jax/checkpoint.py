@@ -16,6 +16,7 @@ import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 TMP_MARK = ".orbax-checkpoint-tmp"
 log = logging.getLogger(__name__)
@@ -77,16 +78,20 @@ def describe_mismatch(saved_shapes, wanted_shapes, saved_config, config):
 
 
 class Checkpoints:
-  """A model_dir/checkpoints manager: save every N steps, keep the last K."""
+  """A model_dir/checkpoints manager: save every N steps and at keep_steps; keep the last
+  K and those of keep_steps."""
 
-  def __init__(self, directory, *, every, keep, async_save=True, owner=False):
+  def __init__(self, directory, *, every, keep, async_save=True, owner=False, keep_steps=()):
     """owner: this process trains into `directory` (removes interrupted saves)."""
-    self.every = every
+    self.every, self.keep_steps = every, frozenset(keep_steps)
     if owner:
       remove_partial_saves(directory)
+    keeping = {"max_to_keep": keep}
+    if keep_steps:
+      keeping = {"preservation_policy": preservation.AnyPreservationPolicy(
+          [preservation.LatestN(keep), preservation.CustomSteps(sorted(keep_steps))])}
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=1, create=True,
-        enable_async_checkpointing=async_save)
+        save_interval_steps=1, create=True, enable_async_checkpointing=async_save, **keeping)
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -97,7 +102,7 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def due(self, step):
-    return step % self.every == 0
+    return step % self.every == 0 or step in self.keep_steps
 
   def save(self, step, state, data_state, config_dict):
     """Starts an (async) save of `step` unless it is already saved; True if started."""

@@ -125,9 +125,14 @@ class OptimizerConfig:
   optimizer: Literal["adamw", "sgd"] = "adamw"
   learning_rate: float = 3e-4
   warmup_steps: int = 0
-  decay: Literal["cosine", "linear", "constant", "inverse_sqrt"] = "cosine"
+  decay: Literal["cosine", "linear", "constant", "inverse_sqrt", "wsd"] = "cosine"
   decay_steps: Optional[int] = None   # None: the run's train_steps
   final_lr_fraction: float = 0.1
+  # decay='wsd' (warmup-stable-decay; Hu et al. 2024, Hagele et al. 2024): the peak
+  # until the last cooldown_fraction of decay_steps, then down to the final fraction
+  # along 1 - x (linear) or 1 - sqrt(x) (Hagele et al.'s best cooldown shape).
+  cooldown_fraction: float = 0.2
+  cooldown_shape: Literal["linear", "1-sqrt"] = "1-sqrt"
   b1: float = 0.9
   b2: float = 0.95   # Porian et al. 2024: raise toward 0.99+ at small batch
   eps: float = 1e-8
@@ -146,6 +151,7 @@ class OptimizerConfig:
     _check(self.rewarm_steps >= 0, self, "rewarm_steps", "it must be >= 0")
     _check(self.warmup_steps >= 0, self, "warmup_steps", "it must be >= 0")
     _check(0.0 <= self.final_lr_fraction <= 1.0, self, "final_lr_fraction", "it must be in [0, 1]")
+    _check(0.0 < self.cooldown_fraction <= 1.0, self, "cooldown_fraction", "it must be in (0, 1]")
     _check(0.0 <= self.b1 < 1.0, self, "b1", "it must be in [0, 1)")
     _check(0.0 <= self.b2 < 1.0, self, "b2", "it must be in [0, 1)")
     _check(self.clip_norm is None or self.clip_norm > 0, self, "clip_norm",
@@ -321,6 +327,9 @@ class TrainConfig:
   gns_ema: float = 0.95    # its moving averages' decay per sample
   init_from: str = ""      # a model_dir whose latest weights start a fresh run (new optimizer,
                            # data and schedule): continued pretraining on other data
+  branch_from: str = ""    # a model_dir whose checkpoint at branch_step this run continues
+  branch_step: Optional[int] = None  # (weights, optimizer, data position; None: its latest)
+  keep_steps: tuple = ()   # checkpoints also saved at these steps and never deleted
   profile_steps: int = 0   # a device trace of this many steps in model_dir (bigsci_jax.profiler)
   profile_skip: int = 2    # steps after each start or resume before the trace (they compile)
 
@@ -337,6 +346,14 @@ class TrainConfig:
     _check(self.gns_every >= 0, self, "gns_every", "it must be >= 0 (0: off)")
     _check(0 < self.gns_ema < 1, self, "gns_ema", "it must be in (0, 1)")
     _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
+    _check(not (self.branch_from and self.init_from), self, "branch_from",
+           "a run continues another run's checkpoint (branch_from) or starts from its weights "
+           "(init_from), not both")
+    _check(self.branch_step is None or self.branch_step > 0, self, "branch_step",
+           "it must be a positive checkpoint step or None (the latest)")
+    object.__setattr__(self, "keep_steps", tuple(self.keep_steps))
+    _check(all(isinstance(s, int) and s > 0 for s in self.keep_steps), self, "keep_steps",
+           "it must list positive steps")
     _check(self.profile_steps >= 0, self, "profile_steps", "it must be >= 0 (0: no trace)")
     _check(self.profile_skip >= 0, self, "profile_skip", "it must be >= 0")
 

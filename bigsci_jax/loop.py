@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from bigsci_jax import checkpoint, data, flops, preemption, profiler, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import ConfigError, RunConfig, to_gin
-from bigsci_jax.metrics import MetricsWriter, bits_per_byte
+from bigsci_jax.metrics import MetricsWriter, bits_per_byte, read_metrics
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
 
@@ -270,8 +270,11 @@ class _Trainer(Runtime):
     self.ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"),
                                         every=run.train.checkpoint_every,
                                         keep=run.train.keep_checkpoints,
-                                        async_save=run.train.async_checkpoints, owner=True)
-    corpus = make_data(run, model_dir=model_dir)
+                                        async_save=run.train.async_checkpoints, owner=True,
+                                        keep_steps=run.train.keep_steps)
+    # A branch not started yet reads text with its source run's vocabulary.
+    self.branching = bool(run.train.branch_from) and self.ckpts.latest_step() is None
+    corpus = make_data(run, model_dir=run.train.branch_from if self.branching else model_dir)
     self.source = corpus.train
     self.eval_sets = make_eval_sets(run, corpus.evals, corpus.token_bytes)
     self.vocab_files, self.config_text = corpus.vocab_files, config_text
@@ -286,7 +289,11 @@ class _Trainer(Runtime):
     """(state, start step); the run's files are written once its checkpoint has restored,
     so a config that does not fit the checkpoint leaves model_dir as it was."""
     start = self.ckpts.latest_step()
-    if start is None:
+    if self.branching:
+      state, data_state, start = self.branch_start(self.run.train.branch_from,
+                                                   self.run.train.branch_step)
+      self.source.set_state(data_state)
+    elif start is None:
       state = steps.init_state(self.model, self.tx, self.mesh, self.run.train.seed,
                                self.run.batch.seq_len, self.run.train.spike_window)
       if self.run.train.init_from:
@@ -301,6 +308,39 @@ class _Trainer(Runtime):
       write_atomic(os.path.join(self.model_dir, "config.json"),
                    json.dumps(self.run.to_dict(), indent=2, sort_keys=True) + "\n")
     return state, start or 0
+
+  def branch_start(self, source_dir, step):
+    """(state, data state, step) of source_dir's checkpoint `step` (None: its latest), for
+    a run that continues it under its own schedule and length (a cooldown branch of a
+    'wsd' run); its metrics lines up to `step` start this run's metrics.jsonl, so the
+    branch reads like one run. Model, batch and data must be the source's."""
+    source = read_run(source_dir)
+    changed = [f"{part}.{f}" for part in ("model", "batch", "data")
+               for f in getattr(source, part).__dataclass_fields__
+               if getattr(getattr(source, part), f) != getattr(getattr(self.run, part), f)]
+    if changed:
+      raise ConfigError(f"TrainConfig.branch_from={source_dir} trains another model, batch or "
+                        f"data ({', '.join(changed)} differ); a branch changes only the "
+                        f"schedule and length, so use that run's settings.")
+    ckpts = checkpoint.Checkpoints(os.path.join(source_dir, "checkpoints"), every=1, keep=1)
+    try:
+      saved = ckpts.manager.all_steps()
+      step = ckpts.latest_step() if step is None else step
+      if step is None or step not in saved:
+        raise RunNotFound(f"TrainConfig.branch_step={step}: {source_dir} has checkpoints at "
+                          f"steps {sorted(saved)}; branch from one of them (a source run keeps "
+                          f"the steps listed in its TrainConfig.keep_steps).")
+      if step >= self.run.train.train_steps:
+        raise ConfigError(f"TrainConfig.branch_step={step} leaves nothing to train: the branch "
+                          f"ends at train_steps={self.run.train.train_steps}; branch earlier.")
+      state, data_state = ckpts.restore(self.abstract, step, self.run.to_dict())
+    finally:
+      ckpts.close()
+    if jax.process_index() == 0:
+      lines = [json.dumps(r) + "\n" for r in read_metrics(source_dir) if r["step"] <= step]
+      write_atomic(os.path.join(self.model_dir, "metrics.jsonl"), "".join(lines))
+    self.say(f"continuing {source_dir} from its step {step} (weights, optimizer, data position)")
+    return state, data_state, step
 
   def warm_start_params(self, source_dir):
     """The latest weights of source_dir's run, in this run's shardings; its model must match."""

@@ -12,7 +12,8 @@ def learning_rate_schedule(cfg: OptimizerConfig, train_steps: int):
 
   cosine / linear reach `final_lr_fraction * peak` at `decay_steps` (default: the
   run's length) and stay there; inverse_sqrt decays as sqrt(warmup / step) and is
-  floored at the same fraction; constant stays at the peak. With rewarm_steps = W
+  floored at the same fraction; constant stays at the peak; wsd stays at the peak up
+  to cooldown_start() and reaches the final fraction at decay_steps. With rewarm_steps = W
   (a run continued after growth from step R = rewarm_start), steps R <= t < R + W
   get (t - R) / W * f(R + W) instead of f(t).
   """
@@ -28,6 +29,10 @@ def learning_rate_schedule(cfg: OptimizerConfig, train_steps: int):
       decayed = floor + (peak - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
     elif cfg.decay == "linear":
       decayed = peak + (floor - peak) * frac
+    elif cfg.decay == "wsd":
+      cool = cooldown_start(cfg, train_steps)
+      x = jnp.clip((step - cool) / max(total - cool, 1), 0.0, 1.0)
+      decayed = peak + (floor - peak) * (x if cfg.cooldown_shape == "linear" else jnp.sqrt(x))
     elif cfg.decay == "inverse_sqrt":
       decayed = jnp.maximum(floor, peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, 1.0)))
     else:
@@ -44,6 +49,15 @@ def learning_rate_schedule(cfg: OptimizerConfig, train_steps: int):
     return jnp.where((step >= start) & (step < start + length), ramp, schedule(step))
 
   return rewarmed
+
+
+def cooldown_start(cfg: OptimizerConfig, train_steps: int):
+  """The last step at the peak of a 'wsd' schedule: the cooldown is the last
+  cooldown_fraction of decay_steps (at least one step). A run of the same config with
+  more steps reaches it at the same learning rates, so a longer run's checkpoint there
+  continues into this run's cooldown exactly (scaling/sweep.py branches them)."""
+  total = cfg.decay_steps or train_steps
+  return total - max(1, round(cfg.cooldown_fraction * total))
 
 
 def decay_mask(params, no_decay):

@@ -1,6 +1,8 @@
 """Gradient accumulation, the batch-size ramp, the LR schedule, the weight-decay mask and
 the update guard."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from bigsci_jax import data, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig, TrainConfig
 from bigsci_jax.model import Transformer, init_params
-from bigsci_jax.optim import decay_mask, learning_rate_schedule, make_optimizer
+from bigsci_jax.optim import cooldown_start, decay_mask, learning_rate_schedule, make_optimizer
 
 CFG = ModelConfig(num_layers=2, d_model=32, num_heads=4, d_ff=64, vocab_size=64, max_len=32,
                   dtype="float32", z_loss=1e-4)
@@ -104,6 +106,27 @@ def test_schedule_shapes():
   assert float(inv(400)) == pytest.approx(0.5 * peak)
   const = learning_rate_schedule(OptimizerConfig(learning_rate=peak, decay="constant"), 100)
   assert float(const(99)) == pytest.approx(peak)
+
+
+def test_wsd_holds_the_peak_until_its_cooldown():
+  """Warmup-stable-decay: warmup 10, peak until step 80 of 100 (cooldown 20%), then
+  1 - sqrt(x) down to the floor; a longer run of the same config has the same rates
+  up to this run's cooldown start."""
+  cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=10, decay="wsd", final_lr_fraction=0.0,
+                        cooldown_fraction=0.2)
+  f = learning_rate_schedule(cfg, 100)
+  assert cooldown_start(cfg, 100) == 80 and float(f(0)) == pytest.approx(0.1)
+  assert float(f(10)) == float(f(80)) == 1.0
+  assert float(f(85)) == pytest.approx(1 - 0.5)       # x = 1/4: 1 - sqrt(1/4)
+  assert float(f(95)) == pytest.approx(1 - 0.75 ** 0.5)
+  assert float(f(100)) == 0.0
+  linear = learning_rate_schedule(dataclasses.replace(cfg, cooldown_shape="linear"), 100)
+  assert float(linear(85)) == pytest.approx(0.75)
+  longer = learning_rate_schedule(cfg, 1000)
+  steps = np.arange(0, 81)
+  np.testing.assert_array_equal(np.asarray(jax.vmap(f)(steps)),
+                                np.asarray(jax.vmap(longer)(steps)))
+  assert float(longer(81)) == 1.0 and float(f(81)) < 1.0
 
 
 def test_rewarm_after_growth_matches_the_issue_test_vector():

@@ -229,3 +229,43 @@ def test_profile_traces_the_chosen_steps_after_each_start(tmp_path, capsys):
     assert _traced_steps(event["dir"]) == (steps_wanted, 2)
   assert "steps 3-4 traced in" in capsys.readouterr().err
   assert [r["step"] for r in read_metrics(model_dir, "train")] == list(range(1, 9))
+
+
+def test_a_cooldown_branch_of_a_wsd_run_equals_the_shorter_run_trained_alone(tmp_path, capsys):
+  """A 'wsd' run of 12 steps keeps its step-6 checkpoint; a branch from it with
+  train_steps=8 (cooldown from step 6) ends where an 8-step run trained from scratch
+  ends: same losses, the same weights bit for bit. Its metrics.jsonl reads like one run."""
+  common = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=64",
+            "--gin.BATCH_SIZE=4", "--gin.SEQ_LEN=16", "--gin.ModelConfig.d_model=32",
+            "--gin.ModelConfig.d_ff=64", "--gin.TrainConfig.eval_batches=1",
+            "--gin.OptimizerConfig.decay='wsd'", "--gin.OptimizerConfig.cooldown_fraction=0.25",
+            "--gin.OptimizerConfig.warmup_steps=2", "--gin.OptimizerConfig.learning_rate=0.01",
+            "--gin.TrainConfig.checkpoint_every=100"]
+  trunk, branch, alone = (str(tmp_path / n) for n in ("trunk", "branch", "alone"))
+  assert train.main([f"--model_dir={trunk}", *common, "--gin.TRAIN_STEPS=12",
+                     "--gin.TrainConfig.keep_steps=[6]"]) == 0
+  assert sorted(os.listdir(os.path.join(trunk, "checkpoints"))) == ["12", "6"]
+  assert train.main([f"--model_dir={branch}", *common, "--gin.TRAIN_STEPS=8",
+                     f"--gin.TrainConfig.branch_from='{trunk}'", "--gin.TrainConfig.branch_step=6"]) == 0
+  assert f"continuing {trunk} from its step 6" in capsys.readouterr().err
+  assert train.main([f"--model_dir={alone}", *common, "--gin.TRAIN_STEPS=8"]) == 0
+  branched, trained = read_metrics(branch, "train"), read_metrics(alone, "train")
+  assert [r["step"] for r in branched] == list(range(1, 9))
+  np.testing.assert_allclose([r["loss"] for r in branched], [r["loss"] for r in trained], rtol=1e-6)
+  np.testing.assert_allclose([r["learning_rate"] for r in branched],
+                             [r["learning_rate"] for r in trained], rtol=1e-7)
+  assert read_metrics(branch, "eval")[-1]["loss"] == pytest.approx(
+      read_metrics(alone, "eval")[-1]["loss"], rel=1e-6)
+  from bigsci_jax import loop
+  params = [loop.Runtime(loop.read_run(d)).restore_params(d)[0] for d in (branch, alone)]
+  jax.tree.map(np.testing.assert_array_equal, *params)  # bit for bit
+
+  # A step the trunk did not keep, and a different model, stop with one sentence each.
+  capsys.readouterr()
+  assert train.main([f"--model_dir={tmp_path / 'b2'}", *common, "--gin.TRAIN_STEPS=8",
+                     f"--gin.TrainConfig.branch_from='{trunk}'", "--gin.TrainConfig.branch_step=4"]) == 2
+  assert "has checkpoints at steps [6, 12]" in capsys.readouterr().err
+  assert train.main([f"--model_dir={tmp_path / 'b3'}", *common, "--gin.TRAIN_STEPS=8",
+                     "--gin.ModelConfig.d_ff=128", f"--gin.TrainConfig.branch_from='{trunk}'"]) == 2
+  err = capsys.readouterr().err
+  assert "model.d_ff differ" in err and not os.path.exists(tmp_path / "b3" / "config.json")
