@@ -28,17 +28,19 @@ def _last_json(capsys):
   return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-def _sweep(tmp_path, capsys, budgets, sizes, aspect=32):
+def _sweep(tmp_path, capsys, budgets, sizes, aspect=32, more=()):
+  """(plan folder, runs.csv rows, the run command's summary)."""
   out = str(tmp_path / "plan")
   assert scaling_main(["plan", "--budgets", *map(str, budgets), "--sizes_per_budget", str(sizes),
                        "--spread", "3", "--head_dim", "16", "--aspect", str(aspect),
                        "--batch_size", "8", "--out", out,
-                       "--base", _base_file(tmp_path)]) == 0
+                       "--base", _base_file(tmp_path), *more]) == 0
   planned = _last_json(capsys)
   assert scaling_main(["run", "--plan", out, "--no_progress"]) == 0
-  assert _last_json(capsys)["runs"] == planned["runs"]
+  summary = _last_json(capsys)
+  assert summary["runs"] == planned["runs"]
   with open(os.path.join(out, "runs.csv")) as f:
-    return out, list(csv.DictReader(f))
+    return out, list(csv.DictReader(f)), summary
 
 
 def test_plan_budgets_are_spent_as_planned():
@@ -54,8 +56,18 @@ def test_plan_budgets_are_spent_as_planned():
 
 
 def test_tiny_sweep_runs_resumes_fits_and_plots(tmp_path, capsys):
-  out, rows = _sweep(tmp_path, capsys, (3e10, 1e11), 3)
+  """A 'wsd' plan: the 296-step run of the smallest model is a cooldown branch of its
+  988-step run from step 237 (scaling/sweep.py; test_train checks that a branch ends
+  where the run trained alone ends); the other model's runs differ in warmup and train
+  apart."""
+  out, rows, summary = _sweep(tmp_path, capsys, (3e10, 1e11), 3, more=("--decay", "wsd"))
   assert len(rows) == 4 and all(np.isfinite(float(r["loss"])) for r in rows)
+  (branch,) = [r for r in rows if int(r["tokens_trained"]) < int(r["tokens"])]
+  saved = json.load(open(os.path.join(out, "runs", branch["run"], "config.json")))["train"]
+  trunk = os.path.basename(saved["branch_from"])
+  assert saved["branch_step"] == 237 and trunk.startswith("c1.00e11_") and trunk[9:] == branch["run"][9:]
+  assert int(branch["tokens_trained"]) == (296 - 237) * 8 * 64
+  assert summary["tokens_planned"] - summary["tokens_trained"] == 237 * 8 * 64
   # More compute for the same model gives a lower loss.
   by_model = {}
   for r in rows:
@@ -98,7 +110,7 @@ def test_budget_too_small_for_the_smallest_model_is_one_sentence(tmp_path, capsy
 
 @pytest.mark.slow
 def test_three_budget_sweep_with_three_sizes_each(tmp_path, capsys):
-  out, rows = _sweep(tmp_path, capsys, (3e10, 1e11, 3e11), 3, aspect=16)
+  out, rows, _ = _sweep(tmp_path, capsys, (3e10, 1e11, 3e11), 3, aspect=16)
   assert len(rows) >= 8  # neighbouring targets can round to the same shape
   capsys.readouterr()
   rc = scaling_main(["fit", "--approach", "3", "--runs", os.path.join(out, "runs.csv"),

@@ -1,6 +1,7 @@
 """Scaling-law sweeps and fits.
 
   python -m bigsci_jax.scaling plan --budgets 1e15 3e15 1e16 --out PLAN [--base model_dir/config.json]
+      [--decay wsd]                                     # runs of one model share a trunk
   python -m bigsci_jax.scaling plan-languages --languages en fr de --tokens 1e6 3e6 1e7
       --source_tokens 1e7 --base model_dir/config.json --out PLAN   # data laws and transfer runs
   python -m bigsci_jax.scaling run --plan PLAN          # trains every run, writes PLAN/runs.csv
@@ -104,6 +105,9 @@ def plan_command(args):
   if args.base:
     with open(args.base) as f:
       base = RunConfig.from_dict(json.load(f))
+  if args.decay:
+    base = dataclasses.replace(base, optimizer=dataclasses.replace(
+        base.optimizer, decay=args.decay, cooldown_fraction=args.cooldown_fraction))
   learning_rate, batch_size = _hparam_rules(args)
   spec = plan.PlanSpec(budgets=tuple(args.budgets), sizes_per_budget=args.sizes_per_budget,
                        spread=args.spread, tokens_per_param=args.tokens_per_param,
@@ -168,7 +172,9 @@ def run_command(args):
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.plan, "xla_cache"))
   rows = sweep.run_plan(args.plan, progress=not args.no_progress)
   result = {"runs_csv": os.path.join(args.plan, "runs.csv"), "runs": len(rows),
-            "curves_csv": os.path.join(args.plan, "curves.csv")}
+            "curves_csv": os.path.join(args.plan, "curves.csv"),
+            "tokens_planned": sum(float(r["tokens"]) for r in rows),
+            "tokens_trained": sum(r["tokens_trained"] for r in rows)}
   for name in ("languages.csv", "transfer.csv", "sizes.json"):  # a language plan's
     if os.path.exists(os.path.join(args.plan, name)):
       result[name.replace(".", "_")] = os.path.join(args.plan, name)
@@ -377,6 +383,11 @@ def main(argv):
   p.add_argument("--b2", type=float, default=0.95)
   p.add_argument("--hparams", default=None,
                  help="a fit-hparams JSON: learning rate and batch size as power laws in N")
+  p.add_argument("--decay", default=None, choices=("cosine", "linear", "wsd"),
+                 help="the LR decay of every run (default: the base's); with wsd, `run` trains "
+                      "runs of one model that differ in length as one trunk and cooldown branches")
+  p.add_argument("--cooldown_fraction", type=float, default=0.2,
+                 help="with --decay wsd: the share of each run spent cooling down")
   p = commands.add_parser("plan-languages", help="runs for per-language data laws and transfer")
   p.add_argument("--languages", nargs="+", required=True)
   p.add_argument("--tokens", type=float, nargs="+", required=True,

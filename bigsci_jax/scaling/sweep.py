@@ -8,6 +8,7 @@ language plan (scaling/languages.py) also gets languages.csv, transfer.csv and
 sizes.json."""
 
 import csv
+import dataclasses
 import json
 import os
 
@@ -15,12 +16,14 @@ import tqdm
 
 from bigsci_jax import loop
 from bigsci_jax.config import RunConfig
+from bigsci_jax.optim import cooldown_start
 from bigsci_jax.metrics import read_metrics
 
 RESULT_COLUMNS = ("run", "budget", "params", "params_non_embedding", "tokens", "flops",
                   "flops_kaplan", "flops_chinchilla", "flops_porian", "loss")
 
 
+RUNS_COLUMNS = RESULT_COLUMNS + ("tokens_trained",)
 LANG_COLUMNS = RESULT_COLUMNS + ("lang", "bpb")
 CURVE_COLUMNS = RESULT_COLUMNS + ("step",)
 _FLOPS = ("flops", "flops_kaplan", "flops_chinchilla", "flops_porian")
@@ -51,27 +54,80 @@ def _write_csv(path, columns, rows):
   os.replace(tmp, path)
 
 
+def _length_free(run: RunConfig):
+  """What a run is apart from its length (and when it saves): runs alike in this differ
+  only in train_steps."""
+  train = dataclasses.replace(run.train, train_steps=1, checkpoint_every=1, keep_steps=())
+  return json.dumps(dataclasses.replace(run, train=train).to_dict(), sort_keys=True)
+
+
+def branch_runs(runs, model_dirs):
+  """{name: RunConfig} -> the same runs, 'wsd' runs alike but for their length arranged
+  as one trunk (the longest, keeping a checkpoint at every branch point) and branches
+  that continue it from their own cooldown start: a branch trains only its cooldown,
+  and ends bit for bit where it would trained alone (its learning rates up to there
+  are the trunk's; model_dirs: {name: where it trains}). Returns ({name: RunConfig},
+  {branch name: its step in the trunk}); trunks come first."""
+  groups = {}
+  for name, run in runs.items():
+    if run.optimizer.decay == "wsd" and not run.train.branch_from:
+      groups.setdefault(_length_free(run), []).append(name)
+  arranged, branched = dict(runs), {}
+  for names in groups.values():
+    trunk = max(names, key=lambda n: runs[n].train.train_steps)
+    points = {}
+    for name in names:
+      run = runs[name]
+      at = cooldown_start(run.optimizer, run.train.train_steps)
+      if name != trunk and 0 < at and run.train.train_steps < runs[trunk].train.train_steps:
+        points[name] = at
+    if not points:
+      continue
+    base = runs[trunk]
+    arranged[trunk] = dataclasses.replace(base, train=dataclasses.replace(
+        base.train, keep_steps=tuple(sorted(set(points.values()) | set(base.train.keep_steps)))))
+    for name, at in points.items():
+      arranged[name] = dataclasses.replace(runs[name], train=dataclasses.replace(
+          runs[name].train, branch_from=model_dirs[trunk], branch_step=at))
+    branched.update(points)
+  order = sorted(arranged, key=lambda n: n in branched)  # trunks (and lone runs) first
+  return {n: arranged[n] for n in order}, branched
+
+
 def run_plan(plan_dir, progress=True):
-  """Train every run of plan_dir; returns the rows written to plan_dir/runs.csv."""
+  """Train every run of plan_dir; returns the rows written to plan_dir/runs.csv.
+
+  'wsd' runs of one model and one set of hyperparameters share their trunk
+  (branch_runs); each row's `tokens_trained` counts the tokens it trained itself (a
+  branch: its cooldown)."""
   with open(os.path.join(plan_dir, "plan.csv"), newline="") as f:
     plan = list(csv.DictReader(f))
-  results, by_lang, curves, finished = [], [], [], []
-  for row in tqdm.tqdm(plan, desc="sweep", disable=not progress):
+  configs = {}
+  for row in plan:
     with open(os.path.join(plan_dir, "configs", f"{row['run']}.json")) as f:
-      run = RunConfig.from_dict(json.load(f))
-    model_dir = os.path.join(plan_dir, "runs", row["run"])
+      configs[row["run"]] = RunConfig.from_dict(json.load(f))
+  model_dirs = {name: os.path.join(plan_dir, "runs", name) for name in configs}
+  arranged, branched = branch_runs(configs, model_dirs)
+  for name, run in tqdm.tqdm(arranged.items(), total=len(arranged), desc="sweep",
+                             disable=not progress):
+    if _final_eval(model_dirs[name], run.train.train_steps) is None:
+      # not finished: train, resuming from a checkpoint if there is one
+      loop.train(run, model_dirs[name], progress=False)
+  results, by_lang, curves, finished = [], [], [], []
+  for row in plan:
+    run = configs[row["run"]]
+    model_dir = model_dirs[row["run"]]
     final = _final_eval(model_dir, run.train.train_steps)
-    if final is None:  # not finished: train, resuming from a checkpoint if there is one
-      loop.train(run, model_dir, progress=False)
-      final = _final_eval(model_dir, run.train.train_steps)
     planned = {k: row[k] for k in RESULT_COLUMNS if k in row}
-    results.append({**planned, "loss": final["loss"]})
+    own_steps = run.train.train_steps - branched.get(row["run"], 0)
+    results.append({**planned, "loss": final["loss"],
+                    "tokens_trained": own_steps * run.batch.batch_size * run.batch.seq_len})
     finished.append((row, final, run))
     curves += _curve(model_dir, planned)
     for key in sorted(k for k in final if k.startswith("loss/")):
       lang = key.split("/", 1)[1]
       by_lang.append({**planned, "lang": lang, "loss": final[key], "bpb": final[f"bpb/{lang}"]})
-  _write_csv(os.path.join(plan_dir, "runs.csv"), RESULT_COLUMNS, results)
+  _write_csv(os.path.join(plan_dir, "runs.csv"), RUNS_COLUMNS, results)
   _write_csv(os.path.join(plan_dir, "curves.csv"), CURVE_COLUMNS, curves)
   if by_lang:
     _write_csv(os.path.join(plan_dir, "runs_by_lang.csv"), LANG_COLUMNS, by_lang)
