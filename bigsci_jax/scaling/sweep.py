@@ -79,7 +79,7 @@ def branch_runs(runs, model_dirs):
     for name in names:
       run = runs[name]
       at = cooldown_start(run.optimizer, run.train.train_steps)
-      if name != trunk and 0 < at and run.train.train_steps < runs[trunk].train.train_steps:
+      if name != trunk and 0 < at < run.train.train_steps < runs[trunk].train.train_steps:
         points[name] = at
     if not points:
       continue
