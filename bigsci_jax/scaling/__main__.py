@@ -2,6 +2,8 @@
 
   python -m bigsci_jax.scaling plan --budgets 1e15 3e15 1e16 --out PLAN [--base model_dir/config.json]
       [--decay wsd]                                     # runs of one model share a trunk
+  python -m bigsci_jax.scaling plan-grid --params 1e6 3e6 1e7 --tokens_per_param 5 10 20 40
+      --out PLAN --decay wsd      # each size x each ratio: one trunk + cooldown branches per size
   python -m bigsci_jax.scaling plan-languages --languages en fr de --tokens 1e6 3e6 1e7
       --source_tokens 1e7 --base model_dir/config.json --out PLAN   # data laws and transfer runs
   python -m bigsci_jax.scaling run --plan PLAN          # trains every run, writes PLAN/runs.csv
@@ -101,6 +103,7 @@ def fit_command(args):
 
 
 def plan_command(args):
+  """An isoFLOP plan (`plan`) or a sizes x data grid (`plan-grid`)."""
   base = RunConfig()
   if args.base:
     with open(args.base) as f:
@@ -109,12 +112,17 @@ def plan_command(args):
     base = dataclasses.replace(base, optimizer=dataclasses.replace(
         base.optimizer, decay=args.decay, cooldown_fraction=args.cooldown_fraction))
   learning_rate, batch_size = _hparam_rules(args)
-  spec = plan.PlanSpec(budgets=tuple(args.budgets), sizes_per_budget=args.sizes_per_budget,
-                       spread=args.spread, tokens_per_param=args.tokens_per_param,
-                       convention=args.convention, learning_rate=learning_rate,
-                       batch_size=batch_size, b2=plan.HparamRule(args.b2))
   rule = plan.ShapeRule(aspect=args.aspect, head_dim=args.head_dim, ffn_ratio=args.ffn_ratio)
-  runs = plan.make_plan(base, spec, rule)
+  if args.command == "plan-grid":
+    spec = plan.PlanSpec(budgets=(), convention=args.convention, learning_rate=learning_rate,
+                         batch_size=batch_size, b2=plan.HparamRule(args.b2))
+    runs = plan.make_grid(base, spec, rule, args.params, args.tokens_per_param)
+  else:
+    spec = plan.PlanSpec(budgets=tuple(args.budgets), sizes_per_budget=args.sizes_per_budget,
+                         spread=args.spread, tokens_per_param=args.tokens_per_param,
+                         convention=args.convention, learning_rate=learning_rate,
+                         batch_size=batch_size, b2=plan.HparamRule(args.b2))
+    runs = plan.make_plan(base, spec, rule)
   plan.write_plan(runs, args.out)
   for _, _, row in runs:
     print(f"{row['run']:>24}  N={row['params']:.3g}  D={row['tokens']:.3g}  steps={row['train_steps']}")
@@ -366,28 +374,37 @@ def main(argv):
   p.add_argument("--out", default=None, help="folder for the PNG plots")
   p.add_argument("--by", default=None, help="fit each value of this column apart, e.g. lang")
   p.add_argument("--irreducible", action="store_true", help="kaplan: fit an irreducible loss E too")
-  p = commands.add_parser("plan", help="write a sweep plan: shapes, tokens, hyperparameters")
+  shared = argparse.ArgumentParser(add_help=False)  # the options of both plan commands
+  shared.add_argument("--out", required=True)
+  shared.add_argument("--base", default=None, help="a RunConfig JSON (e.g. a model_dir's config.json)")
+  shared.add_argument("--convention", default="chinchilla", choices=("kaplan", "chinchilla", "porian"))
+  shared.add_argument("--aspect", type=int, default=32)
+  shared.add_argument("--head_dim", type=int, default=64)
+  shared.add_argument("--ffn_ratio", type=float, default=4.0)
+  shared.add_argument("--learning_rate", type=float, default=3e-3)
+  shared.add_argument("--lr_exponent", type=float, default=0.0, help="lr = learning_rate * N^exponent")
+  shared.add_argument("--batch_size", type=float, default=16)
+  shared.add_argument("--b2", type=float, default=0.95)
+  shared.add_argument("--hparams", default=None,
+                      help="a fit-hparams JSON: learning rate and batch size as power laws in N")
+  shared.add_argument("--decay", default=None, choices=("cosine", "linear", "wsd"),
+                      help="the LR decay of every run (default: the base's); with wsd, `run` trains "
+                           "runs of one model that differ in length as one trunk and cooldown "
+                           "branches")
+  shared.add_argument("--cooldown_fraction", type=float, default=0.2,
+                      help="with --decay wsd: the share of each run spent cooling down")
+  p = commands.add_parser("plan", parents=[shared],
+                          help="write an isoFLOP sweep plan: shapes, tokens, hyperparameters")
   p.add_argument("--budgets", type=float, nargs="+", required=True, help="FLOP budgets")
-  p.add_argument("--out", required=True)
-  p.add_argument("--base", default=None, help="a RunConfig JSON (e.g. a model_dir's config.json)")
   p.add_argument("--sizes_per_budget", type=int, default=4)
   p.add_argument("--spread", type=float, default=4.0)
   p.add_argument("--tokens_per_param", type=float, default=20.0)
-  p.add_argument("--convention", default="chinchilla", choices=("kaplan", "chinchilla", "porian"))
-  p.add_argument("--aspect", type=int, default=32)
-  p.add_argument("--head_dim", type=int, default=64)
-  p.add_argument("--ffn_ratio", type=float, default=4.0)
-  p.add_argument("--learning_rate", type=float, default=3e-3)
-  p.add_argument("--lr_exponent", type=float, default=0.0, help="lr = learning_rate * N^exponent")
-  p.add_argument("--batch_size", type=float, default=16)
-  p.add_argument("--b2", type=float, default=0.95)
-  p.add_argument("--hparams", default=None,
-                 help="a fit-hparams JSON: learning rate and batch size as power laws in N")
-  p.add_argument("--decay", default=None, choices=("cosine", "linear", "wsd"),
-                 help="the LR decay of every run (default: the base's); with wsd, `run` trains "
-                      "runs of one model that differ in length as one trunk and cooldown branches")
-  p.add_argument("--cooldown_fraction", type=float, default=0.2,
-                 help="with --decay wsd: the share of each run spent cooling down")
+  p = commands.add_parser("plan-grid", parents=[shared],
+                          help="write a plan of model sizes x tokens-per-parameter ratios")
+  p.add_argument("--params", type=float, nargs="+", required=True,
+                 help="non-embedding sizes; the shape ladder's nearest are trained")
+  p.add_argument("--tokens_per_param", type=float, nargs="+", required=True,
+                 help="each size is trained on each of these multiples of its N in tokens")
   p = commands.add_parser("plan-languages", help="runs for per-language data laws and transfer")
   p.add_argument("--languages", nargs="+", required=True)
   p.add_argument("--tokens", type=float, nargs="+", required=True,
@@ -440,7 +457,8 @@ def main(argv):
   p.add_argument("--min_tail", type=int, default=50,
                  help="matrices with fewer non-zero eigenvalues are skipped")
   args = parser.parse_args(argv)
-  command = {"fit": fit_command, "plan": plan_command, "run": run_command,
+  command = {"fit": fit_command, "plan": plan_command, "plan-grid": plan_command,
+             "run": run_command,
              "fit-hparams": fit_hparams_command, "stages": stages_command,
              "plan-languages": plan_languages_command,
              "diagnose": diagnose_command, "mixture": mixture_command,

@@ -67,53 +67,82 @@ def _model(base: RunConfig, shape):
                              alibi_slopes=None)
 
 
+def _candidates(base: RunConfig, rule: ShapeRule):
+  """[(parameter counts, ModelConfig)] along the shape rule, and their non-embedding sizes."""
+  candidates = [(flops.param_counts(model), model)
+                for model in (_model(base, shape) for shape in rule.shapes())]
+  return candidates, np.array([counts.non_embedding for counts, _ in candidates], float)
+
+
+def _nearest(sizes, targets):
+  """Indices of the ladder's sizes nearest (in log) to each target, sorted, without repeats."""
+  return sorted({int(np.argmin(np.abs(np.log(sizes) - np.log(t)))) for t in targets})
+
+
+def _planned_run(base: RunConfig, spec: PlanSpec, counts, model, tokens, budget, name):
+  """(name, RunConfig, row) of `model` trained on about `tokens` tokens (whole steps)."""
+  seq, micro = base.batch.seq_len, base.batch.micro_batch_size
+  n = counts.non_embedding
+  per_token = flops.flops_per_token(model, seq, spec.convention)
+  batch = max(micro, micro * round(spec.batch_size(n) / micro))
+  steps = int(round(tokens / (batch * seq)))
+  if steps < spec.min_steps:
+    raise ConfigError(
+        f"the {n:.3g}-parameter model gets only {steps} steps of {batch} x {seq} tokens at "
+        f"{budget:.3g} FLOPs (at least {spec.min_steps} needed); raise the budget or the tokens, "
+        f"or use smaller models (ShapeRule.aspect) or batches.")
+  lr = spec.learning_rate(n)
+  warmup = min(steps // 2, int(math.ceil(spec.warmup_tokens_per_param * n / (batch * seq))))
+  run = dataclasses.replace(
+      base, model=model,
+      batch=dataclasses.replace(base.batch, batch_size=batch, warmup_start=None),
+      optimizer=dataclasses.replace(base.optimizer, learning_rate=lr, warmup_steps=warmup,
+                                    b2=spec.b2(n), decay_steps=None),
+      train=dataclasses.replace(base.train, train_steps=steps,
+                                checkpoint_every=max(1, steps // 2), eval_every=0))
+  tokens = steps * batch * seq
+  row = dict(run=name, budget=budget, params=counts.total, params_non_embedding=n,
+             tokens=tokens, flops=tokens * per_token,
+             **{f"flops_{c}": tokens * flops.flops_per_token(model, seq, c)
+                for c in flops.CONVENTIONS},
+             num_layers=model.num_layers,
+             d_model=model.d_model, num_heads=model.num_heads, d_ff=model.d_ff,
+             batch_size=batch, train_steps=steps, learning_rate=lr, warmup_steps=warmup,
+             b2=spec.b2(n))
+  return name, run, row
+
+
 def make_plan(base: RunConfig, spec: PlanSpec, rule: ShapeRule):
-  """A list of (name, RunConfig, row dict) for every run of the sweep."""
-  seq = base.batch.seq_len
-  micro = base.batch.micro_batch_size
-  candidates = []
-  for shape in rule.shapes():
-    model = _model(base, shape)
-    candidates.append((flops.param_counts(model), model))
-  sizes = np.array([counts.non_embedding for counts, _ in candidates], float)
+  """A list of (name, RunConfig, row dict) for every run of the sweep: for each budget,
+  the ladder's sizes around its expected optimum, each spending the budget."""
+  candidates, sizes = _candidates(base, rule)
   plan = []
   for budget in spec.budgets:
     n0 = math.sqrt(budget / (6 * spec.tokens_per_param))
     targets = n0 * np.exp(np.linspace(-math.log(spec.spread), math.log(spec.spread),
                                       spec.sizes_per_budget))
-    picked = sorted({int(np.argmin(np.abs(np.log(sizes) - np.log(t)))) for t in targets})
-    for index in picked:
+    for index in _nearest(sizes, targets):
       counts, model = candidates[index]
-      n = counts.non_embedding
-      per_token = flops.flops_per_token(model, seq, spec.convention)
-      tokens = budget / per_token
-      batch = max(micro, micro * round(spec.batch_size(n) / micro))
-      steps = int(round(tokens / (batch * seq)))
-      if steps < spec.min_steps:
-        raise ConfigError(
-            f"the budget {budget:.3g} FLOPs gives the {n:.3g}-parameter model only {steps} steps of "
-            f"{batch} x {seq} tokens (at least {spec.min_steps} needed); raise the budget or use "
-            f"smaller models (ShapeRule.aspect) or batches.")
-      lr = spec.learning_rate(n)
-      warmup = min(steps // 2, int(math.ceil(spec.warmup_tokens_per_param * n / (batch * seq))))
-      name = f"c{budget:.2e}_n{n:.3g}".replace("+", "")
-      run = dataclasses.replace(
-          base, model=model,
-          batch=dataclasses.replace(base.batch, batch_size=batch, warmup_start=None),
-          optimizer=dataclasses.replace(base.optimizer, learning_rate=lr, warmup_steps=warmup,
-                                        b2=spec.b2(n), decay_steps=None),
-          train=dataclasses.replace(base.train, train_steps=steps,
-                                    checkpoint_every=max(1, steps // 2), eval_every=0))
-      tokens = steps * batch * seq
-      row = dict(run=name, budget=budget, params=counts.total, params_non_embedding=n,
-                 tokens=tokens, flops=tokens * per_token,
-                 **{f"flops_{c}": tokens * flops.flops_per_token(model, seq, c)
-                    for c in flops.CONVENTIONS},
-                 num_layers=model.num_layers,
-                 d_model=model.d_model, num_heads=model.num_heads, d_ff=model.d_ff,
-                 batch_size=batch, train_steps=steps, learning_rate=lr, warmup_steps=warmup,
-                 b2=spec.b2(n))
-      plan.append((name, run, row))
+      per_token = flops.flops_per_token(model, base.batch.seq_len, spec.convention)
+      name = f"c{budget:.2e}_n{counts.non_embedding:.3g}".replace("+", "")
+      plan.append(_planned_run(base, spec, counts, model, budget / per_token, budget, name))
+  return plan
+
+
+def make_grid(base: RunConfig, spec: PlanSpec, rule: ShapeRule, params, ratios):
+  """A (model size x data) grid for approach 3: the ladder's sizes nearest to `params`
+  (non-embedding), each trained on ratio x N tokens for every ratio. Its `budget` is
+  each run's own compute. With decay='wsd', a size's runs are one trunk and cooldown
+  branches (sweep.branch_runs)."""
+  candidates, sizes = _candidates(base, rule)
+  plan = []
+  for index in _nearest(sizes, params):
+    counts, model = candidates[index]
+    n = counts.non_embedding
+    per_token = flops.flops_per_token(model, base.batch.seq_len, spec.convention)
+    for ratio in sorted(ratios):
+      name = f"n{n:.3g}_r{ratio:g}".replace("+", "")
+      plan.append(_planned_run(base, spec, counts, model, ratio * n, ratio * n * per_token, name))
   return plan
 
 
