@@ -2,12 +2,14 @@
 device slice without one.
 
   python -m bigsci_jax.aot [--gin_file=F ...] --topology=v5p:8x8x4 [--mesh=DATAxFSDPxTENSOR]
+                           [--slices=N]
                            [--step=train|decode] [--decode_rows=N] [--offload=host]
                            [--gin.NAME=VALUE ...] [--verbose]
 
 `--topology` names a TPU slice (`v5e:4x4`, `v5p:8x8x4`, `v4:4x4x8`, `v6e:16x16`: the
 real TPU compiler from libtpu, the [tpu] extra, compiles for it on this machine) or
-`cpu:N` (N fake CPU devices: a mesh check without libtpu). Nothing is allocated:
+`cpu:N` (N fake CPU devices: a mesh check without libtpu); `--slices=N` compiles for N
+such slices joined over the data axis (TPU multislice, MeshConfig.slices). Nothing is allocated:
 the state and batch are abstract (shapes, dtypes, shardings) and nothing runs.
 Prints per-chip memory (arguments, outputs, temporaries, total), the chip's HBM
 and whether it fits, parameters, FLOPs per step (bigsci_jax.flops; the compiler's
@@ -51,23 +53,25 @@ def hbm_bytes(device_kind):
   return None
 
 
-def topology_devices(topology):
+def topology_devices(topology, slices=1):
   """The devices of a named slice: 'cpu:N' (this process's first N CPU devices) or a
-  TPU topology name for libtpu ('v5e:2x2', 'v5p:8x8x4', ...)."""
+  TPU topology name for libtpu ('v5e:2x2', 'v5p:8x8x4', ...); slices > 1: that many
+  such slices (TPU multislice; cpu:N, N devices for each)."""
   import jax
   platform, _, shape = topology.partition(":")
   if platform == "cpu":
     if not shape.isdigit() or int(shape) < 1:
       raise AotError(f"--topology={topology!r}: write cpu:N with N a positive number of devices.")
-    devices = jax.devices("cpu")
-    if int(shape) > len(devices):
-      raise AotError(f"--topology={topology!r} needs {shape} CPU devices but this process has "
+    devices, count = jax.devices("cpu"), int(shape) * slices
+    if count > len(devices):
+      raise AotError(f"--topology={topology!r} needs {count} CPU devices but this process has "
                      f"{len(devices)}; set XLA_FLAGS=--xla_force_host_platform_device_count="
-                     f"{shape} before jax starts (python -m bigsci_jax.aot does).")
-    return devices[:int(shape)]
+                     f"{count} before jax starts (python -m bigsci_jax.aot does).")
+    return devices[:count]
   try:
     from jax.experimental import topologies
-    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                             num_slices=slices).devices)
   except (ImportError, RuntimeError, ValueError) as e:
     raise AotError(f"--topology={topology!r} is not a TPU slice the TPU compiler knows "
                    f"({str(e).splitlines()[0][:120]}); name one like v5e:2x2, v5p:8x8x4 or v4:4x4x8, "
@@ -75,12 +79,11 @@ def topology_devices(topology):
 
 
 def parse_mesh(text):
-  """'DATAxFSDPxTENSOR' (e.g. '1x32x8', -1 allowed once) -> MeshConfig."""
-  from bigsci_jax.config import MeshConfig
+  """'DATAxFSDPxTENSOR' (e.g. '1x32x8', -1 allowed once) -> {axis: size}."""
   parts = text.lower().split("x")
   if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
     raise AotError(f"--mesh={text!r}: write DATAxFSDPxTENSOR, e.g. 1x32x8.")
-  return MeshConfig(*(int(p) for p in parts))
+  return dict(zip(("data", "fsdp", "tensor"), (int(p) for p in parts)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Report:
   device_kind: str
   devices: int
   chips: int
+  slices: int             # slices of `topology` joined over the data axis (multislice)
   mesh: dict
   params: int
   attention_impl: str
@@ -107,19 +111,6 @@ class Report:
 
   def to_dict(self):
     return dataclasses.asdict(self)
-
-
-def _device_grid(devices, shape):
-  """Devices laid out for the mesh: the physical-topology order mesh_utils picks for a
-  whole slice, else in order."""
-  import numpy as np
-  from jax.experimental import mesh_utils
-  if int(np.prod(shape)) == len(devices):
-    try:
-      return mesh_utils.create_device_mesh(shape, devices)
-    except (NotImplementedError, ValueError, AssertionError):
-      pass
-  return np.asarray(devices[:int(np.prod(shape))]).reshape(shape)
 
 
 def too_big(topology, device_kind, mesh, needed, available, what="train step", offload="none"):
@@ -146,14 +137,11 @@ def _exhausted(message):
 
 def _mesh(run, devices):
   """(run with its mesh sizes resolved for these devices, the Mesh)."""
-  from jax.sharding import AxisType, Mesh
-
   from bigsci_jax import sharding
   shape = sharding.mesh_shape(run.mesh, len(devices))
   run = dataclasses.replace(run, mesh=dataclasses.replace(run.mesh, data=shape[0],
                                                           fsdp=shape[1], tensor=shape[2]))
-  return run, Mesh(_device_grid(devices, shape), sharding.MESH_AXES,
-                   axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
+  return run, sharding.make_mesh(run.mesh, devices)
 
 
 def _compile(lowered_fn, mesh, devices, topology, what, offload="none"):
@@ -188,7 +176,7 @@ def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
   from bigsci_jax import flops
   return Report(
       topology=topology or f"{devices[0].platform}:{len(devices)}", device_kind=kind,
-      devices=len(devices), chips=len(devices) // cores,
+      devices=len(devices), chips=len(devices) // cores, slices=run.mesh.slices,
       mesh={k: int(v) for k, v in mesh.shape.items()},
       params=flops.param_counts(run.model).total, remat=run.model.remat, memory=memory,
       bytes_per_chip=memory["total"], hbm_bytes=hbm,
@@ -302,8 +290,8 @@ def describe(report: Report):
   host = (f"; in host memory: arguments {gib(m['host_argument'])}, temporaries "
           f"{gib(m['host_temp'])}" if m["host_argument"] or m["host_temp"] else "")
   return [
-      f"{report.topology}: {report.devices} {report.device_kind} devices ({report.chips} chips), "
-      f"mesh {mesh}",
+      f"{report.topology}{f' x {report.slices} slices' if report.slices > 1 else ''}: "
+      f"{report.devices} {report.device_kind} devices ({report.chips} chips), mesh {mesh}",
       f"model: {report.params:,} parameters, attention {report.attention_impl}, {work}; "
       f"{report.flops_per_step:.3e} FLOPs per step",
       f"per device: arguments {gib(m['argument'])}, outputs {gib(m['output'])} "
@@ -319,6 +307,8 @@ def parse_flags(argv):
   parser.add_argument("--gin_file", action="append", default=[])
   parser.add_argument("--topology", required=True)
   parser.add_argument("--mesh", default=None)
+  parser.add_argument("--slices", type=int, default=None,
+                      help="that many slices of --topology (multislice; default MeshConfig.slices)")
   parser.add_argument("--step", default="train", choices=("train", "decode"))
   parser.add_argument("--decode_rows", type=int, default=1, help="rows of a decoding step")
   parser.add_argument("--offload", default="none", choices=OFFLOAD,
@@ -343,6 +333,7 @@ def main(argv):
   flags = parse_flags(argv)
   platform, _, count = flags.topology.partition(":")
   if platform == "cpu" and count.isdigit() and "jax" not in sys.modules:
+    count = int(count) * (flags.slices or 1)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={count}").strip()
   # Nothing runs: the host's default backend is the CPU, and several compile checks
@@ -353,9 +344,11 @@ def main(argv):
   try:
     train = _gin_edge()
     run, _ = train.build_config(flags.gin_file or [train.DEFAULT_GIN], flags.gin_bindings)
-    if flags.mesh:
-      run = dataclasses.replace(run, mesh=parse_mesh(flags.mesh))
-    devices = topology_devices(flags.topology)
+    sizes = parse_mesh(flags.mesh) if flags.mesh else {}
+    if flags.slices is not None:
+      sizes["slices"] = flags.slices
+    run = dataclasses.replace(run, mesh=dataclasses.replace(run.mesh, **sizes))
+    devices = topology_devices(flags.topology, run.mesh.slices)
     if flags.step == "decode":
       if flags.decode_rows < 1:
         raise AotError(f"--decode_rows={flags.decode_rows}: a decoding step has at least 1 row.")

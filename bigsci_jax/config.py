@@ -217,10 +217,16 @@ class BatchConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh shape over (data, fsdp, tensor); -1 takes the remaining devices."""
+  """Device mesh shape over (data, fsdp, tensor); -1 takes the remaining devices.
+
+  slices > 1: the devices are that many slices joined by a slower network (TPU
+  multislice over DCN, GPU hosts over InfiniBand): the data axis runs across them and
+  each slice holds data / slices of it with all of fsdp and tensor, so only the
+  data-parallel gradient reduction crosses between slices (sharding.device_grid)."""
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  slices: int = 1
 
   def __post_init__(self):
     sizes = (self.data, self.fsdp, self.tensor)
@@ -228,6 +234,10 @@ class MeshConfig:
     for name in ("data", "fsdp", "tensor"):
       _check(getattr(self, name) == -1 or getattr(self, name) > 0, self, name,
              "a mesh axis size must be positive or -1")
+    _check(self.slices > 0, self, "slices", "it must be a positive number of slices")
+    _check(self.data == -1 or self.data % self.slices == 0, self, "data",
+           f"the data axis spans the {self.slices} slices, so it must be a multiple of "
+           f"MeshConfig.slices")
 
 
 @dataclasses.dataclass(frozen=True)

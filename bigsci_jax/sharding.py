@@ -40,6 +40,10 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple:
       raise ConfigError(f"MeshConfig {dict(zip(MESH_AXES, sizes))}: the fixed axes ({known} devices) "
                         f"do not divide the {num_devices} devices present.")
     sizes[sizes.index(-1)] = num_devices // known
+  if sizes[0] % cfg.slices:
+    raise ConfigError(f"MeshConfig {dict(zip(MESH_AXES, sizes))}: the data axis spans the "
+                      f"{cfg.slices} slices (MeshConfig.slices), so data={sizes[0]} must be a "
+                      f"multiple of {cfg.slices}.")
   total = int(np.prod(sizes))
   if total > num_devices:
     raise ConfigError(f"MeshConfig {dict(zip(MESH_AXES, sizes))} needs {total} devices but only "
@@ -50,12 +54,57 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple:
 def make_mesh(cfg: MeshConfig, devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(cfg, len(devices))
+  return Mesh(device_grid(shape, devices, cfg.slices), MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def _slice_grid(shape, devices):
+  """One slice's devices as a grid: in the physical-topology order mesh_utils picks for
+  a whole TPU slice, else in order."""
   n = int(np.prod(shape))
-  if n == len(jax.devices()) and devices == jax.devices():
-    device_grid = mesh_utils.create_device_mesh(shape, devices)
-  else:
-    device_grid = np.asarray(devices[:n]).reshape(shape)
-  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+  if n == len(devices):
+    try:
+      return mesh_utils.create_device_mesh(shape, devices)
+    except (NotImplementedError, ValueError, AssertionError):
+      pass
+  return np.asarray(devices[:n]).reshape(shape)
+
+
+def _slices(devices, count):
+  """The devices split into `count` slices: by their slice_index where they span several
+  (TPU multislice), else by process when there are that many (one per host), else in
+  order (jax.devices() lists each process's devices together; fake devices of one
+  process stand in for slices)."""
+  def by(key, values):
+    return [[d for d in devices if getattr(d, key) == v] for v in values]
+  slice_ids = sorted({getattr(d, "slice_index", 0) for d in devices})
+  if len(slice_ids) > 1:
+    if len(slice_ids) != count:
+      raise ConfigError(f"MeshConfig.slices={count}, but the devices form {len(slice_ids)} "
+                        f"slices; set MeshConfig.slices={len(slice_ids)}.")
+    return by("slice_index", slice_ids)
+  processes = sorted({d.process_index for d in devices})
+  if count > 1 and len(processes) == count:
+    return by("process_index", processes)
+  size = len(devices) // count
+  return [devices[i * size:(i + 1) * size] for i in range(count)]
+
+
+def device_grid(shape, devices, slices=1):
+  """The devices laid out as a (data, fsdp, tensor) grid. With several slices, slice i
+  fills data rows [i * data / slices, (i + 1) * data / slices): every fsdp and tensor
+  group lies within one slice and only data-parallel traffic crosses between them."""
+  groups = _slices(devices, slices)
+  if len({len(g) for g in groups}) != 1:
+    raise ConfigError(f"MeshConfig.slices={slices}: the slices hold "
+                      f"{sorted(len(g) for g in groups)} devices; they must be equal.")
+  per_slice = (shape[0] // slices,) + tuple(shape[1:])
+  if int(np.prod(per_slice)) > len(groups[0]):
+    raise ConfigError(f"MeshConfig {dict(zip(MESH_AXES, shape))} over {slices} slices needs "
+                      f"{int(np.prod(per_slice))} devices per slice but a slice has "
+                      f"{len(groups[0])}; make data / slices * fsdp * tensor at most "
+                      f"{len(groups[0])}.")
+  return np.concatenate([_slice_grid(per_slice, g) for g in groups], axis=0)
 
 
 def _mesh_axes(name):

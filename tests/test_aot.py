@@ -73,6 +73,20 @@ def test_a_decoding_step_with_host_weights_keeps_one_layer_on_the_device(capsys)
   assert host["temp"] - device["temp"] < 3 * layer_kernels  # a layer (double-buffered), not 8
 
 
+def test_two_slices_run_the_data_axis_across_them(capsys):
+  """--slices=2 (multislice): 8 chips of two v5e:2x2 slices, data 2 x fsdp 4. The second
+  slice is a data-parallel replica, so each chip holds the same share of the state as
+  with one slice (fsdp 4): per-chip arguments within 1% of the one-slice compile."""
+  _needs_libtpu()
+  code, two, err = _run(capsys, [*SMALL, "--topology=v5e:2x2", "--slices=2", "--mesh=2x4x1"])
+  assert code == 0, err
+  assert (two["devices"], two["chips"], two["slices"]) == (8, 8, 2) and two["fits"]
+  assert two["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  code, one, err = _run(capsys, [*SMALL, "--topology=v5e:2x2", "--mesh=1x4x1"])
+  assert code == 0 and one["slices"] == 1, err
+  assert two["memory"]["argument"] == pytest.approx(one["memory"]["argument"], rel=0.01)
+
+
 def test_fake_cpu_devices_check_the_mesh_without_libtpu(capsys):
   code, report, err = _run(capsys, [*SMALL, "--topology=cpu:8", "--mesh=2x2x2"])
   assert code == 0, err
@@ -96,6 +110,7 @@ def test_a_config_over_the_chips_memory_exits_1_with_the_amounts(capsys):
     ("--topology=v9z:2x2", "is not a TPU slice"),
     ("--topology=cpu:64", "needs 64 CPU devices"),
     ("--gin.BatchConfig.micro_batch_size=6", "must divide batch_size"),
+    ("--slices=2", "must be a multiple of MeshConfig.slices"),
 ])
 def test_bad_flags_stop_with_one_sentence(capsys, flag, words):
   argv = [*SMALL, "--topology=cpu:8", "--mesh=1x1x1"]

@@ -1,7 +1,7 @@
 """Two real processes (4 fake CPU devices each) form one 8-device mesh through
 jax.distributed, each reading only its own rows, and train like one process; their
 checkpoint restores in one process on 8 devices and on 1; a profile of a step is one
-folder for both."""
+folder for both. The pair runs as two slices (MeshConfig.slices=2, one per process)."""
 
 import os
 import socket
@@ -33,7 +33,7 @@ def test_two_processes_train_like_one(tmp_path):
   procs = [subprocess.Popen(
       [sys.executable, train.__file__, f"--model_dir={multi_dir}", *FLAGS,
        f"--coordinator_address={address}", "--num_processes=2", f"--process_id={i}",
-       "--gin.TrainConfig.profile_steps=1"],
+       "--gin.TrainConfig.profile_steps=1", "--gin.MeshConfig.slices=2"],
       env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outputs = [p.communicate(timeout=400)[0] for p in procs]
   for p, out in zip(procs, outputs):

@@ -106,3 +106,26 @@ def test_axis_that_does_not_divide_is_replicated():
 def test_mesh_larger_than_devices_is_rejected():
   with pytest.raises(ConfigError, match="needs 16 devices but only 8 are present"):
     sharding.make_mesh(MeshConfig(4, 2, 2))
+
+
+def test_slices_hold_whole_fsdp_and_tensor_groups():
+  """MeshConfig.slices: the data axis runs across the slices and every fsdp x tensor
+  group lies within one, for fake CPU devices (split in order) and for a two-slice TPU
+  topology (split by slice_index, when the TPU compiler is here)."""
+  mesh = sharding.make_mesh(MeshConfig(4, 2, 1, slices=2))
+  ids = np.vectorize(lambda d: d.id)(mesh.devices)
+  assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
+  with pytest.raises(ConfigError, match="data=2 must be a multiple of 4"):
+    sharding.make_mesh(MeshConfig(-1, 2, 2, slices=4))
+  from bigsci_jax import aot
+  try:
+    devices = aot.topology_devices("v5e:4x4", slices=2)
+  except aot.AotError:
+    return  # no libtpu: the CPU layout above is the check
+  interleaved = [d for pair in zip(devices[:16], devices[16:]) for d in pair]
+  for listed in (devices, interleaved):  # the slices decide, not the order devices come in
+    mesh = sharding.make_mesh(MeshConfig(4, 8, 1, slices=2), listed)
+    slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+    assert [set(row.ravel()) for row in slice_of] == [{0}, {0}, {1}, {1}]
+  with pytest.raises(ConfigError, match="the devices form 2 slices; set MeshConfig.slices=2"):
+    sharding.make_mesh(MeshConfig(-1, 8, 1, slices=1), devices)
