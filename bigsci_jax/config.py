@@ -323,6 +323,9 @@ class TrainConfig:
   eval_every: int = 0          # 0: evaluate only at the end
   eval_batches: int = 2        # micro-batches per language; 0: the whole validation split
   eval_at_start: bool = False  # also evaluate the weights a run starts from at step 0
+  eval_tasks: tuple = ()       # built-in tasks (evaluate.TASKS, e.g. 'next_sentence/fr') scored
+                               # at every evaluation: '<task>/acc' ... in the eval lines
+  eval_task_limit: int = 100   # items per task
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   async_checkpoints: bool = True
@@ -356,6 +359,8 @@ class TrainConfig:
     _check(self.gns_every >= 0, self, "gns_every", "it must be >= 0 (0: off)")
     _check(0 < self.gns_ema < 1, self, "gns_ema", "it must be in (0, 1)")
     _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
+    object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
+    _check(self.eval_task_limit > 0, self, "eval_task_limit", "it must be positive")
     _check(not (self.branch_from and self.init_from), self, "branch_from",
            "a run continues another run's checkpoint (branch_from) or starts from its weights "
            "(init_from), not both")

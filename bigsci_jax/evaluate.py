@@ -89,12 +89,38 @@ def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=Non
                            batch_size or run.batch.micro_batch_size, runtime.mesh)
 
 
-def score_task(name, scorer, limit=200):
-  kind, lang = parse_task(name)
-  items = TASKS[kind](lang, limit=limit)
-  if kind == "cloze":
+def score_items(name, items, scorer):
+  """The metrics of task `name` on its items (TASKS) with a likelihood.Scorer."""
+  if parse_task(name)[0] == "cloze":
     return mc_tasks.score_cloze(items, scorer)
   return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
+
+
+def score_task(name, scorer, limit=200):
+  kind, lang = parse_task(name)
+  return score_items(name, TASKS[kind](lang, limit=limit), scorer)
+
+
+METRICS = ("acc", "acc_norm", "exact_match", "ppl")
+
+
+class TaskEval:
+  """Built-in tasks scored again and again (training-time evaluation,
+  TrainConfig.eval_tasks): the items are read once, when it is made, so a wrong name or
+  language stops before training; scores(scorer) gives {'<task>/<metric>': value}."""
+
+  def __init__(self, names, limit):
+    self.items = {}
+    for name in names:
+      kind, lang = parse_task(name)
+      self.items[name] = TASKS[kind](lang, limit=limit)
+
+  def scores(self, scorer):
+    out = {}
+    for name, items in self.items.items():
+      values = score_items(name, items, scorer)
+      out.update({f"{name}/{m}": values[m] for m in METRICS if m in values})
+    return out
 
 
 def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_dir=None,
@@ -123,7 +149,7 @@ def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_di
 def _rows(result):
   rows = {k: v for k, v in result.items() if k.startswith(("loss", "bpb"))}
   for name, scores in result.get("tasks", {}).items():
-    for metric in ("acc", "acc_norm", "exact_match", "ppl"):
+    for metric in METRICS:
       if metric in scores:
         rows[f"{name} {metric}"] = scores[metric]
   return rows

@@ -266,6 +266,7 @@ class _Trainer(Runtime):
     super().__init__(run)
     self.model_dir, self.progress = model_dir, progress
     check_batch_fits_mesh(run, self.mesh)
+    self.task_eval, self.scorer = self._task_eval(run), None
     os.makedirs(model_dir, exist_ok=True)
     self.ckpts = checkpoint.Checkpoints(os.path.join(model_dir, "checkpoints"),
                                         every=run.train.checkpoint_every,
@@ -284,6 +285,21 @@ class _Trainer(Runtime):
     self.flops_per_token = flops.flops_per_token(run.model, run.batch.seq_len)
     peak = flops.peak_flops(jax.devices()[0].device_kind)
     self.peak_total = peak * jax.device_count() if peak else None
+
+  @staticmethod
+  def _task_eval(run):
+    """The items of TrainConfig.eval_tasks (evaluate.TaskEval), or None without tasks."""
+    if not run.train.eval_tasks:
+      return None
+    if run.data.mixture == "synthetic":
+      raise ConfigError("TrainConfig.eval_tasks scores text, but synthetic data has no "
+                        "vocabulary; train on a corpus or set TrainConfig.eval_tasks=[].")
+    from bigsci_jax import evaluate as tasks
+    from bigsci_jax.corpus import CorpusError
+    try:
+      return tasks.TaskEval(run.train.eval_tasks, run.train.eval_task_limit)
+    except (tasks.EvaluationError, CorpusError) as e:
+      raise ConfigError(f"TrainConfig.eval_tasks={list(run.train.eval_tasks)}: {e}") from e
 
   def restore_or_init(self):
     """(state, start step); the run's files are written once its checkpoint has restored,
@@ -365,8 +381,17 @@ class _Trainer(Runtime):
     return state.params
 
   def evaluate(self, params):
-    return evaluate(self.eval_step, params, self.eval_sets, self.mesh,
-                    self.run.batch.micro_batch_size)
+    """An eval line: the losses of the eval sets and the scores of TrainConfig.eval_tasks."""
+    out = evaluate(self.eval_step, params, self.eval_sets, self.mesh,
+                   self.run.batch.micro_batch_size)
+    if self.task_eval is not None:
+      if self.scorer is None:  # made at the first evaluation, once the vocabulary is written
+        from bigsci_jax.likelihood import Scorer
+        self.scorer = Scorer(self.model, {}, read_tokenizer(self.model_dir),
+                             self.run.batch.seq_len, self.run.batch.micro_batch_size, self.mesh)
+      self.scorer.params = params
+      out.update(self.task_eval.scores(self.scorer))
+    return out
 
   def say(self, line):
     """One line on the terminal (process 0), above the progress bar."""

@@ -103,8 +103,15 @@ def test_bits_per_byte_counts_every_byte_of_the_validation_split(handbook_data_d
     assert all(b["decoder_target_tokens"].shape == (8, 64) for b in batches)
 
 
+TASKS = ("next_sentence/fr", "cloze/en")
+
+
 def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, tmp_path):
+  """Also TrainConfig.eval_tasks: the eval lines carry the tasks' scores, the same after a
+  resume and the same as `evaluate` gives for the final checkpoint."""
   run = _run(handbook_data_dir, prefix_lm=True)
+  run = dataclasses.replace(run, train=dataclasses.replace(run.train, eval_tasks=TASKS,
+                                                           eval_task_limit=16))
   straight = loop.train(run, str(tmp_path / "straight"), progress=False)
   resumed_dir = str(tmp_path / "resumed")
   loop.train(dataclasses.replace(run, train=dataclasses.replace(run.train, train_steps=2)),
@@ -114,6 +121,16 @@ def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, 
   assert [(r["step"], r["loss"]) for r in read_metrics(resumed_dir, "train")] == train_lines
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
                jax.device_get(straight["state"].params))
+  final = read_metrics(str(tmp_path / "straight"), "eval")[-1]
+  scores = {k: v for k, v in final.items() if k.startswith(TASKS)}
+  assert set(scores) == {"next_sentence/fr/acc", "next_sentence/fr/acc_norm", "cloze/en/acc",
+                         "cloze/en/exact_match", "cloze/en/ppl"}
+  assert read_metrics(resumed_dir, "eval")[-1] == final
+  from bigsci_jax import evaluate
+  offline = evaluate.evaluate_dir(str(tmp_path / "straight"), list(TASKS), limit=16)["tasks"]
+  for key, value in scores.items():
+    task, metric = key.rsplit("/", 1)
+    assert value == pytest.approx(offline[task][metric], rel=1e-5), key
   vocabulary = loop.read_tokenizer(resumed_dir)  # the run keeps the vocabulary it read text with
   assert vocabulary.vocab_size == 4000
   assert vocabulary.decode(vocabulary.encode("Débian")) == "Débian"

@@ -90,6 +90,8 @@ def test_size_ladder_parameter_counts():
     ("MeshConfig.data=16", "MeshConfig", "only 8 are present"),
     ("BatchConfig.micro_batch_size=5", "BatchConfig.micro_batch_size", "divide batch_size=16"),
     ("TrainConfig.profile_steps=-1", "TrainConfig.profile_steps", ">= 0 (0: no trace)"),
+    ("TrainConfig.eval_tasks=['riddles/en']", "TrainConfig.eval_tasks", "unknown task 'riddles/en'"),
+    ("TrainConfig.eval_tasks=['cloze/zz']", "TrainConfig.eval_tasks", "unknown language 'zz'"),
 ])
 def test_bad_gin_value_stops_with_one_sentence(tmp_path, capsys, binding, field, allowed):
   model_dir = tmp_path / "run"
@@ -269,3 +271,7 @@ def test_a_cooldown_branch_of_a_wsd_run_equals_the_shorter_run_trained_alone(tmp
                      "--gin.ModelConfig.d_ff=128", f"--gin.TrainConfig.branch_from='{trunk}'"]) == 2
   err = capsys.readouterr().err
   assert "model.d_ff differ" in err and not os.path.exists(tmp_path / "b3" / "config.json")
+  # (and, here on synthetic data, text tasks have no vocabulary to be read with)
+  assert train.main([f"--model_dir={tmp_path / 'b4'}", *common, "--gin.TRAIN_STEPS=8",
+                     "--gin.TrainConfig.eval_tasks=['cloze/en']"]) == 2
+  assert "synthetic data has no vocabulary" in capsys.readouterr().err
