@@ -29,7 +29,7 @@ import sys
 
 import jax
 
-from bigsci_jax import likelihood, loop, mc_tasks, tokenizer
+from bigsci_jax import held_out, likelihood, loop, mc_tasks, tokenizer
 from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig, RunConfig
 from bigsci_jax.corpus import CorpusError
 
@@ -132,9 +132,9 @@ def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_di
     raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
                           f"text tasks; evaluate losses only (--tasks=).")
   corpus = loop.make_data(run, split, model_dir)
-  eval_sets = loop.make_eval_sets(run, corpus.evals, corpus.token_bytes, split)
+  eval_sets = held_out.make_eval_sets(run, corpus.evals, corpus.token_bytes, split)
   result = {"model_dir": model_dir, "step": step, "split": split, "prompt_dir": prompt_dir,
-            **loop.evaluate(runtime.eval_step, params, eval_sets, runtime.mesh,
+            **held_out.evaluate(runtime.eval_step, params, eval_sets, runtime.mesh,
                             run.batch.micro_batch_size)}
   languages = sorted(corpus.evals) if run.data.mixture != "synthetic" else []
   names = default_tasks(run, languages) if tasks is None else tasks

@@ -23,7 +23,7 @@ import sys
 
 import jax
 
-from bigsci_jax import flops, growth, loop, tokenizer
+from bigsci_jax import flops, growth, held_out, loop, tokenizer
 from bigsci_jax.config import ConfigError, RunConfig
 from bigsci_jax.scaling import stages
 
@@ -82,7 +82,7 @@ def grow(from_dir, to_dir, op, *, depth_mode="interleave", noise_std=0.0, consta
   eval_rows = loop.make_data(small, model_dir=from_dir).evals
   local_micro = small.batch.micro_batch_size // jax.process_count()
   batches = [b for rows in eval_rows.values()
-             for b in loop.eval_micro_batches(rows, local_micro, None)[0][:eval_batches]]
+             for b in held_out.eval_micro_batches(rows, local_micro, None)[0][:eval_batches]]
   grown = jax.device_put(grown, after.shardings)
   result = {"op": op, "loss_before": before.loss(jax.device_put(state.params,
                                                                 before.shardings.params), batches),

@@ -14,7 +14,7 @@ tf.config.set_visible_devices([], "GPU")
 tfds = pytest.importorskip("tensorflow_datasets")
 
 import train  # noqa: E402
-from bigsci_jax import loop, tokenizer, vocab  # noqa: E402
+from bigsci_jax import held_out, loop, tokenizer, vocab  # noqa: E402
 from bigsci_jax.config import (BatchConfig, DataConfig, ModelConfig, OptimizerConfig,  # noqa: E402
                                RunConfig, TrainConfig)
 from bigsci_jax.corpus import CorpusError  # noqa: E402
@@ -98,7 +98,7 @@ def test_bits_per_byte_counts_every_byte_of_the_validation_split(handbook_data_d
   _, evals, token_bytes, _ = loop.make_data(run)
   assert set(evals) == set(LANGS)
   for lang in LANGS:
-    batches, size = loop.eval_micro_batches(evals[lang], run.batch.micro_batch_size, token_bytes)
+    batches, size = held_out.eval_micro_batches(evals[lang], run.batch.micro_batch_size, token_bytes)
     assert size == sum(len(d.encode()) for d in _docs(handbook_data_dir, lang, "validation"))
     assert all(b["decoder_target_tokens"].shape == (8, 64) for b in batches)
 

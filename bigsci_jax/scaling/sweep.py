@@ -16,8 +16,8 @@ import tqdm
 
 from bigsci_jax import loop
 from bigsci_jax.config import RunConfig
-from bigsci_jax.optim import cooldown_start
 from bigsci_jax.metrics import read_metrics
+from bigsci_jax.optim import cooldown_start
 
 RESULT_COLUMNS = ("run", "budget", "params", "params_non_embedding", "tokens", "flops",
                   "flops_kaplan", "flops_chinchilla", "flops_porian", "loss")
@@ -64,9 +64,9 @@ def _length_free(run: RunConfig):
 def branch_runs(runs, model_dirs):
   """{name: RunConfig} -> the same runs, 'wsd' runs alike but for their length arranged
   as one trunk (the longest, keeping a checkpoint at every branch point) and branches
-  that continue it from their own cooldown start: a branch trains only its cooldown,
-  and ends bit for bit where it would trained alone (its learning rates up to there
-  are the trunk's; model_dirs: {name: where it trains}). Returns ({name: RunConfig},
+  that continue it from their own cooldown start: a branch trains only its cooldown
+  and ends bit for bit where it would end trained alone (its learning rates up to
+  there are the trunk's; model_dirs: {name: where it trains}). Returns ({name: RunConfig},
   {branch name: its step in the trunk}); trunks come first."""
   groups = {}
   for name, run in runs.items():
