@@ -102,17 +102,17 @@ def test_tiny_sweep_runs_resumes_fits_and_plots(tmp_path, capsys):
 
 
 def test_a_wsd_grid_trains_each_size_once_plus_cooldowns(tmp_path, capsys):
-  """plan-grid: two sizes x 4, 8, 16 tokens per parameter; with --decay wsd each size's
-  16x run is the trunk and the others are branches from their cooldown starts (20%):
-  356 of the 543 planned steps are trained. Within a size, more data, lower loss."""
+  """plan-grid: a size x 4, 8, 16 tokens per parameter; with --decay wsd the 16x run is
+  the trunk and the others are branches from their cooldown starts (20%): 104 + 5 + 10
+  of the 182 planned steps are trained. More data, lower loss."""
   out = str(tmp_path / "grid")
-  assert scaling_main(["plan-grid", "--params", "3e3", "7e3", "--tokens_per_param", "4", "8", "16",
+  assert scaling_main(["plan-grid", "--params", "3e3", "--tokens_per_param", "4", "8", "16",
                        "--head_dim", "16", "--aspect", "8", "--batch_size", "8", "--decay", "wsd",
                        "--out", out, "--base", _base_file(tmp_path)]) == 0
-  assert _last_json(capsys)["runs"] == 6
+  assert _last_json(capsys)["runs"] == 3
   assert scaling_main(["run", "--plan", out, "--no_progress"]) == 0
   summary = _last_json(capsys)
-  assert summary["tokens_planned"] == 543 * 8 * 64 and summary["tokens_trained"] == 356 * 8 * 64
+  assert summary["tokens_planned"] == 182 * 8 * 64 and summary["tokens_trained"] == 119 * 8 * 64
   with open(os.path.join(out, "runs.csv")) as f:
     rows = list(csv.DictReader(f))
   for size in {r["params"] for r in rows}:
