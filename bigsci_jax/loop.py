@@ -446,7 +446,7 @@ class _Trainer(Runtime):
         writer.write(0, "eval", self.evaluate(state.params))
       rows = None
       for s in range(start, total):
-        with profile.step(s + 1):
+        with profile.step(s + 1, state):
           rows = self.batch_rows(state, s, rows, tokens_seen)
           accumulation, micro = rows // cfg_batch.micro_batch_size, cfg_batch.micro_batch_size
           if run.train.gns_every and accumulation == 1 and s % run.train.gns_every == 0:

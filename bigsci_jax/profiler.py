@@ -29,9 +29,11 @@ class StepProfiler:
     self.session, self.traced = None, None
 
   @contextlib.contextmanager
-  def step(self, step):
-    """Around the work of `step` (batch and dispatch): the trace starts at the first one."""
+  def step(self, step, state):
+    """Around the work of `step` (batch and dispatch): the trace starts at the first one,
+    once the device has finished the steps before (`state`), so it holds only its own."""
     if step == self.first and self.first <= self.last:
+      jax.block_until_ready(state)
       now = time.time()
       if jax.process_count() > 1:  # one folder for all hosts: process 0's clock names it
         now = float(multihost_utils.broadcast_one_to_all(np.float64(now)))

@@ -214,7 +214,7 @@ def _traced_steps(folder):
 
 def test_profile_traces_the_chosen_steps_after_each_start(tmp_path, capsys):
   """profile_steps=2 after profile_skip=2: a trace of steps 3 and 4 holding exactly two
-  train-step executions; resumed at step 6 with a window past the end, the trace holds
+  train-step executions (it starts once step 2 is done and ends once step 4 is); resumed at step 6 with a window past the end, the trace holds
   the steps left (7, 8) and stops with the run."""
   model_dir = str(tmp_path / "profiled")
   common = [f"--model_dir={model_dir}", "--no_progress", "--gin.MIXTURE='synthetic'",
