@@ -96,9 +96,14 @@ def score_items(name, items, scorer):
   return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
 
 
-def score_task(name, scorer, limit=200):
+def task_items(name, limit=200, split="test"):
+  """The items of task `name` (TASKS) from `split` of its corpus, at most `limit`."""
   kind, lang = parse_task(name)
-  return score_items(name, TASKS[kind](lang, limit=limit), scorer)
+  return TASKS[kind](lang, limit=limit, split=split)
+
+
+def score_task(name, scorer, limit=200):
+  return score_items(name, task_items(name, limit), scorer)
 
 
 METRICS = ("acc", "acc_norm", "exact_match", "ppl")
@@ -110,10 +115,7 @@ class TaskEval:
   language stops before training; scores(scorer) gives {'<task>/<metric>': value}."""
 
   def __init__(self, names, limit):
-    self.items = {}
-    for name in names:
-      kind, lang = parse_task(name)
-      self.items[name] = TASKS[kind](lang, limit=limit)
+    self.items = {name: task_items(name, limit) for name in names}
 
   def scores(self, scorer):
     out = {}

@@ -44,7 +44,7 @@ def make_eval_sets(run: RunConfig, eval_rows, token_bytes, split="validation"):
   empty = [name for name, (batches, _) in sets.items() if not batches]
   if empty:
     raise CorpusError(f"the {split} split of {', '.join(empty)} is empty: evaluate on "
-                        f"other languages (DataConfig.languages) or give them {split} text.")
+                      f"other languages (DataConfig.languages) or give them {split} text.")
   return sets
 
 

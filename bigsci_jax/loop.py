@@ -198,6 +198,11 @@ def read_tokenizer(model_dir):
   return tok
 
 
+def _differing(a, b):
+  """The names of the fields in which two configs of one dataclass differ."""
+  return [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+
+
 class _Trainer(Runtime):
   """Holds what the loop needs between steps; `run()` is the loop."""
 
@@ -271,8 +276,7 @@ class _Trainer(Runtime):
     branch reads like one run. Model, batch and data must be the source's."""
     source = read_run(source_dir)
     changed = [f"{part}.{f}" for part in ("model", "batch", "data")
-               for f in getattr(source, part).__dataclass_fields__
-               if getattr(getattr(source, part), f) != getattr(getattr(self.run, part), f)]
+               for f in _differing(getattr(source, part), getattr(self.run, part))]
     if changed:
       raise ConfigError(f"TrainConfig.branch_from={source_dir} trains another model, batch or "
                         f"data ({', '.join(changed)} differ); a branch changes only the "
@@ -301,8 +305,7 @@ class _Trainer(Runtime):
     """The latest weights of source_dir's run, in this run's shardings; its model must match."""
     source = read_run(source_dir)
     if source.model != self.run.model:
-      fields = [f for f in source.model.__dataclass_fields__
-                if getattr(source.model, f) != getattr(self.run.model, f)]
+      fields = _differing(source.model, self.run.model)
       raise ConfigError(f"TrainConfig.init_from={source_dir} holds a different model (ModelConfig "
                         f"{', '.join(fields)} differ); start from a run of the same architecture.")
     ckpts = checkpoint.Checkpoints(os.path.join(source_dir, "checkpoints"), every=1, keep=1)

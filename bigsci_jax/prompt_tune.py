@@ -41,9 +41,8 @@ from bigsci_jax.corpus import CorpusError
 
 
 def builtin_items(name, split, limit):
-  kind, lang = evaluate.parse_task(name)
-  items = evaluate.TASKS[kind](lang, limit=limit, split=split)
-  if kind == "cloze":
+  items = evaluate.task_items(name, limit, split)
+  if evaluate.parse_task(name)[0] == "cloze":
     return [mc_tasks.Item(item.context, (item.word,), 0) for item in items]
   return items
 
