@@ -230,9 +230,9 @@ def compile_train_step(run, devices, topology=""):
 
 
 # The decoding cache's logical axes by entry name (model.Attention._cached), scanned
-# layers first: keys / values [layers, B, S, G, K], positions / prefix [layers, B, S].
-_CACHE_AXES = {"keys": (None, "batch", None, "kv_heads", None),
-               "values": (None, "batch", None, "kv_heads", None),
+# layers first: keys / values [layers, B, G, S, K], positions / prefix [layers, B, S].
+_CACHE_AXES = {"keys": (None, "batch", "kv_heads", None, None),
+               "values": (None, "batch", "kv_heads", None, None),
                "positions": (None, "batch", None), "prefix": (None, "batch", None),
                "index": (None, "batch")}
 

@@ -120,20 +120,26 @@ def _reset(path, x):
   return jnp.full_like(x, _fill(path))
 
 
-# How many axes follow the row (batch) axis in each cache array of model.Attention;
-# layers scanned with nn.scan put one more axis in front.
-_AFTER_ROW = {"keys": 3, "values": 3, "positions": 1, "prefix": 1, "index": 0}
+# The axes of a row in each cache array of model.Attention (keys / values [G, S, K],
+# positions / prefix [S], index a number) and where its slots are among them; layers
+# scanned with nn.scan put one more axis in front of the rows.
+_ROW_AXES = {"keys": 3, "values": 3, "positions": 1, "prefix": 1, "index": 0}
+_SLOT_IN_ROW = {"keys": 1, "values": 1, "positions": 0, "prefix": 0}
 
 
 def _row_axis(path, x):
-  return x.ndim - 1 - _AFTER_ROW[path[-1].key]
+  return x.ndim - 1 - _ROW_AXES[path[-1].key]
+
+
+def _slot_axis(path, x):
+  return _row_axis(path, x) + 1 + _SLOT_IN_ROW[path[-1].key]
 
 
 def _row_slots(cache):
   """How many slots each row of `cache` has."""
   path, x = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(cache)
                  if p[-1].key == "positions")
-  return x.shape[_row_axis(path, x) + 1]
+  return x.shape[_slot_axis(path, x)]
 
 
 def _take_rows(cache, rows_R):
@@ -147,40 +153,51 @@ def _put_rows(cache, new, slots_N, shift_N):
   left (a left-padded prefill's padding goes to the end of the row, its tokens start at
   slot 0 and its index drops by the shift); rows with slots_N[i] out of range are not
   put anywhere. `new` may have fewer slots per row than `cache` (a prefill's cache of
-  its prompt width): the rest are empty."""
-  def move(path, x):
-    axis = _row_axis(path, x)
+  its prompt width): the rest of the row becomes empty (positions -1), and as nothing
+  reads an empty slot's key or value, only the first slots of those are written."""
+  width = _row_slots(new)
+
+  def move(path, x):  # each row rolled left by its shift: a slice of the row twice over
     if path[-1].key == "index":
       return x - shift_N
-    slots = x.shape[axis + 1]
-    from_NxS = (jnp.arange(slots)[None, :] + shift_N[:, None]) % slots
-    from_NxS = from_NxS.reshape(from_NxS.shape + (1,) * (x.ndim - axis - 2))
-    return jnp.take_along_axis(x, from_NxS[(None,) * axis], axis=axis + 1)
+    row, slot = _row_axis(path, x), _slot_axis(path, x)
+    def roll(row_x, shift):
+      return jax.lax.dynamic_slice_in_dim(row_x, shift, width, axis=slot - 1)
+    return jax.vmap(roll, in_axes=(row, 0), out_axes=row)(
+        jnp.concatenate([x, x], axis=slot), shift_N)
 
   def put(path, x, moved):
     index = (slice(None),) * _row_axis(path, x) + (slots_N,)
+    if path[-1].key != "index":
+      slots = x.shape[_slot_axis(path, x)]
+      if path[-1].key in ("keys", "values"):
+        slots = min(width, slots)
+        index += (slice(None),) * (_slot_axis(path, x) - len(index)) + (slice(0, slots),)
+      moved = _resized(path, moved, slots)
     return x.at[index].set(moved, mode="drop")
-  moved = _resize_slots(jax.tree_util.tree_map_with_path(move, new), _row_slots(cache))
-  return jax.tree_util.tree_map_with_path(put, cache, moved)
+  return jax.tree_util.tree_map_with_path(put, cache, jax.tree_util.tree_map_with_path(move, new))
 
 
 def _fill(path):
   return -1 if path[-1].key == "positions" else 0
 
 
+def _resized(path, x, slots):
+  """Cache array x with `slots` slots per row: the first ones kept, invisible empty ones
+  added at the end (an index is unchanged)."""
+  if path[-1].key == "index":
+    return x
+  axis = _slot_axis(path, x)
+  if slots <= x.shape[axis]:
+    return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, slots - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=_fill(path))
+
+
 def _resize_slots(cache, slots):
-  """`cache` with `slots` slots per row: the first ones kept, invisible empty ones
-  added at the end (each row's index is unchanged)."""
-  def resize(path, x):
-    if path[-1].key == "index":
-      return x
-    axis = _row_axis(path, x) + 1
-    if slots <= x.shape[axis]:
-      return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, slots - x.shape[axis])
-    return jnp.pad(x, pad, constant_values=_fill(path))
-  return jax.tree_util.tree_map_with_path(resize, cache)
+  """`cache` with `slots` slots per row (_resized)."""
+  return jax.tree_util.tree_map_with_path(lambda path, x: _resized(path, x, slots), cache)
 
 
 def _with_first_slots(cache, part):
@@ -188,7 +205,7 @@ def _with_first_slots(cache, part):
   def put(path, x, part_x):
     if path[-1].key == "index":
       return part_x
-    return jax.lax.dynamic_update_slice_in_dim(x, part_x, 0, axis=_row_axis(path, x) + 1)
+    return jax.lax.dynamic_update_slice_in_dim(x, part_x, 0, axis=_slot_axis(path, x))
   return jax.tree_util.tree_map_with_path(put, cache, part)
 
 
@@ -233,9 +250,8 @@ def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, 
 def _step(model, vocab, top, reads, params, cache, token_B, positions_B, keys, step, rows):
   """One token per row; attention reads only the first `reads` slots of each row
   (None: all), which must hold every slot a row has filled, this token's included.
-  The slice is taken here, before the model, and written back after it: the layer
-  scan moves each layer's whole cache through its loop, so slicing inside the model
-  (tried) still copies every slot every step; 350M on CPU ran slower that way."""
+  The slice is taken here, before the model, and written back after it (the model
+  itself updates whatever cache it is given in place)."""
   part = cache if reads is None else _resize_slots(cache, reads)
   ones = jnp.ones_like(token_B)[:, None]
   logits, mutated = model.apply({"params": params, "cache": part}, token_B[:, None],

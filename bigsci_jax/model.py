@@ -123,7 +123,8 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, decode=False):
+  def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, decode=False,
+               layer=None):
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BxLxHxK = Linear(cfg, (d,), (h, k), ("embed", "heads", "kv"), name="query")(x_BxLxD)
@@ -133,7 +134,7 @@ class Attention(nn.Module):
       q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
     if decode:
-      out_BxLxHxK = self._cached(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
+      out_BxLxHxK = self._cached(layer, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
                                  segment_ids_BxL, prefix_BxL)
     else:
       out_BxLxHxK = kernels.attention(
@@ -145,26 +146,31 @@ class Attention(nn.Module):
                   name="out")(out_BxLxHxK)
 
 
-  def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, segment_ids_BxT, prefix_BxT):
+  def _cached(self, layer, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, segment_ids_BxT,
+              prefix_BxT):
     """Decoding: append this call's keys / values to the cache ("cache" collection,
     max_len slots per row) and attend over every filled slot: key j is visible to
     query i iff j holds a real token and (pos_j <= pos_i, or both are in the prompt
     prefix of a prefix LM). Each row fills its slots in order from its own `index`
-    (rows of a server's batch join at different times); positions come per token."""
+    (rows of a server's batch join at different times); positions come per token.
+    `layer`: this layer's row of the stacked cache the layer scan carries (None: the
+    cache variables are this layer's own)."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
-    cache_shape = (b, cfg.max_len) + k_BxTxGxK.shape[2:]
-    keys = self.variable("cache", "keys", jnp.zeros, cache_shape, k_BxTxGxK.dtype)
-    values = self.variable("cache", "values", jnp.zeros, cache_shape, v_BxTxGxK.dtype)
-    pos = self.variable("cache", "positions", lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
-    prefix = self.variable("cache", "prefix", lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
-    index_B = self.variable("cache", "index", lambda: jnp.zeros((b,), jnp.int32))
+    g, k = k_BxTxGxK.shape[2:]
+    def variable(name, init, *args):
+      return _LayerView(self.variable("cache", name, init, *args), layer)
+    keys = variable("keys", jnp.zeros, (b, g, cfg.max_len, k), k_BxTxGxK.dtype)
+    values = variable("values", jnp.zeros, (b, g, cfg.max_len, k), v_BxTxGxK.dtype)
+    pos = variable("positions", lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
+    prefix = variable("prefix", lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
+    index_B = variable("index", lambda: jnp.zeros((b,), jnp.int32))
     real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
     in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
         else jnp.zeros((b, t), bool)
     at_B = index_B.value
-    keys.value = _write_rows(keys.value, k_BxTxGxK, at_B)
-    values.value = _write_rows(values.value, v_BxTxGxK, at_B)
+    keys.value = _write_rows(keys.value, k_BxTxGxK.transpose(0, 2, 1, 3), at_B, axis=1)
+    values.value = _write_rows(values.value, v_BxTxGxK.transpose(0, 2, 1, 3), at_B, axis=1)
     pos.value = _write_rows(pos.value, jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32),
                             at_B)
     prefix.value = _write_rows(prefix.value, in_prefix_BxT, at_B)
@@ -175,11 +181,43 @@ class Attention(nn.Module):
         alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None)
 
 
-def _write_rows(cache_BxS, update_BxT, at_B):
-  """cache_BxS with row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]."""
-  def write(row_S, update_T, at):
-    return jax.lax.dynamic_update_slice(row_S, update_T, (at,) + (0,) * (row_S.ndim - 1))
-  return jax.vmap(write)(cache_BxS, update_BxT.astype(cache_BxS.dtype), at_B)
+class _LayerView:
+  """A cache variable as one layer sees it: the whole variable, or with `layer` row
+  `layer` of the layers' stacked array. The layer scan carries the stacked cache from
+  layer to layer, so a step updates it in place; scanned over as an input and an
+  output instead, the cache was copied whole every step (one more cache of memory)."""
+
+  def __init__(self, variable, layer):
+    self.variable, self.layer = variable, layer
+
+  @property
+  def value(self):
+    if self.layer is None:
+      return self.variable.value
+    return jax.lax.dynamic_index_in_dim(self.variable.value, self.layer, keepdims=False)
+
+  @value.setter
+  def value(self, value):
+    if self.layer is None:
+      self.variable.value = value
+    else:
+      self.variable.value = jax.lax.dynamic_update_index_in_dim(self.variable.value, value,
+                                                                self.layer, 0)
+
+
+def _write_rows(cache_BxS, update_BxT, at_B, axis=0):
+  """cache_BxS with row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]; the
+  slots are axis `axis` of a row (keys and values: [G, S, K], heads first). One scatter
+  over (row, the axes before the slots, slot): written as a per-row dynamic update
+  slice, one row's update became a plain one, for which XLA:TPU lays the cache out
+  slots-major and copies it into and out of the layer scan every step."""
+  lead = update_BxT.shape[:axis + 2]  # B, the row's axes before its slots, T
+  def iota(i, values):
+    return values.reshape(tuple(n if j == i else 1 for j, n in enumerate(lead)))
+  index = [iota(i, jnp.arange(n)) for i, n in enumerate(lead[:-1])]
+  index.append(iota(0, at_B) + iota(len(lead) - 1, jnp.arange(lead[-1])))
+  return cache_BxS.at[tuple(index)].set(update_BxT.astype(cache_BxS.dtype), mode="drop",
+                                        unique_indices=True)
 
 
 class Mlp(nn.Module):
@@ -206,11 +244,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
-               decode=False):
+               decode=False, layer=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, broadcast_dims=(), deterministic=deterministic)
     h = Attention(cfg, name="attention")(_norm(cfg, "attention_norm")(x_BxLxD),
-                                         positions_BxL, segment_ids_BxL, prefix_BxL, decode)
+                                         positions_BxL, segment_ids_BxL, prefix_BxL, decode,
+                                         layer)
     x_BxLxD = x_BxLxD + drop(h)
     h = Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
     x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "act_embed"))
@@ -223,9 +262,9 @@ class ScannedBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
-               decode=False):
+               decode=False, layer=None):
     x_BxLxD = _block_class(self.cfg)(self.cfg, name="block")(
-        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode)
+        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, layer)
     return x_BxLxD, None
 
 
@@ -292,12 +331,18 @@ class Transformer(nn.Module):
 
     offload = "none" if self.is_initializing() else self.offload  # init creates, not reads
     if cfg.scan_layers:
-      stack = nn.scan(fetched(ScannedBlock, offload), variable_axes={"params": 0, "cache": 0},
+      # Decoding carries the layers' stacked cache through the scan (each layer updates
+      # its row in place); init creates it as scanned variables, one row per layer.
+      carry = decode and not self.is_initializing()
+      stack = nn.scan(fetched(ScannedBlock, offload),
+                      variable_axes={"params": 0} if carry else {"params": 0, "cache": 0},
+                      variable_carry="cache" if carry else False,
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * 5, length=cfg.num_layers,
+                      in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
+      layer_L = jnp.arange(cfg.num_layers) if carry else None
       x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL,
-                                              deterministic, decode)
+                                              deterministic, decode, layer_L)
     else:
       for i in range(cfg.num_layers):
         x_BxLxD = fetched(_block_class(cfg), offload)(cfg, name=f"layer_{i}")(
