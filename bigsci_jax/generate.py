@@ -200,15 +200,6 @@ def _resize_slots(cache, slots):
   return jax.tree_util.tree_map_with_path(lambda path, x: _resized(path, x, slots), cache)
 
 
-def _with_first_slots(cache, part):
-  """`cache` whose first slots per row (and index) are `part`'s."""
-  def put(path, x, part_x):
-    if path[-1].key == "index":
-      return part_x
-    return jax.lax.dynamic_update_slice_in_dim(x, part_x, 0, axis=_slot_axis(path, x))
-  return jax.tree_util.tree_map_with_path(put, cache, part)
-
-
 def empty_cache(model, batch_size, length=None):
   """The decoding cache for batch_size rows of `length` slots (default model.cfg.max_len;
   the cache's arrays, not the model, fix how many slots there are)."""
@@ -249,17 +240,12 @@ def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, 
 
 def _step(model, vocab, top, reads, params, cache, token_B, positions_B, keys, step, rows):
   """One token per row; attention reads only the first `reads` slots of each row
-  (None: all), which must hold every slot a row has filled, this token's included.
-  The slice is taken here, before the model, and written back after it (the model
-  itself updates whatever cache it is given in place)."""
-  part = cache if reads is None else _resize_slots(cache, reads)
+  (None: all), which must hold every slot a row has filled, this token's included."""
   ones = jnp.ones_like(token_B)[:, None]
-  logits, mutated = model.apply({"params": params, "cache": part}, token_B[:, None],
-                                positions_B[:, None], ones, 0 * ones, decode=True,
+  logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None],
+                                positions_B[:, None], ones, 0 * ones, decode=True, reads=reads,
                                 mutable=["cache"])
-  part = mutated["cache"]
-  return (_pick(logits[:, -1], keys, step, rows, top, vocab),
-          part if reads is None else _with_first_slots(cache, part))
+  return _pick(logits[:, -1], keys, step, rows, top, vocab), mutated["cache"]
 
 
 def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, keys, rows):

@@ -124,7 +124,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, decode=False,
-               layer=None):
+               layer=None, reads=None):
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BxLxHxK = Linear(cfg, (d,), (h, k), ("embed", "heads", "kv"), name="query")(x_BxLxD)
@@ -134,7 +134,7 @@ class Attention(nn.Module):
       q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
     if decode:
-      out_BxLxHxK = self._cached(layer, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
+      out_BxLxHxK = self._cached(layer, reads, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
                                  segment_ids_BxL, prefix_BxL)
     else:
       out_BxLxHxK = kernels.attention(
@@ -146,76 +146,90 @@ class Attention(nn.Module):
                   name="out")(out_BxLxHxK)
 
 
-  def _cached(self, layer, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, segment_ids_BxT,
-              prefix_BxT):
+  def _cached(self, layer, reads, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT,
+              segment_ids_BxT, prefix_BxT):
     """Decoding: append this call's keys / values to the cache ("cache" collection,
-    max_len slots per row) and attend over every filled slot: key j is visible to
-    query i iff j holds a real token and (pos_j <= pos_i, or both are in the prompt
-    prefix of a prefix LM). Each row fills its slots in order from its own `index`
-    (rows of a server's batch join at different times); positions come per token.
-    `layer`: this layer's row of the stacked cache the layer scan carries (None: the
-    cache variables are this layer's own)."""
+    max_len slots per row) and attend over its first `reads` slots (None: all), which
+    must hold every filled one: key j is visible to query i iff j holds a real token
+    and (pos_j <= pos_i, or both are in the prompt prefix of a prefix LM). Each row
+    fills its slots in order from its own `index` (rows of a server's batch join at
+    different times); positions come per token. `layer`: this layer's row of the
+    stacked cache the layer scan carries (None: the cache variables are this layer's)."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
     g, k = k_BxTxGxK.shape[2:]
-    def variable(name, init, *args):
-      return _LayerView(self.variable("cache", name, init, *args), layer)
-    keys = variable("keys", jnp.zeros, (b, g, cfg.max_len, k), k_BxTxGxK.dtype)
-    values = variable("values", jnp.zeros, (b, g, cfg.max_len, k), v_BxTxGxK.dtype)
-    pos = variable("positions", lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
-    prefix = variable("prefix", lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
-    index_B = variable("index", lambda: jnp.zeros((b,), jnp.int32))
+    def entry(name, slot_axis, init, *args):
+      return _CacheEntry(self.variable("cache", name, init, *args), layer, slot_axis)
+    keys = entry("keys", 2, jnp.zeros, (b, g, cfg.max_len, k), k_BxTxGxK.dtype)
+    values = entry("values", 2, jnp.zeros, (b, g, cfg.max_len, k), v_BxTxGxK.dtype)
+    pos = entry("positions", 1, lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
+    prefix = entry("prefix", 1, lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
+    index = entry("index", None, lambda: jnp.zeros((b,), jnp.int32))
     real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
     in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
         else jnp.zeros((b, t), bool)
-    at_B = index_B.value
-    keys.value = _write_rows(keys.value, k_BxTxGxK.transpose(0, 2, 1, 3), at_B, axis=1)
-    values.value = _write_rows(values.value, v_BxTxGxK.transpose(0, 2, 1, 3), at_B, axis=1)
-    pos.value = _write_rows(pos.value, jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32),
-                            at_B)
-    prefix.value = _write_rows(prefix.value, in_prefix_BxT, at_B)
-    index_B.value = at_B + t
+    at_B = index.read()
+    keys.write(k_BxTxGxK.transpose(0, 2, 1, 3), at_B)
+    values.write(v_BxTxGxK.transpose(0, 2, 1, 3), at_B)
+    pos.write(jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32), at_B)
+    prefix.write(in_prefix_BxT, at_B)
+    index.set(at_B + t)
     return kernels.cached_attention(
-        q_BxTxHxK, keys.value, values.value, query_positions=positions_BxT,
-        key_positions=pos.value, query_prefix=in_prefix_BxT, key_prefix=prefix.value,
+        q_BxTxHxK, keys.read(reads), values.read(reads), query_positions=positions_BxT,
+        key_positions=pos.read(reads), query_prefix=in_prefix_BxT, key_prefix=prefix.read(reads),
         alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None)
 
 
-class _LayerView:
-  """A cache variable as one layer sees it: the whole variable, or with `layer` row
-  `layer` of the layers' stacked array. The layer scan carries the stacked cache from
-  layer to layer, so a step updates it in place; scanned over as an input and an
-  output instead, the cache was copied whole every step (one more cache of memory)."""
+class _CacheEntry:
+  """One cache variable as one layer sees it: the variable, or with `layer` row `layer`
+  of the layers' stacked array, which the layer scan carries from layer to layer so
+  that a step updates it in place (scanned as an input and an output instead, the cache
+  was copied whole every step). A row's slots are axis `slot_axis` of the layer's array
+  (keys and values [B, G, S, K], heads first; positions and prefix [B, S])."""
 
-  def __init__(self, variable, layer):
-    self.variable, self.layer = variable, layer
+  def __init__(self, variable, layer, slot_axis):
+    self.variable, self.layer, self.slot_axis = variable, layer, slot_axis
 
-  @property
-  def value(self):
-    if self.layer is None:
-      return self.variable.value
-    return jax.lax.dynamic_index_in_dim(self.variable.value, self.layer, keepdims=False)
+  def read(self, slots=None):
+    """The layer's array, only the first `slots` slots of each row (None: all)."""
+    value = self.variable.value
+    if self.layer is not None:
+      sizes = list(value.shape)
+      sizes[0] = 1
+      if slots is not None:
+        sizes[1 + self.slot_axis] = slots
+      start = (self.layer,) + (0,) * (value.ndim - 1)
+      return jax.lax.dynamic_slice(value, start, sizes)[0]
+    if slots is None:
+      return value
+    return jax.lax.slice_in_dim(value, 0, slots, axis=self.slot_axis)
 
-  @value.setter
-  def value(self, value):
+  def set(self, value):
     if self.layer is None:
       self.variable.value = value
     else:
-      self.variable.value = jax.lax.dynamic_update_index_in_dim(self.variable.value, value,
-                                                                self.layer, 0)
+      self.variable.value = self.variable.value.at[self.layer].set(value)
+
+  def write(self, update_BxT, at_B):
+    """Row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b] (_write_rows)."""
+    self.variable.value = _write_rows(self.variable.value, update_BxT, at_B,
+                                      self.slot_axis - 1, self.layer)
 
 
-def _write_rows(cache_BxS, update_BxT, at_B, axis=0):
+def _write_rows(cache_BxS, update_BxT, at_B, axis=0, layer=None):
   """cache_BxS with row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]; the
-  slots are axis `axis` of a row (keys and values: [G, S, K], heads first). One scatter
-  over (row, the axes before the slots, slot): written as a per-row dynamic update
-  slice, one row's update became a plain one, for which XLA:TPU lays the cache out
-  slots-major and copies it into and out of the layer scan every step."""
+  slots are axis `axis` of a row (keys and values: [G, S, K], heads first); with
+  `layer`, cache_BxS has the layers' axis in front and row `layer` is written. One
+  scatter over (row, the axes before the slots, slot): written as a per-row dynamic
+  update slice, one row's update became a plain one, for which XLA:TPU lays the cache
+  out slots-major and copies it into and out of the layer scan every step."""
   lead = update_BxT.shape[:axis + 2]  # B, the row's axes before its slots, T
   def iota(i, values):
     return values.reshape(tuple(n if j == i else 1 for j, n in enumerate(lead)))
   index = [iota(i, jnp.arange(n)) for i, n in enumerate(lead[:-1])]
   index.append(iota(0, at_B) + iota(len(lead) - 1, jnp.arange(lead[-1])))
+  if layer is not None:
+    index.insert(0, layer)
   return cache_BxS.at[tuple(index)].set(update_BxT.astype(cache_BxS.dtype), mode="drop",
                                         unique_indices=True)
 
@@ -244,12 +258,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
-               decode=False, layer=None):
+               decode=False, layer=None, reads=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, broadcast_dims=(), deterministic=deterministic)
     h = Attention(cfg, name="attention")(_norm(cfg, "attention_norm")(x_BxLxD),
                                          positions_BxL, segment_ids_BxL, prefix_BxL, decode,
-                                         layer)
+                                         layer, reads)
     x_BxLxD = x_BxLxD + drop(h)
     h = Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
     x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "act_embed"))
@@ -262,9 +276,9 @@ class ScannedBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
-               decode=False, layer=None):
+               decode=False, reads=None, layer=None):
     x_BxLxD = _block_class(self.cfg)(self.cfg, name="block")(
-        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, layer)
+        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, layer, reads)
     return x_BxLxD, None
 
 
@@ -278,7 +292,7 @@ _REMAT_POLICIES = {
 def _block_class(cfg):
   if cfg.remat == "none":
     return Block
-  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5, 6))
+  return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5, 6, 8))
 
 
 class Transformer(nn.Module):
@@ -288,7 +302,9 @@ class Transformer(nn.Module):
   segment_ids: document id per token, 0 = padding; prefix: 1 on the
   bidirectional prefix (used only when cfg.mask == 'prefix'). A negative token
   -1 - i is virtual token i of a soft prompt attached to the params
-  (adapt.soft_prompt).
+  (adapt.soft_prompt). decode: append to the KV cache ("cache" collection, mutable)
+  and attend over it; `reads`: only its first `reads` slots per row, which must hold
+  every filled one (a cheaper step early in a long window).
 
   offload="host": the layers' weight matrices stay in host memory (the caller places
   them there: sharding.offloaded, `offload_params`) and the layer scan copies one
@@ -301,7 +317,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prefix_BxL=None,
-               deterministic=True, decode=False):
+               deterministic=True, decode=False, reads=None):
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     if positions_BxL is None:
@@ -338,15 +354,16 @@ class Transformer(nn.Module):
                       variable_axes={"params": 0} if carry else {"params": 0, "cache": 0},
                       variable_carry="cache" if carry else False,
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * 5 + (0,), length=cfg.num_layers,
+                      in_axes=(nn.broadcast,) * 6 + (0,), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       layer_L = jnp.arange(cfg.num_layers) if carry else None
       x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL,
-                                              deterministic, decode, layer_L)
+                                              deterministic, decode, reads, layer_L)
     else:
       for i in range(cfg.num_layers):
         x_BxLxD = fetched(_block_class(cfg), offload)(cfg, name=f"layer_{i}")(
-            x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode)
+            x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, None,
+            reads)
 
     x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
     if cfg.tie_embeddings:

@@ -131,12 +131,13 @@ def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan)
   assert len(set(alone["a"][0][0])) > 1  # really sampled
 
 
-def test_steps_that_read_only_the_filled_slots_decode_as_steps_that_read_all():
+@pytest.mark.parametrize("scan", [True, False])
+def test_steps_that_read_only_the_filled_slots_decode_as_steps_that_read_all(scan):
   """generate's steps read only the first bucket_width(filled) slots of a 128-slot cache
   (32, then 64, then all 128 as the rows grow past 32 and 64 slots; prefix LM, ALiBi):
-  the same sampled tokens and logits as steps that read every slot, and the same
-  cache."""
-  cfg = dataclasses.replace(BASE, max_len=128, position="alibi", mask="prefix")
+  the same sampled tokens and logits as steps that read every slot, with scanned
+  layers (a slice of each layer's row of the carried cache) and unrolled ones."""
+  cfg = dataclasses.replace(BASE, max_len=128, position="alibi", mask="prefix", scan_layers=scan)
   model = Transformer(cfg)
   params = init_params(model, jax.random.key(4))
   prompts, steps, sampling = [list(range(3, 28)), [8, 2, 5]], 80, generate.Sampling(1.0)
