@@ -151,7 +151,7 @@ class Scorer:
     sums, greedy = np.zeros(len(pairs)), np.zeros(len(pairs), bool)
     for ids, chunk in self._batches(pairs, lambda pair: len(pair[0]) + len(pair[1])):
       width = generate.bucket_width(len(self.lead) + len(chunk[0][0]) + len(chunk[0][1]), self.seq_len)
-      chunk_sums, chunk_greedy = jax.device_get(
+      chunk_sums, chunk_greedy = sharding.to_host(
           self._apply(token_rows(chunk, width, self.prefix_lm, self.lead,
                                  self.tokenizer.bos_id)))
       sums[ids] = chunk_sums[:len(ids)]

@@ -11,7 +11,7 @@ import os
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig
@@ -181,6 +181,17 @@ def call_with_rows(mesh, fn, *args, rows):
     return fn(*args, rows)
   with activate(mesh):
     return fn(*args, jax.device_put(rows, batch_sharding(mesh, 2)))
+
+
+def to_host(tree):
+  """The arrays of `tree` as numpy on this process, whole: an array that spans other
+  processes' devices (rows placed over the batch axes of a multi-process mesh) is
+  gathered from all of them, so every process must call this with the same tree."""
+  def fetch(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+  return jax.tree.map(fetch, tree)
 
 
 def maybe_initialize_distributed(coordinator_address=None, num_processes=None, process_id=None,

@@ -1,7 +1,9 @@
 """Two real processes (4 fake CPU devices each) form one 8-device mesh through
 jax.distributed, each reading only its own rows, and train like one process; their
 checkpoint restores in one process on 8 devices and on 1; a profile of a step is one
-folder for both. The pair runs as two slices (MeshConfig.slices=2, one per process)."""
+folder for both; a pair of processes scores log-likelihoods (likelihood.Scorer, what
+TrainConfig.eval_tasks runs) as one process does. The pair runs as two slices
+(MeshConfig.slices=2, one per process)."""
 
 import os
 import socket
@@ -12,12 +14,37 @@ import jax
 import numpy as np
 
 import train
-from bigsci_jax import loop
+from bigsci_jax import loop, vocab
+from bigsci_jax.likelihood import Scorer
 from bigsci_jax.metrics import read_metrics
+from bigsci_jax.tokenizer import SentencePieceTokenizer
 
 FLAGS = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelConfig.vocab_size=256",
          "--gin.TrainConfig.eval_batches=2", "--gin.TRAIN_STEPS=4", "--gin.TrainConfig.checkpoint_every=2",
          "--gin.TrainConfig.eval_every=0", "--gin.MeshConfig.data=2", "--gin.MeshConfig.fsdp=4"]
+
+
+# (context ids, continuation ids) within the runs' 256-id vocabulary, of several lengths.
+_rng = np.random.default_rng(0)
+REQUESTS = [(_rng.integers(3, 256, c).tolist(), _rng.integers(3, 256, n).tolist())
+            for c, n in [(5, 3), (0, 12), (20, 1), (9, 30), (2, 2), (40, 7)] * 2]
+
+# Both processes score REQUESTS with the run's latest weights, rows over all 8 devices.
+SCORE = """
+import sys, numpy as np
+from bigsci_jax import loop, sharding
+from bigsci_jax.likelihood import Scorer
+from bigsci_jax.tokenizer import SentencePieceTokenizer
+model_dir, spm, address, process, out = sys.argv[1:]
+sharding.maybe_initialize_distributed(address, 2, int(process))
+runtime = loop.Runtime(loop.read_run(model_dir))
+state = runtime.restore_latest(model_dir)[0]
+scorer = Scorer(runtime.model, state.params, SentencePieceTokenizer(open(spm, 'rb').read()),
+                runtime.run.batch.seq_len, 8, runtime.mesh)
+logliks, greedy = scorer.score_requests(REQUESTS)
+if process == '0':
+  np.savez(out, logliks=logliks, greedy=greedy)
+"""
 
 
 def _free_port():
@@ -73,6 +100,31 @@ def test_two_processes_train_like_one(tmp_path):
   assert params_1.keys() == params_8.keys()
   for name in params_8:
     np.testing.assert_array_equal(params_1[name], params_8[name])
+  _scores_two_processes_like_one(tmp_path, multi_dir, env, loop.Runtime(run), state.params)
   single_state = loop.Runtime(run).restore_latest(str(single_dir))[0]
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                jax.device_get(state.params), jax.device_get(single_state.params))
+
+
+def _scores_two_processes_like_one(tmp_path, model_dir, env, runtime, params):
+  """Rows placed over a mesh that spans two processes come back whole on both
+  (sharding.to_host): the log-likelihoods equal one process's on 8 devices."""
+  spm = tmp_path / "vocab.model"  # the scorer's start token; the requests are ids already
+  spm.write_bytes(vocab.train_model(["the runs' vocabulary is not this one"] * 50, 300,
+                                    hard_limit=False))
+  out, address = tmp_path / "scores.npz", f"127.0.0.1:{_free_port()}"
+  script = f"REQUESTS = {REQUESTS!r}\n" + SCORE
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(model_dir), str(spm), address,
+                             str(i), str(out)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            cwd=os.path.dirname(train.__file__)) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, output in zip(procs, outputs):
+    assert p.returncode == 0, output[-3000:]
+  tok = SentencePieceTokenizer(spm.read_bytes())
+  logliks, greedy = Scorer(runtime.model, params, tok, runtime.run.batch.seq_len, 8,
+                           runtime.mesh).score_requests(REQUESTS)
+  pair = np.load(out)
+  np.testing.assert_allclose(pair["logliks"], logliks, rtol=1e-5)
+  np.testing.assert_array_equal(pair["greedy"], greedy)
+  assert np.all(logliks < 0) and len(set(np.round(logliks, 3))) == len(REQUESTS)
