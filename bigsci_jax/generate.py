@@ -48,6 +48,14 @@ class Sampling:
   top_k: int = 0             # 0: no top-k cut
   top_p: float = 1.0         # 1: no nucleus cut
 
+  def __post_init__(self):
+    bad = [f"{name}={value!r} ({rule})" for name, value, ok, rule in (
+        ("temperature", self.temperature, self.temperature >= 0, "0 is greedy, else > 0"),
+        ("top_k", self.top_k, self.top_k >= 0, "0 keeps every token, else > 0"),
+        ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1]")) if not ok]
+    if bad:
+      raise GenerationError(f"sampling settings not allowed: {'; '.join(bad)}.")
+
 
 LOGPROBS_MAX = 20  # the most top alternatives a caller may ask for per position
 
@@ -398,10 +406,10 @@ def main(argv):
   from bigsci_jax import tokenizer as tokenizers
   from bigsci_jax.adapt import store
   try:  # one device: generate() runs without a mesh
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     run, runtime, params, _ = evaluate.restore(args.model_dir, batch_size=1, offload=args.offload)
     params = store.attach_dir(params, args.prompt_dir, run.model)
     tok = loop.read_tokenizer(args.model_dir)
-    sampling = Sampling(args.temperature, args.top_k, args.top_p)
     outputs = generate(runtime.model, params, [tok.encode(t) for t in args.prompt],
                        args.max_new_tokens, sampling, args.seed, vocab=tok.vocab_size,
                        bos_id=tok.bos_id)

@@ -59,6 +59,9 @@ CASES = {
     "generate from a run without a vocabulary": (
         lambda d: generate.main([f"--model_dir={_run_without_checkpoint(d)}", "--prompt=hello"]),
         "has no checkpoint yet"),
+    "generate with top_p over 1": (
+        lambda d: generate.main([f"--model_dir={_run_without_checkpoint(d)}", "--prompt=hi",
+                                 "--top_p=2"]), "top_p=2.0 (in (0, 1])"),
     "evaluate a run without a checkpoint": (
         lambda d: evaluate.main([f"--model_dir={_run_without_checkpoint(d)}"]), "has no checkpoint"),
     "export the tokenizer of a run without a vocabulary": (
@@ -75,6 +78,11 @@ CASES = {
         "config.json is not valid JSON"),
     # scaling CSVs
     "missing CSV": (lambda d: scaling_main(["fit", "--approach", "3", "--runs", str(d / "in" / "none.csv")]), "none.csv"),
+    "plan from a base that is not there": (
+        lambda d: scaling_main(["plan", "--budgets", "1e12", "--out", str(d / "plan"),
+                                "--base", str(d / "in" / "none.json")]), "--base"),
+    "run a folder without a plan": (
+        lambda d: scaling_main(["run", "--plan", str(d / "in" / "empty")]), "holds no plan.csv"),
     "CSV without a loss column": (
         lambda d: scaling_main(["fit", "--approach", "3", "--runs",
                                _write(d / "in" / "t.csv", "params,tokens\n1e6,1e9\n")]),

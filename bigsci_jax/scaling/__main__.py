@@ -104,10 +104,7 @@ def fit_command(args):
 
 def plan_command(args):
   """An isoFLOP plan (`plan`) or a sizes x data grid (`plan-grid`)."""
-  base = RunConfig()
-  if args.base:
-    with open(args.base) as f:
-      base = RunConfig.from_dict(json.load(f))
+  base = _read_base(args.base) if args.base else RunConfig()
   if args.decay:
     base = dataclasses.replace(base, optimizer=dataclasses.replace(
         base.optimizer, decay=args.decay, cooldown_fraction=args.cooldown_fraction))
@@ -129,13 +126,25 @@ def plan_command(args):
   print(json.dumps({"plan": os.path.join(args.out, "plan.csv"), "runs": len(runs)}))
 
 
+def _read_base(path):
+  """The RunConfig in a JSON file, or in a model_dir's config.json."""
+  file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+  if not os.path.isfile(file):
+    raise table.TableError(f"--base {path} does not exist; pass a RunConfig JSON such as a "
+                           f"trained run's model_dir/config.json.")
+  with open(file) as f:
+    try:
+      return RunConfig.from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+      raise table.TableError(f"--base {file} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+
+
 def plan_languages_command(args):
   from bigsci_jax.scaling import languages
   if not args.base:
     raise table.TableError("plan-languages needs --base, a RunConfig JSON (e.g. a model_dir's "
                            "config.json) whose DataConfig names the corpus.")
-  with open(args.base) as f:
-    base = RunConfig.from_dict(json.load(f))
+  base = _read_base(args.base)
   pairs = None
   if args.pairs:
     if not all(p.count(":") == 1 for p in args.pairs):
@@ -176,6 +185,9 @@ def run_command(args):
   import jax
 
   from bigsci_jax.scaling import sweep  # imports the training stack
+  if not os.path.isfile(os.path.join(args.plan, "plan.csv")):
+    raise table.TableError(f"{args.plan} holds no plan.csv; write a plan there first with "
+                           f"`python -m bigsci_jax.scaling plan ... --out {args.plan}`.")
   if not jax.config.jax_compilation_cache_dir:  # runs of one shape compile once across the plan
     jax.config.update("jax_compilation_cache_dir", os.path.join(args.plan, "xla_cache"))
   rows = sweep.run_plan(args.plan, progress=not args.no_progress)
@@ -376,7 +388,7 @@ def main(argv):
   p.add_argument("--irreducible", action="store_true", help="kaplan: fit an irreducible loss E too")
   shared = argparse.ArgumentParser(add_help=False)  # the options of both plan commands
   shared.add_argument("--out", required=True)
-  shared.add_argument("--base", default=None, help="a RunConfig JSON (e.g. a model_dir's config.json)")
+  shared.add_argument("--base", default=None, help="a RunConfig JSON, or a model_dir (its config.json)")
   shared.add_argument("--convention", default="chinchilla", choices=("kaplan", "chinchilla", "porian"))
   shared.add_argument("--aspect", type=int, default=32)
   shared.add_argument("--head_dim", type=int, default=64)
@@ -413,7 +425,7 @@ def main(argv):
                  help="tokens each source language is pretrained on before the transfer runs")
   p.add_argument("--pairs", nargs="*", default=None,
                  help="source:target pairs for the transfer runs (default: every ordered pair)")
-  p.add_argument("--base", default=None, help="a RunConfig JSON naming the corpus and the model")
+  p.add_argument("--base", default=None, help="a RunConfig JSON naming the corpus and the model, or a model_dir")
   p.add_argument("--out", required=True)
   p = commands.add_parser("fit-hparams", help="optimal LR and batch size as power laws in N")
   p.add_argument("--runs", required=True, help="CSV: params, loss, learning_rate, batch_size")
