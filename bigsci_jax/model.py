@@ -295,6 +295,20 @@ def _block_class(cfg):
   return nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(5, 6, 8))
 
 
+def _lookup(table_NxD, ids_BxL, dtype, rows):
+  """Rows of an embedding table for batch-sharded ids, in the block-boundary layout.
+
+  The table is gathered over `embed` first, as FSDP gathers every weight (its `rows`
+  axis keeps its sharding: a vocabulary split over tensor is looked up in parts and
+  summed). Looked up in its stored layout, XLA's partitioner gave every device all
+  rows of the micro-batch with the model dimension split over fsdp, and when data and
+  fsdp were both > 1 reached the block layout only by replicating that [B, L, D] (and
+  its gradient) over the whole mesh, across slices too. The gathered table costs
+  BLOOM-176B 0.7-0.8 GiB more per chip with data = 1 (benchmarks/RESULTS.md)."""
+  table_NxD = constrain(table_NxD.astype(dtype), (rows, None))
+  return constrain(jnp.take(table_NxD, ids_BxL, axis=0), ("batch", "length", "act_embed"))
+
+
 class Transformer(nn.Module):
   """tokens [B, L] -> float32 logits [B, L, V].
 
@@ -326,7 +340,7 @@ class Transformer(nn.Module):
                      embedding_init=_init(cfg, ("vocab", "embed")), name="embed")
     # Negative ids are soft-prompt slots (adapt.soft_prompt): slot -1 - i takes row i of the
     # `soft_prompt` parameter, present only when a tuned prompt is attached to the params.
-    x_BxLxD = embed(jnp.maximum(tokens_BxL, 0))
+    x_BxLxD = _lookup(embed.embedding, jnp.maximum(tokens_BxL, 0), dtype, "vocab")
     if self.has_variable("params", SOFT_PROMPT):
       prompt_PxD = self.get_variable("params", SOFT_PROMPT).astype(dtype)
       slot_BxL = jnp.clip(-tokens_BxL - 1, 0, prompt_PxD.shape[0] - 1)
@@ -334,7 +348,8 @@ class Transformer(nn.Module):
     if cfg.position == "learned":
       pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                            embedding_init=_init(cfg, ("position", "embed")), name="pos_embed")
-      x_BxLxD = x_BxLxD + pos_embed(jnp.maximum(positions_BxL, 0))
+      x_BxLxD = x_BxLxD + _lookup(pos_embed.embedding, jnp.maximum(positions_BxL, 0), dtype,
+                                  "position")
     elif cfg.position == "sinusoidal":
       enc_BxLxD = sinusoidal_BxLxD(positions_BxL, cfg.d_model // cfg.sinusoid_tiles)
       x_BxLxD = x_BxLxD + jnp.tile(enc_BxLxD, (1, 1, cfg.sinusoid_tiles)).astype(dtype)

@@ -1,15 +1,18 @@
 """The same step on 1 device and on 8 fake CPU devices with different meshes."""
 
+import dataclasses
 import functools
+import re
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bigsci_jax import data, sharding
+from bigsci_jax import aot, data, sharding
 from bigsci_jax import step as steps
-from bigsci_jax.config import ConfigError, MeshConfig, ModelConfig, OptimizerConfig
+from bigsci_jax.config import (BatchConfig, ConfigError, MeshConfig, ModelConfig,
+                               OptimizerConfig, RunConfig)
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
 
@@ -83,6 +86,23 @@ def test_adamw_drift_between_meshes_is_small_and_reported():
   drift = np.max(np.abs(losses8 - losses1) / losses1)
   print(f"AdamW, 20 steps, mesh (2,2,2) vs 1 device: max relative loss drift {drift:.2e}")
   assert drift < 1e-2
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 2), (2, 4, 1)])
+def test_data_parallel_groups_exchange_no_activations(shape):
+  """After partitioning, no value of the compiled train step holds rows of a micro-batch
+  beyond its data shard (16 / data of 16 x 24), so data-parallel groups, and slices,
+  exchange gradients only. (The embedding lookup in the table's stored layout gave
+  every device all 16 rows and replicated them across the mesh on the way to the block
+  layout whenever data and fsdp were both > 1.)"""
+  model = dataclasses.replace(CFG, position="learned", vocab_size=512)  # both tables
+  run = RunConfig(model=model, batch=BatchConfig(batch_size=32, micro_batch_size=16, seq_len=24),
+                  mesh=MeshConfig(*shape))
+  _, compiled = aot.compile_train_step(run, jax.devices())
+  rows = 16 // shape[0]
+  beyond = [line.strip() for line in compiled.as_text().splitlines()
+            if any(rows < int(r) <= 16 for r in re.findall(r"\[(\d+),24[,\]]", line))]
+  assert not beyond, beyond[:3]
 
 
 def test_parameters_are_sharded_as_the_rules_say():
