@@ -303,8 +303,9 @@ def _lookup(table_NxD, ids_BxL, dtype, rows):
   summed). Looked up in its stored layout, XLA's partitioner gave every device all
   rows of the micro-batch with the model dimension split over fsdp, and when data and
   fsdp were both > 1 reached the block layout only by replicating that [B, L, D] (and
-  its gradient) over the whole mesh, across slices too. The gathered table costs
-  BLOOM-176B 0.7-0.8 GiB more per chip with data = 1 (benchmarks/RESULTS.md)."""
+  its gradient) over the whole mesh, across slices too. The gathered table and its
+  gradient cost BLOOM-176B 0.7-0.8 GiB more per chip with data = 1 and up to 2.5 GiB
+  across two slices (benchmarks/RESULTS.md)."""
   table_NxD = constrain(table_NxD.astype(dtype), (rows, None))
   return constrain(jnp.take(table_NxD, ids_BxL, axis=0), ("batch", "length", "act_embed"))
 

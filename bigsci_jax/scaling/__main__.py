@@ -129,14 +129,8 @@ def plan_command(args):
 def _read_base(path):
   """The RunConfig in a JSON file, or in a model_dir's config.json."""
   file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-  if not os.path.isfile(file):
-    raise table.TableError(f"--base {path} does not exist; pass a RunConfig JSON such as a "
-                           f"trained run's model_dir/config.json.")
-  with open(file) as f:
-    try:
-      return RunConfig.from_dict(json.load(f))
-    except json.JSONDecodeError as e:
-      raise table.TableError(f"--base {file} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+  return RunConfig.from_dict(table.read_json(
+      file, "--base", "pass a RunConfig JSON such as a trained run's model_dir/config.json"))
 
 
 def plan_languages_command(args):
@@ -263,14 +257,8 @@ def diagnose_command(args):
 
 def _read_sizes(path):
   """{language: available tokens} from a JSON object."""
-  try:
-    with open(path) as f:
-      sizes = json.load(f)
-  except FileNotFoundError:
-    raise table.TableError(f"sizes file {path} does not exist; write a JSON object "
-                           f"{{language: available training tokens}}.") from None
-  except json.JSONDecodeError as e:
-    raise table.TableError(f"sizes file {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+  sizes = table.read_json(path, "sizes file",
+                          "write a JSON object {language: available training tokens}")
   if not isinstance(sizes, dict) or not all(isinstance(v, (int, float)) and v > 0
                                             for v in sizes.values()):
     raise table.TableError(f"sizes file {path} must be a JSON object of positive token counts "

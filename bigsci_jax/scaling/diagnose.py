@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from bigsci_jax.scaling.table import Runs, TableError
+from bigsci_jax.scaling.table import Runs, TableError, read_json
 
 LAW_KEYS = ("E", "A", "B", "alpha", "beta")
 FLAG_RATIO = 0.5  # below this N_eff / N, the run is flagged
@@ -27,15 +27,8 @@ FLAG_RATIO = 0.5  # below this N_eff / N, the run is flagged
 def read_fit(path):
   """Approach 3's fitted law from a JSON file (the `fit --approach 3` output, or any
   object with E, A, B, alpha, beta)."""
-  try:
-    with open(path) as f:
-      law = json.load(f)
-  except FileNotFoundError:
-    raise TableError(f"fit file {path} does not exist; write one with `python -m bigsci_jax."
-                     f"scaling fit --approach 3 --runs CSV --out DIR` (DIR/fit_approach3.json)."
-                     ) from None
-  except json.JSONDecodeError as e:
-    raise TableError(f"fit file {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
+  law = read_json(path, "fit file", "write one with `python -m bigsci_jax.scaling fit "
+                  "--approach 3 --runs CSV --out DIR` (DIR/fit_approach3.json)")
   missing = [k for k in LAW_KEYS if not isinstance(law, dict) or not isinstance(law.get(k), (int, float))]
   if missing:
     raise TableError(f"fit file {path} lacks approach 3's key(s) {', '.join(missing)}; pass the "

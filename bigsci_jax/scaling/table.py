@@ -4,6 +4,7 @@ and grouping columns (`budget`, `run`, `step`, `lang`, ...). DESIGN.md, "Scaling
 
 import csv
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -13,6 +14,18 @@ NUMERIC = ("params", "tokens", "loss", "flops", "budget", "step")
 
 class TableError(ValueError):
   """The runs table is unusable; the message says which column or row and what to do."""
+
+
+def read_json(path, what, to_write):
+  """The JSON value in `path`; a missing file or bad JSON is a TableError naming `what`
+  the file is, with `to_write` (how to get one) for a missing file."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise TableError(f"{what} {path} does not exist; {to_write}.") from None
+  except json.JSONDecodeError as e:
+    raise TableError(f"{what} {path} is not valid JSON ({e.msg}, line {e.lineno}).") from None
 
 
 @dataclasses.dataclass
