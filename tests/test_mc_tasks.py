@@ -15,7 +15,7 @@ from bigsci_jax.model import Transformer, init_params
 class Bytes:
   """A byte-level tokenizer: ids above pad / eos / unk; rows start from pad."""
 
-  bos_id, eos_id = 0, 1
+  bos_id, eos_id, vocab_size = 0, 1, 259
 
   def encode(self, text):
     return [b + 3 for b in text.encode()]
@@ -182,3 +182,20 @@ def test_generate_until_cuts_at_stop_strings_and_keeps_the_window():
   assert cut[0] == free[0][:free[0].index(stop)] and stop not in cut[0]
   long_context = scorer.generate_until(["x" * 200], (), 8)  # left-truncated, with a warning
   assert len(long_context) == 1
+
+
+def test_generation_draws_only_the_tokenizers_ids_from_a_larger_model_vocabulary():
+  """A model's vocabulary may be larger than its tokenizer's (a round size, or
+  DataConfig.vocab_size below ModelConfig.vocab_size): ids past the tokenizer are
+  never drawn, however likely the model makes them."""
+  cfg = ModelConfig(num_layers=1, d_model=32, num_heads=2, d_ff=64, vocab_size=300,
+                    max_len=64, dtype="float32", tie_embeddings=False)
+  model = Transformer(cfg)
+  params = init_params(model, jax.random.key(0))
+  norm = params["final_norm"]
+  params["final_norm"] = {"scale": np.zeros_like(norm["scale"]), "bias": np.ones_like(norm["bias"])}
+  head = np.zeros_like(params["head"])  # every position's logits: 32 for id 290, 16 for "a"
+  head[:, 290], head[:, _bytes("a")[0]] = 1.0, 0.5
+  params["head"] = head
+  scorer = likelihood.Scorer(model, params, Bytes(), seq_len=64, batch_size=2)
+  assert scorer.generate_until(["Debian", "apt"], (), 4) == ["aaaa", "aaaa"]
