@@ -237,10 +237,11 @@ _CACHE_AXES = {"keys": (None, "batch", "kv_heads", None, None),
                "index": (None, "batch")}
 
 
-def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
+def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache_rows=None):
   """Lower and compile one decoding step of `run`'s model (generate.Decoder's step:
-  `rows` rows, a KV cache of ModelConfig.max_len slots) for `devices`, the parameters
-  in pinned host memory for offload="host"; returns (Report, compiled)."""
+  `rows` rows, a KV cache of `cache_rows` (default `rows`) rows of ModelConfig.max_len
+  slots, as a server's step of a smaller bucket) for `devices`, the parameters in
+  pinned host memory for offload="host"; returns (Report, compiled)."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -254,7 +255,7 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
   abstract, shardings = steps.abstract_state(Transformer(run.model), optax.identity(), mesh, 1)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract.params, sharding.offloaded(shardings.params, offload))
-  cache = jax.eval_shape(lambda: generate.empty_cache(model, rows))
+  cache = jax.eval_shape(lambda: generate.empty_cache(model, cache_rows or rows))
   cache = jax.tree_util.tree_map_with_path(
       lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.logical_to_sharding(
           _CACHE_AXES.get(path[-1].key, ()), x.shape, mesh)), cache)
@@ -270,7 +271,8 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none"):
       mesh, devices, topology, "decoding step", offload)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="decode", offload=offload,
-      attention_impl="cached (XLA)", batch={"rows": rows, "cache_len": run.model.max_len},
+      attention_impl="cached (XLA)",
+      batch={"rows": rows, "cache_rows": cache_rows or rows, "cache_len": run.model.max_len},
       flops_per_step=flops.flops_per_token(run.model, run.model.max_len) / 3 * rows)
   return report, compiled
 
@@ -285,7 +287,8 @@ def describe(report: Report):
     work = (f"remat {report.remat}; batch {b['global']} x {b['seq_len']} tokens "
             f"({b['accumulation']} micro-batches of {b['micro']})")
   else:
-    work = (f"one decoding step of {b['rows']} rows against a {b['cache_len']}-slot KV cache, "
+    work = (f"one decoding step of {b['rows']} rows against a KV cache of {b['cache_rows']} "
+            f"rows of {b['cache_len']} slots, "
             f"parameters {'in pinned host memory' if report.offload == 'host' else 'on device'}")
   host = (f"; in host memory: arguments {gib(m['host_argument'])}, temporaries "
           f"{gib(m['host_temp'])}" if m["host_argument"] or m["host_temp"] else "")
@@ -311,6 +314,9 @@ def parse_flags(argv):
                       help="that many slices of --topology (multislice; default MeshConfig.slices)")
   parser.add_argument("--step", default="train", choices=("train", "decode"))
   parser.add_argument("--decode_rows", type=int, default=1, help="rows of a decoding step")
+  parser.add_argument("--cache_rows", type=int, default=None,
+                      help="rows of its KV cache: a server's --max_batch, stepping a smaller "
+                           "bucket (default --decode_rows)")
   parser.add_argument("--offload", default="none", choices=OFFLOAD,
                       help="decode: parameters in pinned host memory, one layer on the device")
   parser.add_argument("--verbose", action="store_true", help="tracebacks for errors")
@@ -352,8 +358,11 @@ def main(argv):
     if flags.step == "decode":
       if flags.decode_rows < 1:
         raise AotError(f"--decode_rows={flags.decode_rows}: a decoding step has at least 1 row.")
+      if flags.cache_rows is not None and flags.cache_rows < flags.decode_rows:
+        raise AotError(f"--cache_rows={flags.cache_rows}: the cache holds at least the step's "
+                       f"--decode_rows={flags.decode_rows}.")
       report, _ = compile_decode_step(run, devices, flags.topology, flags.decode_rows,
-                                      flags.offload)
+                                      flags.offload, flags.cache_rows)
     else:
       if flags.offload != "none":
         raise AotError("--offload=host is for --step=decode: training keeps its parameters "

@@ -150,10 +150,21 @@ def _row_slots(cache):
   return x.shape[_slot_axis(path, x)]
 
 
-def _take_rows(cache, rows_R):
-  """A cache of R rows: row i is `cache`'s row rows_R[i] (to grow or shrink a batch)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jnp.take(x, rows_R, axis=_row_axis(path, x)), cache)
+def _move_rows(cache, from_N, to_N):
+  """`cache` with row to_N[i] a copy of row from_N[i] (a server packing its rows into the
+  first slots); pairs with to_N[i] out of range copy nothing."""
+  def move(path, x):
+    row = _row_axis(path, x)
+    return x.at[(slice(None),) * row + (to_N,)].set(jnp.take(x, from_N, axis=row), mode="drop")
+  return jax.tree_util.tree_map_with_path(move, cache)
+
+
+def step_rows(size, count, blocks=1):
+  """The rows of a cache of `size` rows that a step of `count` rows runs on, in its row
+  order, when the batch axis has `blocks` shards (model._CacheEntry): the first
+  count / blocks rows of each of the blocks."""
+  per, block = count // blocks, size // blocks
+  return [d * block + j for d in range(blocks) for j in range(per)]
 
 
 def _put_rows(cache, new, slots_N, shift_N):
@@ -274,7 +285,7 @@ class Decoder:
   `prefill` (prompt rows into a fresh cache of cache_len slots, then the first pick),
   `step` (one more token per row), `prompt_logprobs` (every prompt token's
   log-probability under a causal pass, for scoring), and for a server's running batch
-  `take_rows` / `put_rows` (regroup a cache's rows; put prefilled rows into it). `top`
+  `put_rows` / `move_rows` (put prefilled rows into its cache; pack its rows). `top`
   is how many alternatives each pick reports (static); tokens are drawn from the first
   `vocab` ids (default: the model's whole table). With a mesh, the model traces under
   its logical rules."""
@@ -288,7 +299,7 @@ class Decoder:
     self._prompt = jax.jit(functools.partial(_prompt_logprobs, model, vocab),
                            static_argnums=(0,))
     self._empty = jax.jit(functools.partial(empty_cache, model), static_argnums=(0, 1))
-    self._take_rows = jax.jit(_take_rows)
+    self._move_rows = jax.jit(_move_rows, donate_argnums=(0,))
     self._put_rows = jax.jit(_put_rows, donate_argnums=(0,))
 
   def _run(self, fn, *args):
@@ -303,7 +314,9 @@ class Decoder:
 
   def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0, filled=None):
     """One more token per row; `step` (an int, or one per row) counts the row's picks
-    so far, for its sampling key. `filled`: the most slots a row holds once this token
+    so far, for its sampling key. With fewer rows than `cache` holds, the step runs on
+    its step_rows(cache rows, rows, shards of the batch axis), the others untouched.
+    `filled`: the most slots a row holds once this token
     is written (its index + 1); attention then reads only the first
     bucket_width(filled) slots of every row instead of all of them (a step's
     cost follows the rows' lengths, not the window; one compile per bucket)."""
@@ -320,9 +333,11 @@ class Decoder:
     """A fresh cache of `rows` rows of cache_len slots (nothing visible)."""
     return self._run(self._empty, rows, cache_len)
 
-  def take_rows(self, cache, rows_R):
-    """The cache of R rows whose row i is row rows_R[i] of `cache`."""
-    return self._run(self._take_rows, cache, np.asarray(rows_R, np.int32))
+  def move_rows(self, cache, from_N, to_N):
+    """`cache` (donated) with row to_N[i] a copy of row from_N[i]; to_N[i] >= the rows of
+    `cache` copies nothing."""
+    return self._run(self._move_rows, cache, np.asarray(from_N, np.int32),
+                     np.asarray(to_N, np.int32))
 
   def put_rows(self, cache, new, slots_N, shift_N):
     """`cache` (donated) with row slots_N[i] replaced by row i of `new` (a prefill's cache,
@@ -334,7 +349,7 @@ class Decoder:
   def compiled_shapes(self):
     """How many shapes the jitted functions have compiled (a warm server's count stays)."""
     return sum(f._cache_size() for f in (self._prefill, self._step, self._prompt,
-                                         self._empty, self._take_rows, self._put_rows))
+                                         self._empty, self._move_rows, self._put_rows))
 
 
 @functools.lru_cache(maxsize=8)

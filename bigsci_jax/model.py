@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from bigsci_jax import kernels
 from bigsci_jax.config import ModelConfig
 from bigsci_jax.kernels.mask import softmax_dtype
-from bigsci_jax.sharding import constrain, offloaded
+from bigsci_jax.sharding import batch_shards, constrain, offloaded
 
 SOFT_PROMPT = "soft_prompt"  # the params entry of an attached soft prompt [P, D]
 
@@ -158,13 +158,22 @@ class Attention(nn.Module):
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
     g, k = k_BxTxGxK.shape[2:]
-    def entry(name, slot_axis, init, *args):
-      return _CacheEntry(self.variable("cache", name, init, *args), layer, slot_axis)
-    keys = entry("keys", 2, jnp.zeros, (b, g, cfg.max_len, k), k_BxTxGxK.dtype)
-    values = entry("values", 2, jnp.zeros, (b, g, cfg.max_len, k), v_BxTxGxK.dtype)
-    pos = entry("positions", 1, lambda: jnp.full((b, cfg.max_len), -1, jnp.int32))
-    prefix = entry("prefix", 1, lambda: jnp.zeros((b, cfg.max_len), jnp.bool_))
-    index = entry("index", None, lambda: jnp.zeros((b,), jnp.int32))
+    variables = {
+        "keys": (2, jnp.zeros, (b, g, cfg.max_len, k), k_BxTxGxK.dtype),
+        "values": (2, jnp.zeros, (b, g, cfg.max_len, k), v_BxTxGxK.dtype),
+        "positions": (1, lambda: jnp.full((b, cfg.max_len), -1, jnp.int32)),
+        "prefix": (1, lambda: jnp.zeros((b, cfg.max_len), jnp.bool_)),
+        "index": (None, lambda: jnp.zeros((b,), jnp.int32))}
+    variables = {name: (self.variable("cache", name, *spec[1:]), spec[0])
+                 for name, spec in variables.items()}
+    rows = variables["index"][0].value.shape[-1]  # the cache's (a server's: its most)
+    if b > rows:
+      raise ValueError(f"a decoding call of {b} rows on a cache of {rows}.")
+    shards = batch_shards()
+    blocks = shards if rows % shards == 0 and b % shards == 0 else 1
+    keys, values, pos, prefix, index = (
+        _CacheEntry(variable, layer, slot_axis, b, blocks)
+        for variable, slot_axis in variables.values())
     real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
     in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
         else jnp.zeros((b, t), bool)
@@ -185,48 +194,75 @@ class _CacheEntry:
   of the layers' stacked array, which the layer scan carries from layer to layer so
   that a step updates it in place (scanned as an input and an output instead, the cache
   was copied whole every step). A row's slots are axis `slot_axis` of the layer's array
-  (keys and values [B, G, S, K], heads first; positions and prefix [B, S])."""
+  (keys and values [B, G, S, K], heads first; positions and prefix [B, S]; index [B]).
 
-  def __init__(self, variable, layer, slot_axis):
+  A call of b rows on a cache of more (a server's cache holds its most rows, and a step
+  runs only the bucket of them in use) reads and writes only its step rows
+  (generate.step_rows): the B rows form `blocks` equal blocks, one per shard of the batch axis,
+  and call row i is row i % (b / blocks) of block i // (b / blocks), so each device
+  keeps working on its own rows."""
+
+  def __init__(self, variable, layer, slot_axis, rows, blocks):
     self.variable, self.layer, self.slot_axis = variable, layer, slot_axis
+    self.rows, self.blocks = rows, blocks
+
+  def _row_ids(self):
+    """The cache rows of the call's rows, in order (iota arithmetic, not a constant)."""
+    if self.blocks == 1:
+      return jnp.arange(self.rows)
+    total = self.variable.value.shape[0 if self.layer is None else 1]
+    per = self.rows // self.blocks
+    return (jnp.arange(self.blocks)[:, None] * (total // self.blocks)
+            + jnp.arange(per)[None, :]).reshape(-1)
 
   def read(self, slots=None):
-    """The layer's array, only the first `slots` slots of each row (None: all)."""
+    """The layer's array of the call's rows, only the first `slots` slots of each row
+    (None: all)."""
     value = self.variable.value
+    lead = 0 if self.layer is None else 1
+    split = self.blocks > 1
+    if split:  # rows as [blocks, B / blocks]: the first ones of each block
+      total = value.shape[lead]
+      value = value.reshape(value.shape[:lead] + (self.blocks, total // self.blocks)
+                            + value.shape[lead + 1:])
+    row_axis = lead + split
+    sizes = list(value.shape)
+    sizes[row_axis] = self.rows // self.blocks
+    if slots is not None:
+      sizes[row_axis + self.slot_axis] = slots
+    start = [0] * value.ndim
     if self.layer is not None:
-      sizes = list(value.shape)
-      sizes[0] = 1
-      if slots is not None:
-        sizes[1 + self.slot_axis] = slots
-      start = (self.layer,) + (0,) * (value.ndim - 1)
-      return jax.lax.dynamic_slice(value, start, sizes)[0]
-    if slots is None:
-      return value
-    return jax.lax.slice_in_dim(value, 0, slots, axis=self.slot_axis)
+      start[0], sizes[0] = self.layer, 1
+    part = jax.lax.dynamic_slice(value, start, sizes)
+    if self.layer is not None:
+      part = part[0]
+    return part.reshape((self.rows,) + part.shape[1 + split:])
 
-  def set(self, value):
-    if self.layer is None:
-      self.variable.value = value
-    else:
-      self.variable.value = self.variable.value.at[self.layer].set(value)
+  def set(self, value_b):
+    """The call's rows set to value_b (a row without slots: index)."""
+    rows = slice(0, self.rows) if self.blocks == 1 else self._row_ids()
+    at = (() if self.layer is None else (self.layer,)) + (rows,)
+    self.variable.value = self.variable.value.at[at].set(value_b)
 
   def write(self, update_BxT, at_B):
-    """Row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b] (_write_rows)."""
+    """Call row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b] (_write_rows)."""
     self.variable.value = _write_rows(self.variable.value, update_BxT, at_B,
-                                      self.slot_axis - 1, self.layer)
+                                      self.slot_axis - 1, self.layer, self._row_ids())
 
 
-def _write_rows(cache_BxS, update_BxT, at_B, axis=0, layer=None):
-  """cache_BxS with row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]; the
-  slots are axis `axis` of a row (keys and values: [G, S, K], heads first); with
-  `layer`, cache_BxS has the layers' axis in front and row `layer` is written. One
-  scatter over (row, the axes before the slots, slot): written as a per-row dynamic
-  update slice, one row's update became a plain one, for which XLA:TPU lays the cache
-  out slots-major and copies it into and out of the layer scan every step."""
+def _write_rows(cache_BxS, update_BxT, at_B, axis=0, layer=None, rows_B=None):
+  """cache_BxS with row rows_B[b]'s slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]
+  (rows_B: default the first rows); the slots are axis `axis` of a row (keys and values:
+  [G, S, K], heads first); with `layer`, cache_BxS has the layers' axis in front and row
+  `layer` is written. One scatter over (row, the axes before the slots, slot): written
+  as a per-row dynamic update slice, one row's update became a plain one, for which
+  XLA:TPU lays the cache out slots-major and copies it into and out of the layer scan
+  every step."""
   lead = update_BxT.shape[:axis + 2]  # B, the row's axes before its slots, T
   def iota(i, values):
     return values.reshape(tuple(n if j == i else 1 for j, n in enumerate(lead)))
-  index = [iota(i, jnp.arange(n)) for i, n in enumerate(lead[:-1])]
+  rows_B = jnp.arange(lead[0]) if rows_B is None else rows_B
+  index = [iota(0, rows_B)] + [iota(i, jnp.arange(n)) for i, n in enumerate(lead[:-1]) if i]
   index.append(iota(0, at_B) + iota(len(lead) - 1, jnp.arange(lead[-1])))
   if layer is not None:
     index.insert(0, layer)

@@ -71,7 +71,7 @@ def test_a_decoding_step_with_host_weights_keeps_one_layer_on_the_device(capsys)
   code, offloaded, err = _run(capsys, [*argv, "--offload=host"])
   assert code == 0, err
   assert (offloaded["step"], offloaded["offload"], on_device["offload"]) == ("decode", "host", "none")
-  assert offloaded["batch"] == {"rows": 4, "cache_len": 512}
+  assert offloaded["batch"] == {"rows": 4, "cache_rows": 4, "cache_len": 512}
   cfg = ModelConfig(num_layers=8, d_model=512, d_ff=4096, num_heads=4, vocab_size=1024,
                     position="alibi")
   assert offloaded["flops_per_step"] == pytest.approx(flops.flops_per_token(cfg, 512) / 3 * 4)
@@ -87,26 +87,28 @@ def test_a_decoding_step_with_host_weights_keeps_one_layer_on_the_device(capsys)
                                                           ("v5e:2x2", 28, 3584, "bfloat16")])
 def test_a_decoding_step_updates_the_kv_cache_in_place(capsys, topology, heads, d_model, dtype):
   """The layer scan carries the layers' stacked cache and each layer writes its rows
-  with one scatter, so a step's temporaries stay far below the cache's size, for one
-  row and for four. (Scanned as an input and an output, the cache was copied whole
-  every step; with 7 heads per chip, or one row, XLA:TPU also copied it to another
-  layout.)"""
+  with one scatter, so a step's temporaries stay far below the cache's size: for one
+  row and for four, and for a server's step of 2 rows in a cache of 8, with the rows
+  in one block (data 1) and in two (data 2). (Scanned as an input and an output, the
+  cache was copied whole every step; with 7 heads per chip, or one row, XLA:TPU also
+  copied it to another layout.)"""
   if topology != "cpu:4":
     _needs_libtpu()
-  argv = [*SMALL, f"--topology={topology}", "--mesh=1x1x4", "--step=decode",
+  argv = [*SMALL, f"--topology={topology}", "--step=decode",
           "--gin.ModelConfig.num_layers=8", "--gin.ModelConfig.max_len=2048",
           f"--gin.ModelConfig.num_heads={heads}", f"--gin.ModelConfig.d_model={d_model}",
           "--gin.ModelConfig.d_ff=512", f"--gin.ModelConfig.param_dtype='{dtype}'",
           f"--gin.ModelConfig.dtype='{dtype}'"]
-  for rows in (1, 4):
-    code, report, err = _run(capsys, [*argv, f"--decode_rows={rows}"])
+  for rows, cache_rows, data, tensor in ((1, 1, 1, 4), (4, 4, 1, 4), (2, 8, 1, 4), (2, 8, 2, 2)):
+    code, report, err = _run(capsys, [*argv, f"--mesh={data}x1x{tensor}", f"--decode_rows={rows}",
+                                      f"--cache_rows={cache_rows}"])
     assert code == 0, err
     m = report["memory"]
-    # keys and values, their heads over 4 chips; positions (int32) and prefix flags
+    # keys and values, their heads over the tensor axis; positions (int32) and prefix flags
     width = 2 if dtype == "bfloat16" else 4
-    cache = 8 * rows * 2048 * (2 * width * d_model // 4 + 4 + 1)
+    cache = 8 * cache_rows // data * 2048 * (2 * width * d_model // tensor + 4 + 1)
     assert m["alias"] == pytest.approx(cache, rel=0.02)  # the donated cache is the output
-    assert m["temp"] < 0.3 * cache, (rows, m)
+    assert m["temp"] < 0.3 * cache, (rows, cache_rows, data, m)
 
 
 def test_two_slices_run_the_data_axis_across_them(capsys, one_slice):

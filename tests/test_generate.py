@@ -74,11 +74,12 @@ def test_sampling_options_and_overlong_prompts():
 @pytest.mark.parametrize("position, mask, scan", [("alibi", "prefix", True),
                                                   ("rotary", "causal", False)])
 def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan):
-  """What a server's running batch does: row A decodes alone for three picks, then row
-  B's left-padded prefill (a cache of its prompt's width) is put into a grown cache
-  (moved past its padding, the rest of its slots empty), both step together, then A
-  leaves and the cache shrinks to B. Each row's tokens (sampled, per-row seeds and
-  pick counts) and logits equal those of the row decoded alone."""
+  """What a server's running batch does: in a cache of two rows, row A decodes alone
+  for three picks (steps of one row), then row B's left-padded prefill (a cache of its
+  prompt's width) is put into row 1 (moved past its padding, the rest of its slots
+  empty), both step together, then A leaves and B moves to row 0 and goes on alone.
+  Each row's tokens (sampled, per-row seeds and pick counts) and logits equal those of
+  the row decoded alone."""
   cfg = dataclasses.replace(BASE, position=position, mask=mask, scan_layers=scan)
   model = Transformer(cfg)
   params = init_params(model, jax.random.key(3))
@@ -95,8 +96,9 @@ def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan)
       return picked, cache, 8 - 1 - len(prompts[r])
 
     got = {"a": [], "b": []}
-    picked, cache, _ = prefill("a", cfg.max_len)
+    picked, new, shift = prefill("a", 8)
     got["a"].append(picked)
+    cache = decoder.put_rows(decoder.empty_cache(2, cfg.max_len), new, [0], [shift])
     keys, rows = generate.row_keys([seeds["a"]]), generate.sampling_rows([sampling])
     for pick in (1, 2):
       picked, cache = decoder.step(params, cache, np.asarray(picked.token),
@@ -104,7 +106,6 @@ def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan)
       got["a"].append(picked)
     picked_b, new, shift = prefill("b", 8)  # as the server's: just the prompt's width
     got["b"].append(picked_b)
-    cache = decoder.take_rows(cache, [0, 0])  # grow to two rows; row 1 is taken next
     cache = decoder.put_rows(cache, new, [1], [shift])
     token = np.asarray([picked.token[0], picked_b.token[0]])
     position = np.asarray([len(prompts["a"]) + 3, len(prompts["b"]) + 1])
@@ -116,7 +117,7 @@ def test_rows_that_join_a_running_cache_decode_as_if_alone(position, mask, scan)
       for i, r in enumerate("ab"):
         got[r].append(jax.tree.map(lambda x: x[i:i + 1], picked))
       token, position, picks = np.asarray(picked.token), position + 1, picks + 1
-    cache = decoder.take_rows(cache, [1])  # A is done: B goes on alone
+    cache = decoder.move_rows(cache, [1, 0], [0, 2])  # A is done: B goes on alone in row 0
     token, position, picks = token[1:], position[1:], picks[1:]
     keys, rows = generate.row_keys([seeds["b"]]), generate.sampling_rows([sampling])
     while len(got["b"]) < steps:

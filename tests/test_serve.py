@@ -23,7 +23,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 requests = pytest.importorskip("requests")
 
-from bigsci_jax import evaluate, generate  # noqa: E402
+from bigsci_jax import evaluate, generate, sharding  # noqa: E402
+from bigsci_jax.config import MeshConfig  # noqa: E402
 from bigsci_jax.serve import api  # noqa: E402
 from bigsci_jax.serve.engine import Choice, Engine, Job  # noqa: E402
 from bigsci_jax import tokenizer as tokenizers  # noqa: E402
@@ -198,6 +199,43 @@ def test_requests_join_a_running_batch_and_decode_as_if_alone(restored):
     assert c.tokens == want[0][:n] and (c.finish_reason == "length" or want[0][n] == tok.eos_id)
     logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
     np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_rows_move_down_when_others_leave_over_two_batch_shards(restored, monkeypatch):
+  """Over a mesh whose batch axis has two shards the cache's 4 rows form two blocks, and
+  a step of 2 rows runs on the first row of each (slots 0 and 2). Four rows join at
+  once (slots 0, 2, 1, 3 in joining order; steps of 4 rows); when the two short ones
+  (slots 0 and 1) end, the row in slot 3 moves to slot 0 and the steps shrink to 2
+  rows, one of them the row in slot 2. Every row's tokens and log-probabilities are
+  those `generate` gives it alone."""
+  model, params, tok = restored
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+  engine = Engine(model, params, tok, mesh=mesh, max_batch=4)
+  assert engine.row_buckets == [2, 4]
+  sizes, real_step = [], engine.decoder.step
+
+  def step(params, cache, token, *args, **kwargs):
+    sizes.append(len(token))
+    return real_step(params, cache, token, *args, **kwargs)
+
+  monkeypatch.setattr(engine.decoder, "step", step)
+  rows = [Choice(tok.encode("Debian is"), 3, generate.Sampling(), 0),
+          Choice(tok.encode("Le projet Debian"), 10, generate.Sampling(1.0, 40, 0.95), 5),
+          Choice(tok.encode("apt"), 3, generate.Sampling(1.0, 0, 0.9), 7),
+          Choice(tok.encode("The package manager installs"), 12, generate.Sampling(), 0)]
+  try:
+    _submit(engine, rows)()
+  finally:
+    engine.stop()
+  assert [c.finish_reason for c in rows] == ["length"] * 4
+  assert sizes[:2] == [4, 4] and sizes[2:] == [2] * (len(sizes) - 2) and len(sizes) == 11
+  for c in rows:
+    with jax.default_matmul_precision("highest"):
+      want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
+                                       seed=c.seed, return_logits=True, vocab=tok.vocab_size)
+    assert c.tokens == want[0]
+    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
+    np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0)
 
 
 def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(restored, monkeypatch):

@@ -83,7 +83,7 @@ def main(argv):
   p.add_argument("--port", type=int, default=8000)
   p.add_argument("--name", default=None, help="the model's name in the API (default: the "
                  "model_dir's last component)")
-  p.add_argument("--max_batch", type=int, default=16, help="rows decoded together")
+  p.add_argument("--max_batch", type=int, default=16, help="rows decoded together: the KV cache's rows, made once")
   p.add_argument("--gather_ms", type=float, default=5.0, help="a batch stops gathering after this long with no new row")
   p.add_argument("--max_prompt_tokens", type=int, default=None,
                  help="refuse longer prompts (default: any that fits the window)")

@@ -4,13 +4,16 @@ batching, as in Orca, Yu et al. 2022): a short request that arrives while long o
 run starts at the next step instead of waiting for them to end.
 
 Every choice (a prompt, one of its n samples) is a row. The running rows sit in the
-slots of a KV cache whose row count is a bucket (powers of two up to max_batch);
-the engine grows it when more rows want in and halves it when few are left, and
-ends it when none is. A slot's row writes its keys and values from its own cache
-index, so rows that joined at different times share each step, and a step's
-attention reads only the slots the longest live row has filled (rounded up to a
-power of two), not the whole window. Between steps the
-rows waiting in the queue (up to the free room) join:
+slots of one KV cache of max_batch rows, made once, so the server's memory is that of
+a step of max_batch rows (what `aot --step=decode --decode_rows` checks). A step runs
+only on the slots of the smallest row bucket (powers of two, then max_batch) holding
+every running row (generate.step_rows; the other rows are not read); rows join the
+free slots that keep that bucket small, and when rows leave, the ones past the bucket
+their number needs move into free slots below it (a copy of those rows only). A
+slot's row writes its keys and values from its own cache index, so rows that joined
+at different times share each step, and a step's attention reads only the slots the
+longest live row has filled (rounded up to a power of two), not the whole window.
+Between steps the rows waiting in the queue (up to the free room) join:
   - their prompt log-probabilities (echo with logprobs) from a causal pass over the
     prompts — for a prefix LM too: scored bidirectionally, each prompt token would
     see itself;
@@ -93,31 +96,31 @@ class Job:
 
 
 class _Slate:
-  """The running rows: slot s of the cache holds rows[s] ((job, choice), None when
-  free), fed token[s] at position[s] next, its picks[s]-th pick; keys and sampling
-  are the device-ready per-slot settings, rebuilt when rows join. The arrays are
-  replaced, never written in place: a computation still in flight may be reading
-  them (on CPU a numpy argument can be the device buffer itself)."""
+  """The server's rows: slot s of the cache holds rows[s] ((job, choice), None when
+  free), fed token[s] at position[s] next, its picks[s]-th pick. A step runs on
+  `slots` (generate.step_rows of the current bucket, in the step's row order); keys
+  and sampling are the device-ready settings of those rows, rebuilt when rows join or
+  move. The arrays are replaced, never written in place: a computation still in
+  flight may be reading them (on CPU a numpy argument can be the device buffer
+  itself)."""
 
-  def __init__(self, cache, size):
-    self.cache, self.rows = cache, [None] * size
+  ROW_ARRAYS = ("token", "position", "picks", "seeds")
+
+  def __init__(self, cache, size, blocks):
+    self.cache, self.rows, self.blocks = cache, [None] * size, blocks
     self.token, self.position = np.zeros(size, np.int32), np.zeros(size, np.int32)
     self.picks, self.seeds = np.zeros(size, np.int32), np.zeros(size, np.int64)
     self.samplings = [generate.Sampling()] * size
-    self.keys = self.sampling = None
+    self.slots, self.keys, self.sampling = [], None, None
 
   def live(self):
     return [s for s, row in enumerate(self.rows) if row is not None]
 
-  def regroup(self, slots):
-    """Keep the rows of `slots`, in that order, then free slots up to len(slots)."""
-    def pick(values, blank):
-      return [values[s] if s is not None else blank for s in slots]
-    self.rows = pick(self.rows, None)
-    self.samplings = pick(self.samplings, generate.Sampling())
-    for name in ("token", "position", "picks", "seeds"):
-      values = getattr(self, name)
-      setattr(self, name, np.asarray(pick(values, 0), values.dtype))
+  def rank(self, slot):
+    """The slot's place in the order in which rows fill the cache: the first n slots
+    of that order are the step rows of a bucket of n rows."""
+    block = len(self.rows) // self.blocks
+    return (slot % block) * self.blocks + slot // block
 
   def put(self, slot, row, token, position, seed):
     """A row joins at `slot` after its first pick."""
@@ -128,9 +131,23 @@ class _Slate:
       values[slot] = value
       setattr(self, name, values)
 
-  def settle(self):
-    self.keys = generate.row_keys(self.seeds)
-    self.sampling = generate.sampling_rows(self.samplings)
+  def move(self, pairs):
+    """Rows move from slot a to slot b for each (a, b) of `pairs` (their cache rows are
+    copied by the caller)."""
+    for a, b in pairs:
+      self.rows[b], self.rows[a] = self.rows[a], None
+      self.samplings[b] = self.samplings[a]
+    moved_from, moved_to = [a for a, _ in pairs], [b for _, b in pairs]
+    for name in self.ROW_ARRAYS:
+      values = getattr(self, name).copy()
+      values[moved_to] = values[moved_from]
+      setattr(self, name, values)
+
+  def settle(self, count):
+    """Steps run on the step rows of a bucket of `count` rows."""
+    self.slots = generate.step_rows(len(self.rows), count, self.blocks)
+    self.keys = generate.row_keys(self.seeds[self.slots])
+    self.sampling = generate.sampling_rows([self.samplings[s] for s in self.slots])
 
 
 class Engine:
@@ -148,9 +165,12 @@ class Engine:
     self.prefix_lm = model.cfg.mask == "prefix"
     step = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in mesh.axis_names
                                                if a in ("data", "fsdp")]))
-    # row counts: the batch-parallel size times powers of two, up to max_batch
-    self.row_buckets = [step << i for i in range(max(max_batch // step, 1).bit_length())]
-    self.max_batch = self.row_buckets[-1]
+    # row counts: the batch-parallel size times powers of two, then max_batch (rounded
+    # down to a multiple of it): the cache's rows
+    self.blocks = step
+    self.max_batch = max(max_batch // step, 1) * step
+    self.row_buckets = [step << i for i in range((self.max_batch // step).bit_length())
+                        if step << i < self.max_batch] + [self.max_batch]
     self.reads = sorted({generate.bucket_width(1 << i, self.window)
                          for i in range(self.window.bit_length() + 1)})  # slots a step reads
     widest = generate.bucket_width(1 + len(self.lead) + self.max_prompt, self.window)
@@ -160,6 +180,7 @@ class Engine:
     self._last_arrival = 0.0
     self._expected = 1  # the most rows the last slate ran together
     self._slate, self._peak = None, 0
+    self._cache = None  # the cache of max_batch rows, kept while no row runs
     self._cv = threading.Condition()
     self._stopping = False
     self.batches = 0         # groups of rows that joined (one prefill each)
@@ -248,6 +269,7 @@ class Engine:
       if self._slate is not None:
         rows = rows + [row for row in self._slate.rows if row]
         self._slate, self.running = None, 0
+      self._cache = None  # maybe half-updated or given to a failed computation
       log.exception("decoding %d rows failed", len(rows))
       jobs = {id(j): j for j, _ in rows}.values()
       for job in jobs:
@@ -258,12 +280,12 @@ class Engine:
   # --- rows joining ----------------------------------------------------------
   def warmup(self, row_counts=None, widths=None):
     """Compile every shape these row buckets (default: all) and prompt widths can
-    take: the scoring pass and the prefill per (rows, width); for every slate size,
-    the step at each bucket of slots read, putting each prefill's rows in, and
-    regrouping into each other size."""
+    take: the scoring pass and the prefill per (rows, width), putting each prefill's
+    rows into the cache, the step of each bucket of rows at each bucket of slots read,
+    and moving each bucket of rows."""
     top = generate.LOGPROBS_MAX
     counts = row_counts or self.row_buckets
-    prefilled = []
+    slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
     for rows in counts:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
@@ -272,23 +294,21 @@ class Engine:
                                       self.prefix_lm, width, self.lead, self.tokenizer.bos_id)
         jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
                                                            sampling, top))
-        prefilled.append((rows, self.decoder.prefill(self.params, batch, keys, sampling,
-                                                      width, top)[1]))
-    for size in counts:
-      slate = _Slate(self.decoder.empty_cache(size, self.window), size)
-      for rows, cache in prefilled:
-        slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows) % size,
-                                            np.zeros(rows))
-      slate.settle()
+        cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
+        slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows), np.zeros(rows))
+    for rows in counts:
+      slate.settle(rows)
       for reads in self.reads:
-        picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
-                                                slate.position, slate.keys, slate.picks,
-                                                slate.sampling, top, filled=reads)
+        picked, slate.cache = self.decoder.step(
+            self.params, slate.cache, slate.token[slate.slots], slate.position[slate.slots],
+            slate.keys, slate.picks[slate.slots], slate.sampling, top, filled=reads)
         jax.block_until_ready(picked)
-      for other in counts:
-        if other != size:
-          cache = self.decoder.empty_cache(size, self.window)
-          jax.block_until_ready(self.decoder.take_rows(cache, np.arange(other) % size))
+      slate.cache = self.decoder.move_rows(slate.cache, np.zeros(rows), np.full(rows, self.max_batch))
+    self._cache = jax.block_until_ready(slate.cache)
+
+  def _empty_cache(self):
+    cache, self._cache = self._cache, None
+    return cache if cache is not None else self.decoder.empty_cache(self.max_batch, self.window)
 
   def _admit(self, rows):
     """Score and prefill the new rows, take their first tokens, and put the rows still
@@ -334,55 +354,69 @@ class Engine:
       self._join(rows, joining, cache, batch[1][:, -1] + 1, width)
 
   def _join(self, rows, joining, cache, next_position, width):
-    """Put rows[r] for r in `joining` (rows of the prefilled `cache`) into free slots,
-    growing the slate to the row bucket that holds them all."""
+    """Put rows[r] for r in `joining` (rows of the prefilled `cache`) into the free
+    slots that come first in the slate's fill order."""
     slate = self._slate
-    live = [] if slate is None else slate.live()
-    size = next(s for s in self.row_buckets if s >= len(live) + len(joining))
     if slate is None:
-      slate = _Slate(self.decoder.empty_cache(size, self.window), size)
-    elif size != len(slate.rows):
-      self._regroup(slate, live, size)
-    free = [s for s, row in enumerate(slate.rows) if row is None]
-    slots = np.full(len(next_position), size, np.int32)  # out of range: put nowhere
+      slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
+    free = sorted((s for s, row in enumerate(slate.rows) if row is None), key=slate.rank)
+    slots = np.full(len(next_position), self.max_batch, np.int32)  # out of range: put nowhere
     shift = np.zeros(len(slots), np.int32)
     for r, s in zip(joining, free):
       c = rows[r][1]
       slots[r], shift[r] = s, width - (1 + len(self.lead) + len(c.prompt))
       slate.put(s, rows[r], c.tokens[-1], next_position[r], c.seed)
     slate.cache = self.decoder.put_rows(slate.cache, cache, slots, shift)
-    slate.settle()
+    self._settle(slate)
     self._slate = slate
 
-  def _regroup(self, slate, live, size):
-    """Move the live rows to the first slots of a slate of `size` rows."""
-    order = live + [None] * (size - len(live))
-    slate.cache = self.decoder.take_rows(slate.cache, [s if s is not None else live[0]
-                                                       for s in order])
-    slate.regroup(order)
+  def _settle(self, slate):
+    """Step on the smallest bucket that holds every live row."""
+    top = max(slate.rank(s) for s in slate.live())
+    slate.settle(next(b for b in self.row_buckets if b > top))
+
+  def _pack(self, slate, live):
+    """Move the live rows past the bucket their number needs into free slots below it."""
+    need = next(b for b in self.row_buckets if b >= len(live))
+    movers = [s for s in live if slate.rank(s) >= need]
+    if not movers:
+      return
+    free = sorted((s for s, row in enumerate(slate.rows) if row is None and slate.rank(s) < need),
+                  key=slate.rank)
+    pairs = list(zip(movers, free))
+    count = next(b for b in self.row_buckets if b >= len(pairs))  # one compile per bucket
+    from_n, to_n = np.zeros(count, np.int32), np.full(count, self.max_batch, np.int32)
+    from_n[:len(pairs)], to_n[:len(pairs)] = zip(*pairs)
+    slate.cache = self.decoder.move_rows(slate.cache, from_n, to_n)
+    slate.move(pairs)
 
   # --- one step --------------------------------------------------------------
   def _step(self):
     slate = self._slate
+    slots = slate.slots
     filled = int(slate.position[slate.live()].max()) + 1  # a row's slot = its position
-    picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token,
-                                            slate.position, slate.keys, slate.picks,
-                                            slate.sampling, generate.LOGPROBS_MAX, filled)
+    picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token[slots],
+                                            slate.position[slots], slate.keys,
+                                            slate.picks[slots], slate.sampling,
+                                            generate.LOGPROBS_MAX, filled)
     self.steps += 1
     slate.position, slate.picks = slate.position + 1, slate.picks + 1
+    order = {s: i for i, s in enumerate(slots)}
     taken = [(s, row) for s, row in enumerate(slate.rows) if row is not None]
-    self._take_picks([row for _, row in taken], picked, [s for s, _ in taken])
+    self._take_picks([row for _, row in taken], picked, [order[s] for s, _ in taken])
     self._notify([row for _, row in taken])
-    slate.token = np.asarray(picked.token)
+    token = slate.token.copy()
+    token[slots] = np.asarray(picked.token)
+    slate.token = token
     for s, (_, c) in taken:
       if c.finished:
         slate.rows[s] = None
     live = slate.live()
     if not live:
-      self._slate = None
-    elif len(live) <= len(slate.rows) // 2 and len(slate.rows) > self.row_buckets[0]:
-      self._regroup(slate, live, next(b for b in self.row_buckets if b >= len(live)))
-      slate.settle()
+      self._slate, self._cache = None, slate.cache
+    elif len(live) < len(taken):
+      self._pack(slate, live)
+      self._settle(slate)
 
   def _take_picks(self, rows, picked, at=None):
     """Give rows[i] the pick of batch row at[i] (default i): its token, log-probability
