@@ -246,13 +246,13 @@ class _CacheEntry:
 
   def write(self, update_BxT, at_B):
     """Call row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b] (_write_rows)."""
-    self.variable.value = _write_rows(self.variable.value, update_BxT, at_B,
-                                      self.slot_axis - 1, self.layer, self._row_ids())
+    self.variable.value = _write_rows(self.variable.value, update_BxT, at_B, self._row_ids(),
+                                      self.slot_axis - 1, self.layer)
 
 
-def _write_rows(cache_BxS, update_BxT, at_B, axis=0, layer=None, rows_B=None):
-  """cache_BxS with row rows_B[b]'s slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]
-  (rows_B: default the first rows); the slots are axis `axis` of a row (keys and values:
+def _write_rows(cache_BxS, update_BxT, at_B, rows_B, axis=0, layer=None):
+  """cache_BxS with row rows_B[b]'s slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b];
+  the slots are axis `axis` of a row (keys and values:
   [G, S, K], heads first); with `layer`, cache_BxS has the layers' axis in front and row
   `layer` is written. One scatter over (row, the axes before the slots, slot): written
   as a per-row dynamic update slice, one row's update became a plain one, for which
@@ -261,7 +261,6 @@ def _write_rows(cache_BxS, update_BxT, at_B, axis=0, layer=None, rows_B=None):
   lead = update_BxT.shape[:axis + 2]  # B, the row's axes before its slots, T
   def iota(i, values):
     return values.reshape(tuple(n if j == i else 1 for j, n in enumerate(lead)))
-  rows_B = jnp.arange(lead[0]) if rows_B is None else rows_B
   index = [iota(0, rows_B)] + [iota(i, jnp.arange(n)) for i, n in enumerate(lead[:-1]) if i]
   index.append(iota(0, at_B) + iota(len(lead) - 1, jnp.arange(lead[-1])))
   if layer is not None:

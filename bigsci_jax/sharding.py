@@ -162,10 +162,10 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*spec))
 
 
-def batch_shards():
-  """How many shards the logical batch axis has under the active mesh (1 outside
-  `activate`)."""
-  mesh = jax.sharding.get_abstract_mesh()
+def batch_shards(mesh=None):
+  """How many shards the logical batch axis has over `mesh` (default: the active mesh;
+  1 outside `activate`)."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
   if mesh.empty:
     return 1
   return int(np.prod([mesh.shape[a] for a in _mesh_axes("batch") if a in mesh.shape]))

@@ -45,7 +45,7 @@ import time
 import jax
 import numpy as np
 
-from bigsci_jax import generate
+from bigsci_jax import generate, sharding
 from bigsci_jax.model import soft_prompt_ids
 
 log = logging.getLogger(__name__)
@@ -163,8 +163,7 @@ class Engine:
     if self.max_prompt < 1:
       raise ValueError(f"max_prompt must be at least 1, not {max_prompt}.")
     self.prefix_lm = model.cfg.mask == "prefix"
-    step = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in mesh.axis_names
-                                               if a in ("data", "fsdp")]))
+    step = 1 if mesh is None else sharding.batch_shards(mesh)  # the model's row blocks
     # row counts: the batch-parallel size times powers of two, then max_batch (rounded
     # down to a multiple of it): the cache's rows
     self.blocks = step
