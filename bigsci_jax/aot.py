@@ -33,7 +33,7 @@ import re
 import sys
 import time
 
-from bigsci_jax.config import OFFLOAD  # no jax import: main sets the platform first
+from bigsci_jax.config import OFFLOAD, parse_mesh  # no jax import: main sets the platform first
 
 # The HBM a TPU device's program may use, by jax device_kind prefix: the limits the
 # TPU compiler reports (libtpu 0.0.42.1). libtpu's v4 topologies have one device per
@@ -76,14 +76,6 @@ def topology_devices(topology, slices=1):
     raise AotError(f"--topology={topology!r} is not a TPU slice the TPU compiler knows "
                    f"({str(e).splitlines()[0][:120]}); name one like v5e:2x2, v5p:8x8x4 or v4:4x4x8, "
                    f"and install the [tpu] extra (libtpu).") from e
-
-
-def parse_mesh(text):
-  """'DATAxFSDPxTENSOR' (e.g. '1x32x8', -1 allowed once) -> {axis: size}."""
-  parts = text.lower().split("x")
-  if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-    raise AotError(f"--mesh={text!r}: write DATAxFSDPxTENSOR, e.g. 1x32x8.")
-  return dict(zip(("data", "fsdp", "tensor"), (int(p) for p in parts)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ value and what is allowed, before anything is compiled.
 
 import dataclasses
 import math
+import re
 import typing
 from typing import Literal, Optional
 
@@ -238,6 +239,14 @@ class MeshConfig:
     _check(self.data == -1 or self.data % self.slices == 0, self, "data",
            f"the data axis spans the {self.slices} slices, so it must be a multiple of "
            f"MeshConfig.slices")
+
+
+def parse_mesh(text, flag="--mesh"):
+  """'DATAxFSDPxTENSOR' (e.g. '1x32x8', -1 allowed once) -> {axis: size} of MeshConfig."""
+  parts = text.lower().split("x")
+  if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
+    raise ConfigError(f"{flag}={text!r}: write DATAxFSDPxTENSOR, e.g. 1x32x8.")
+  return dict(zip(("data", "fsdp", "tensor"), (int(p) for p in parts)))
 
 
 @dataclasses.dataclass(frozen=True)

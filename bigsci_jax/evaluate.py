@@ -3,9 +3,12 @@ multiple-choice tasks, from each run's latest checkpoint.
 
   python -m bigsci_jax.evaluate --model_dir=DIR [--model_dir=DIR2 ...] [--tasks=next_sentence/en,cloze/fr,...]
       [--split=validation|test] [--limit=200] [--out=DIR] [--prompt_dir=P] [--offload=host]
+      [--mesh=DATAxFSDPxTENSOR]
 
 The checkpoint is restored onto whatever devices are present (all of them data
-parallel when they divide the micro-batch, else one). Writes eval_results.json
+parallel when they divide the micro-batch, else one), or over --mesh (as train's
+MeshConfig; e.g. 1x1x4 splits every layer over 4 devices, for a model one device
+cannot hold; its data x fsdp shards must divide the micro-batch). Writes eval_results.json
 in each model_dir and prints a table; with several model_dirs, also
 comparison.md and comparison.png in --out (default: the first model_dir). The
 last stdout line is a JSON object of the results. Tasks (mc_tasks:
@@ -29,8 +32,8 @@ import sys
 
 import jax
 
-from bigsci_jax import held_out, likelihood, loop, mc_tasks, tokenizer
-from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig, RunConfig
+from bigsci_jax import held_out, likelihood, loop, mc_tasks, sharding, tokenizer
+from bigsci_jax.config import OFFLOAD, ConfigError, MeshConfig, RunConfig, parse_mesh
 from bigsci_jax.corpus import CorpusError
 
 TASKS = {"next_sentence": mc_tasks.next_sentence_items,
@@ -67,17 +70,26 @@ def _mesh_config(batch_size):
   return MeshConfig(1, 1, 1)
 
 
-def restore(model_dir, batch_size=None, offload="none"):
+def restore(model_dir, batch_size=None, offload="none", mesh=None):
   """(run config on this machine's mesh, its loop.Runtime, the latest checkpoint's
-  params, that checkpoint's step). The mesh is data parallel over every device when
-  they divide batch_size (default: the run's micro-batch), else one device. Only the
-  parameters are read: on the devices, or in pinned host memory for offload="host"
-  (then runtime.model brings them to the device layer by layer)."""
+  params, that checkpoint's step). `mesh` ('DATAxFSDPxTENSOR', as train's MeshConfig;
+  -1 takes the remaining devices) places the model over those devices, e.g. '1x1x4'
+  splits every layer's heads and MLP over 4 (a model too large for one device); its
+  data and fsdp shards must divide batch_size. By default the mesh is data parallel
+  over every device when they divide batch_size (default: the run's micro-batch), else
+  one device. Only the parameters are read: on the devices, or in pinned host memory
+  for offload="host" (then runtime.model brings them to the device layer by layer)."""
   run = loop.read_run(model_dir)
-  run = dataclasses.replace(run, mesh=_mesh_config(batch_size or run.batch.micro_batch_size))
-  runtime = loop.Runtime(run, offload)
+  rows = batch_size or run.batch.micro_batch_size
+  placed = MeshConfig(**parse_mesh(mesh)) if mesh else _mesh_config(rows)
+  runtime = loop.Runtime(dataclasses.replace(run, mesh=placed), offload)
+  shards = sharding.batch_shards(runtime.mesh)
+  if mesh and rows % shards:
+    raise EvaluationError(f"--mesh={mesh} splits each batch over {shards} data x fsdp shards, "
+                          f"which do not divide its {rows} rows; make the batch a "
+                          f"multiple of {shards} or put fewer devices on data and fsdp.")
   params, step = runtime.restore_params(model_dir)
-  return run, runtime, params, step
+  return runtime.run, runtime, params, step
 
 
 def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=None):
@@ -126,10 +138,10 @@ class TaskEval:
 
 
 def evaluate_dir(model_dir, tasks=None, split="validation", limit=200, prompt_dir=None,
-                 offload="none"):
+                 offload="none", mesh=None):
   for name in tasks or ():
     parse_task(name)  # a wrong name stops before anything is restored
-  run, runtime, params, step = restore(model_dir, offload=offload)
+  run, runtime, params, step = restore(model_dir, offload=offload, mesh=mesh)
   if tasks and tokenizer.from_dir(model_dir) is None:
     raise EvaluationError(f"{model_dir} trained on synthetic data, which has no vocabulary for "
                           f"text tasks; evaluate losses only (--tasks=).")
@@ -193,14 +205,16 @@ def main(argv):
   p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to score the tasks with")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
+  p.add_argument("--mesh", default=None, help="DATAxFSDPxTENSOR: the devices the model is "
+                 "placed over (e.g. 1x1x4); default data parallel over all, or one device")
   args = p.parse_args(argv)
   tasks = None if args.tasks is None else [t for t in args.tasks.split(",") if t]
   from bigsci_jax.adapt.store import AdapterError
   try:
     if args.prompt_dir and len(args.model_dir) > 1:
       raise EvaluationError("--prompt_dir goes with one --model_dir (the model it was tuned for).")
-    results = [evaluate_dir(d, tasks, args.split, args.limit, args.prompt_dir, args.offload)
-               for d in args.model_dir]
+    results = [evaluate_dir(d, tasks, args.split, args.limit, args.prompt_dir, args.offload,
+                            args.mesh) for d in args.model_dir]
   except (EvaluationError, ConfigError, CorpusError, loop.TrainingError, loop.RunNotFound,
           AdapterError) as e:
     print(f"error: {e}", file=sys.stderr)

@@ -9,11 +9,15 @@ not fit the context window with the tokens to generate is refused.
 
   python -m bigsci_jax.generate --model_dir=DIR --prompt="Debian est" [--max_new_tokens=40]
       [--temperature=0.8 --top_k=40 --top_p=0.95 --seed=0] [--prompt_dir=P] [--offload=host]
+      [--mesh=DATAxFSDPxTENSOR]
 
 --prompt_dir: an adapter (python -m bigsci_jax.prompt_tune): a soft prompt starts every
 prompt; LoRA factors are merged into the weights.
 --offload=host: the parameters stay in pinned host memory and each layer's weights are
 brought to the device as the layer scan reaches it (a model larger than device memory).
+--mesh: the model placed over those devices as in training (MeshConfig; e.g. 1x1x4
+splits every layer's heads and MLP over 4 devices, for a model one device cannot
+hold); default one device.
 """
 
 import argparse
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigsci_jax import sharding
 from bigsci_jax.model import soft_prompt_ids
 from bigsci_jax.config import OFFLOAD
 
@@ -305,7 +310,6 @@ class Decoder:
   def _run(self, fn, *args):
     if self.mesh is None:
       return fn(*args)
-    from bigsci_jax import sharding
     with sharding.activate(self.mesh):
       return fn(*args)
 
@@ -352,9 +356,14 @@ class Decoder:
                                          self._empty, self._move_rows, self._put_rows))
 
 
+def decoder_for(model, vocab=None, mesh=None):
+  """The Decoder that `generate` uses for (model, vocab, mesh): one per combination."""
+  return _decoder(model, vocab, mesh)
+
+
 @functools.lru_cache(maxsize=8)
-def decoder_for(model, vocab=None):
-  return Decoder(model, vocab=vocab)
+def _decoder(model, vocab, mesh):
+  return Decoder(model, mesh, vocab)
 
 
 def row_keys(seeds):
@@ -363,10 +372,11 @@ def row_keys(seeds):
 
 
 def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0,
-             return_logits=False, stop_fn=None, min_width=0, vocab=None, bos_id=0):
+             return_logits=False, stop_fn=None, min_width=0, vocab=None, bos_id=0, mesh=None):
   """Token lists continuing each [bos_id] + prompt (and, with return_logits, the [B, V]
   logits each generated token was drawn from), drawn from the first `vocab` ids
-  (default all).
+  (default all). With a mesh (params placed on it, e.g. evaluate.restore's), the
+  model runs over it: the rows are padded to a multiple of its batch shards.
 
   stop_fn(generated token lists) -> one bool per row, True where that row is done;
   generation ends early once every row is (rows keep their extra tokens: the
@@ -375,6 +385,9 @@ def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0
   """
   cfg = model.cfg
   lead = soft_prompt_ids(params)
+  count = len(prompts)
+  if mesh is not None:  # filler rows repeat the first; only `count` rows come back
+    prompts = list(prompts) + [prompts[0]] * (-count % sharding.batch_shards(mesh))
   batch = prompt_batch(prompts, cfg.mask == "prefix", min_width, lead, bos_id)
   width = batch[0].shape[1]
   if width + max_new_tokens - 1 > cfg.max_len:  # the last new token is not fed back
@@ -383,16 +396,16 @@ def generate(model, params, prompts, max_new_tokens, sampling=Sampling(), seed=0
                           f"{max_new_tokens} new tokens exceeds the context window of "
                           f"{cfg.max_len}; shorten the prompt or generate fewer tokens.")
   if max_new_tokens <= 0:
-    return ([[] for _ in prompts], []) if return_logits else [[] for _ in prompts]
-  decoder, keys = decoder_for(model, vocab), row_keys(seed + np.arange(len(prompts)))
+    return ([[] for _ in range(count)], []) if return_logits else [[] for _ in range(count)]
+  decoder, keys = decoder_for(model, vocab, mesh), row_keys(seed + np.arange(len(prompts)))
   rows = sampling_rows([sampling] * len(prompts))
   picked, cache = decoder.prefill(params, batch, keys, rows, cfg.max_len)
   next_pos = batch[1][:, -1] + 1
   out, all_logits = [], []
   for i in range(max_new_tokens):
     token = np.asarray(picked.token)
-    out.append(token)
-    all_logits.append(np.asarray(picked.logits))
+    out.append(token[:count])
+    all_logits.append(np.asarray(picked.logits)[:count])
     if i + 1 == max_new_tokens or (
         stop_fn is not None and all(stop_fn(np.stack(out, axis=1).tolist()))):
       break
@@ -416,20 +429,24 @@ def main(argv):
   p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
+  p.add_argument("--mesh", default=None, help="DATAxFSDPxTENSOR: the model over those devices "
+                 "(e.g. 1x1x4: each layer split 4 ways); default one device")
   args = p.parse_args(argv)
   from bigsci_jax import evaluate, loop
   from bigsci_jax import tokenizer as tokenizers
   from bigsci_jax.adapt import store
-  try:  # one device: generate() runs without a mesh
+  from bigsci_jax.config import ConfigError
+  try:  # one device unless --mesh
     sampling = Sampling(args.temperature, args.top_k, args.top_p)
-    run, runtime, params, _ = evaluate.restore(args.model_dir, batch_size=1, offload=args.offload)
+    run, runtime, params, _ = evaluate.restore(args.model_dir, None if args.mesh else 1,
+                                               args.offload, args.mesh)
     params = store.attach_dir(params, args.prompt_dir, run.model)
     tok = loop.read_tokenizer(args.model_dir)
     outputs = generate(runtime.model, params, [tok.encode(t) for t in args.prompt],
                        args.max_new_tokens, sampling, args.seed, vocab=tok.vocab_size,
-                       bos_id=tok.bos_id)
+                       bos_id=tok.bos_id, mesh=runtime.mesh if args.mesh else None)
   except (GenerationError, evaluate.EvaluationError, loop.RunNotFound,
-          store.AdapterError) as e:
+          store.AdapterError, ConfigError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   texts = [tokenizers.decode_until_eos(tok, ids) for ids in outputs]

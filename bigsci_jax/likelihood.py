@@ -213,7 +213,8 @@ class Scorer:
                   1 + len(self.lead) + room)
       generated = generate.generate(self.model, self.params, chunk, max_new_tokens, sampling,
                                     seed + n * self.batch_size, stop_fn=done, min_width=width,
-                                    vocab=self.tokenizer.vocab_size, bos_id=self.tokenizer.bos_id)
+                                    vocab=self.tokenizer.vocab_size, bos_id=self.tokenizer.bos_id,
+                                    mesh=self.mesh)
       for i, row in zip(ids, generated):
         outputs[i] = cut(text(row))
     return outputs

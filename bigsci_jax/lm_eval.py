@@ -1,7 +1,7 @@
 """EleutherAI lm-evaluation-harness adapter: importing this module registers the
 model `bigsci_jax` with the harness (the optional `[eval]` extra, package lm-eval).
 
-  python -m bigsci_jax.lm_eval --model bigsci_jax --model_args model_dir=DIR[,prompt_dir=P][,offload=host] \
+  python -m bigsci_jax.lm_eval --model bigsci_jax --model_args model_dir=DIR[,prompt_dir=P][,offload=host][,mesh=1x1x4] \
       --tasks lambada_openai,hellaswag [--num_fewshot 5] [--batch_size 16] [--include_path DIR]
 
 hands every argument unchanged to the harness's own command line, after the
@@ -9,7 +9,8 @@ import that registers the model (the stock `lm_eval` command only knows its own
 models). In process: `lm_eval.simple_evaluate(model=BigsciLM(model_dir=DIR), ...)`.
 
 Requests are scored by likelihood.Scorer: batched (sorted by length), on every
-device of the data-parallel mesh when they divide the batch, the tokenizer's byte
+device of the data-parallel mesh when they divide the batch (or over the mesh that
+`mesh=DATAxFSDPxTENSOR` names, e.g. 1x1x4 for a model split over 4 devices), the tokenizer's byte
 fallback spelling any text, context and continuation encoded apart (whitespace
 ending the context moves into the continuation); for a prefix LM the context is
 the bidirectional prefix. Contexts too long for the window lose tokens from the
@@ -41,18 +42,18 @@ class BigsciLM(LM):
   """A bigsci_jax run's latest checkpoint (model_dir) as a harness model."""
 
   def __init__(self, model_dir=None, batch_size=None, max_batch_size=None, device=None,
-               prompt_dir=None, offload="none", *, scorer=None, **unknown):
+               prompt_dir=None, offload="none", mesh=None, *, scorer=None, **unknown):
     super().__init__()
     if unknown:
       raise EvaluationError(f"unknown model_args {sorted(unknown)} for bigsci_jax: it takes "
-                            f"model_dir, batch_size, prompt_dir and offload.")
+                            f"model_dir, batch_size, prompt_dir, offload and mesh.")
     if scorer is None:
       if not model_dir:
         raise EvaluationError("the bigsci_jax model needs --model_args model_dir=DIR "
                               "(a train.py run).")
       from bigsci_jax import evaluate
       size = int(batch_size) if batch_size not in (None, "", "auto") else None
-      run, runtime, params, self.step = evaluate.restore(model_dir, size, offload)
+      run, runtime, params, self.step = evaluate.restore(model_dir, size, offload, mesh)
       scorer = evaluate.make_scorer(model_dir, run, runtime, params, size, prompt_dir)
     self.scorer = scorer
 

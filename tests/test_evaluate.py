@@ -27,6 +27,16 @@ def test_a_222_mesh_checkpoint_evaluates_the_same_on_one_device(tmp_path, capsys
   capsys.readouterr()
   assert evaluate.main([f"--model_dir={model_dir}", "--tasks="]) == 0  # 8 devices
   eight = _last_json(capsys.readouterr().out)["results"][0]
+  # Placed as --mesh asks: every layer split over 4 devices, the batch over 2 fsdp shards.
+  assert evaluate.main([f"--model_dir={model_dir}", "--tasks=", "--mesh=1x2x4"]) == 0
+  split = _last_json(capsys.readouterr().out)["results"][0]
+  assert split["loss"] == pytest.approx(eight["loss"], rel=1e-5)
+  for mesh, why in [("3x1x1", "3 data x fsdp shards, which do not divide its 8 rows"),
+                    ("1x1x16", "needs 16 devices but only 8 are present"),
+                    ("4x2", "write DATAxFSDPxTENSOR")]:
+    assert evaluate.main([f"--model_dir={model_dir}", "--tasks=", f"--mesh={mesh}"]) == 2
+    err = capsys.readouterr().err
+    assert why in err and len(err.strip().splitlines()) == 1, err
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   out = subprocess.run([sys.executable, "-m", "bigsci_jax.evaluate", f"--model_dir={model_dir}",
                         "--tasks="], env=env, capture_output=True, text=True, timeout=300)

@@ -108,6 +108,11 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
   assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS],
                         "--max_new_tokens=12", "--offload=host"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"] == cli
+  # Every layer split over 2 devices and 3 prompts' rows over 2 data shards (one filler
+  # row): the same tokens.
+  assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS[:3]],
+                        "--max_new_tokens=12", "--mesh=2x1x2"]) == 0
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"] == cli[:3]
   assert all(c.finish_reason in ("length", "stop") for c in greedy)
 
 
@@ -381,6 +386,7 @@ def server(run_dir):
 
 def test_the_harness_through_the_server_matches_the_in_process_adapter(server, run_dir,
                                                                        tmp_path, monkeypatch):
+  """The server data parallel over 8 devices, the adapter with every layer split over 4."""
   pytest.importorskip("lm_eval")
   pytest.importorskip("tenacity")
   monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
@@ -402,7 +408,7 @@ def test_the_harness_through_the_server_matches_the_in_process_adapter(server, r
       f"tokenizer_backend=remote,num_concurrent=8,max_length=128", tasks=["bj_serve_mc"],
       task_manager=manager, log_samples=True, bootstrap_iters=0)
   local = lm_eval.simple_evaluate(
-      model="bigsci_jax", model_args=f"model_dir={run_dir}", tasks=["bj_serve_mc"],
+      model="bigsci_jax", model_args=f"model_dir={run_dir},mesh=1x1x4", tasks=["bj_serve_mc"],
       task_manager=manager, log_samples=True, bootstrap_iters=0)
   r, l = remote["results"]["bj_serve_mc"], local["results"]["bj_serve_mc"]
   assert r["acc,none"] == l["acc,none"] and r["acc_bytes,none"] == l["acc_bytes,none"]
@@ -532,6 +538,40 @@ def test_sigterm_finishes_in_flight_work_and_exits_0(run_dir):
       requests.get(f"{url}/health", timeout=5)
   finally:
     proc.kill()
+
+
+def test_a_tensor_parallel_server_answers_as_one_device_does(run_dir, restored):
+  """`--mesh=2x1x4`: every layer's heads and MLP split over 4 devices (the KV cache's
+  heads too), the rows over 2 data shards; greedy completions and their
+  log-probabilities are those of `generate` on one device."""
+  model, params, tok = restored
+  proc, url = _serve(run_dir, "--mesh=2x1x4", "--max_batch=4")
+  try:
+    info = requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]
+    assert info["metadata"]["mesh"] == {"data": 2, "fsdp": 1, "tensor": 4}, info
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      answers = list(pool.map(lambda p: requests.post(f"{url}/v1/completions", json={
+          "prompt": p, "max_tokens": 10, "temperature": 0, "logprobs": 1},
+          timeout=120).json()["choices"][0], PROMPTS[:3]))
+  finally:
+    proc.kill()
+  for prompt, answer in zip(PROMPTS[:3], answers):
+    with jax.default_matmul_precision("highest"):
+      want, logits = generate.generate(model, params, [tok.encode(prompt)], 10,
+                                       return_logits=True, vocab=tok.vocab_size)
+    assert answer["text"] == tokenizers.decode_until_eos(tok, want[0])
+    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(want[0])]
+    got = answer["logprobs"]["token_logprobs"]
+    assert len(got) >= 1
+    np.testing.assert_allclose(got, logp[:len(got)], atol=1e-4, rtol=0)
+
+
+def test_a_mesh_that_does_not_split_the_batch_is_one_sentence(run_dir, capsys):
+  from bigsci_jax.serve.__main__ import main
+  assert main([f"--model_dir={run_dir}", "--port=0", "--mesh=3x1x1", "--max_batch=4"]) == 2
+  err = capsys.readouterr().err
+  assert "--mesh=3x1x1 splits each batch over 3 data x fsdp shards" in err
+  assert len(err.strip().splitlines()) == 1
 
 
 def test_a_bad_max_prompt_tokens_is_one_sentence(capsys):

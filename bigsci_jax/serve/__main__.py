@@ -2,14 +2,17 @@
 
   python -m bigsci_jax.serve --model_dir=DIR [--host 127.0.0.1 --port 8000] [--name NAME]
       [--max_batch 16 --gather_ms 5] [--max_prompt_tokens N] [--warmup] [--prompt_dir=P]
-      [--offload=host]
+      [--offload=host] [--mesh=DATAxFSDPxTENSOR]
 
 Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
 `stream` for server-sent events), GET /v1/models, GET /health, GET /tokenizer_info,
 POST /tokenize, POST /detokenize (vLLM's shapes). lm-evaluation-harness drives it
 with `--model local-completions --model_args base_url=http://HOST:PORT/v1/completions,
 model=NAME,tokenizer_backend=remote`. The checkpoint is placed on every device
-present (data parallel when they divide --max_batch). Requests are batched
+present (data parallel when they divide --max_batch), or as --mesh says: e.g. 1x1x4
+splits every layer's heads and MLP over 4 devices (tensor parallel, for a model one
+device cannot hold), 2x1x2 adds two data-parallel halves of the rows (--max_batch a
+multiple of 2). Requests are batched
 continuously (serve/engine.py: new rows join the running ones between decoding
 steps); --warmup compiles every bucket before the port opens.
 --max_prompt_tokens: refuse longer prompts (default: any that fits the window with its
@@ -52,19 +55,21 @@ def bind(host, port):
   return sock
 
 
-def load(model_dir, max_batch, prompt_dir=None, offload="none", max_prompt=None):
+def load(model_dir, max_batch, prompt_dir=None, offload="none", max_prompt=None, mesh=None):
   """(engine, tokenizer, name metadata) for a run's latest checkpoint (and an adapter),
-  its parameters in pinned host memory for offload="host"."""
+  its parameters in pinned host memory for offload="host", over `mesh`
+  ('DATAxFSDPxTENSOR'; default evaluate.restore's)."""
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt import store
   from bigsci_jax.serve.engine import Engine
-  run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload)
+  run, runtime, params, step = evaluate.restore(model_dir, max_batch, offload, mesh)
   tokenizer = loop.read_tokenizer(model_dir)
   params = store.attach_dir(params, prompt_dir, run.model)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch,
                   max_prompt=max_prompt)
   metadata = {"attention": run.model.mask, "step": step, "bos_token_id": tokenizer.bos_id,
               "offload": offload,
+              "mesh": {k: int(v) for k, v in runtime.mesh.shape.items()},
               "max_model_len": engine.max_len,
               "echo_logprobs": "causal: each prompt token after the tokens before it"
                                + (" (not inside the bidirectional prefix, where it would see "
@@ -91,6 +96,8 @@ def main(argv):
   p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
                  help="host: parameters in pinned host memory, one layer on the device at a time")
+  p.add_argument("--mesh", default=None, help="DATAxFSDPxTENSOR: the devices the model is "
+                 "placed over (e.g. 1x1x4); default data parallel over all, or one device")
   args = p.parse_args(argv)
   if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
     print(f"error: --max_prompt_tokens must be at least 1, not {args.max_prompt_tokens}.",
@@ -107,6 +114,7 @@ def main(argv):
   from bigsci_jax import evaluate, loop
   from bigsci_jax.adapt.store import AdapterError
   from bigsci_jax.checkpoint import CheckpointMismatch
+  from bigsci_jax.config import ConfigError
   try:
     sock = bind(args.host, args.port)
   except OSError as e:
@@ -116,8 +124,9 @@ def main(argv):
   name = args.name or os.path.basename(os.path.normpath(args.model_dir))
   try:
     engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir,
-                                       args.offload, args.max_prompt_tokens)
-  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, AdapterError) as e:
+                                       args.offload, args.max_prompt_tokens, args.mesh)
+  except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, AdapterError,
+          ConfigError) as e:
     sock.close()
     print(f"error: {e}", file=sys.stderr)
     return 2
