@@ -6,6 +6,7 @@ checkpoint, kept frozen.
       [--lora_rank=8 --lora_alpha=16 --lora_targets=query,key,value,out]
       [--steps=300 --batch_size=8 --learning_rate=R]
       [--objective=auto|choice|lm] [--limit=200] [--include_path=DIR] [--seed=0]
+      [--mesh=DATAxFSDPxTENSOR]
 
 Tasks: the built-in ones (next_sentence/<lang>, translation/<lang>, cloze/<lang>,
 word_choice/<lang>:
@@ -27,7 +28,9 @@ scores without and with the adapter, --limit items, also printed). The checkpoin
 is only read. Use either kind with --prompt_dir=P in evaluate, generate and serve,
 and model_args prompt_dir=P in python -m bigsci_jax.lm_eval (LoRA factors are
 merged into the weights once, when P is loaded). The last stdout line is a JSON
-object of the scores.
+object of the scores. --mesh places the frozen model over those devices as evaluate's
+--mesh does (e.g. 1x1x4: every layer split over 4; the data x fsdp shards must divide
+--batch_size and the scorer's batch); the adapter is replicated.
 """
 
 import argparse
@@ -109,6 +112,8 @@ def main(argv):
   p.add_argument("--train_limit", type=int, default=100000, help="training items at most")
   p.add_argument("--include_path", default=None, help="directory of harness task YAMLs")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--mesh", default=None, help="DATAxFSDPxTENSOR: the devices the frozen model "
+                 "is placed over (e.g. 1x1x4); default data parallel over all, or one device")
   args = p.parse_args(argv)
   builtin = "/" in args.task
   objective = args.objective
@@ -124,7 +129,7 @@ def main(argv):
     else:
       train_items = lm_eval_items(args.task, "train", args.train_limit, args.include_path)
       eval_items = lm_eval_items(args.task, "eval", args.limit, args.include_path)
-    run, runtime, params, step = evaluate.restore(args.model_dir)
+    run, runtime, params, step = evaluate.restore(args.model_dir, mesh=args.mesh)
     base = evaluate.make_scorer(args.model_dir, run, runtime, params)
     scores = {"untuned": task_scores(args.task, eval_items, base, args.limit)}
     print(f"untuned: {_line(scores['untuned'])}", flush=True)

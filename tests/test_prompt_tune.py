@@ -15,11 +15,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from bigsci_jax import generate, likelihood, mc_tasks
+from bigsci_jax import generate, likelihood, mc_tasks, sharding
+from bigsci_jax import step as steps
 from bigsci_jax.adapt import lora, soft_prompt, store, tune
-from bigsci_jax.config import ModelConfig
+from bigsci_jax.config import MeshConfig, ModelConfig
 from bigsci_jax.model import SOFT_PROMPT, Transformer, init_params, soft_prompt_ids
 from test_mc_tasks import Bytes, _tiny
 
@@ -98,6 +100,17 @@ def test_tuning_moves_only_the_adapter_and_lowers_the_loss(adapter):
   scorer = likelihood.Scorer(model, cfg.apply(params, tuned), Bytes(), 64, 8)
   score = lambda s: mc_tasks.score(items, lambda r: s.loglikelihood(r)[0])["acc"]  # noqa: E731
   assert score(scorer) == 1.0 and score(untuned) < 0.5
+  if adapter == "lora":  # the frozen model split over a 2x1x2 mesh: the same tuning
+    mesh = sharding.make_mesh(MeshConfig(2, 1, 2), jax.devices()[:4])
+    placed = jax.device_put(params, steps.abstract_state(model, optax.identity(), mesh, 64)[1].params)
+    assert any("tensor" in str(x.sharding.spec) for x in jax.tree.leaves(placed))
+    split, split_losses = tune.tune(model, placed, items, Bytes(), init, cfg, 64, mesh)
+    np.testing.assert_allclose(split_losses, losses, rtol=1e-4, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), split, tuned)
+    three = sharding.make_mesh(MeshConfig(3, 1, 1), jax.devices()[:3])
+    with pytest.raises(ValueError, match="32 rows .8 items x 4 choices. do not split over the "
+                                         "mesh's 3 data x fsdp shards"):
+      tune.tune(model, params, items, Bytes(), init, cfg, 64, three)
 
 
 def test_adapters_refuse_another_model_shape_and_foreign_directories(tmp_path):

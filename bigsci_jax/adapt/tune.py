@@ -167,6 +167,12 @@ def tune(model, params, items, tokenizer, initial, cfg: TuneConfig, seq_len, mes
   longest = max(len(c) + max(len(x) for x in conts) for c, conts, _ in encoded)
   width = generate.bucket_width(len(lead) + longest, seq_len)
   choices = max(len(item.choices) for item in items)
+  rows = cfg.batch_size * (choices if cfg.objective == "choice" else 1)
+  if mesh is not None and rows % sharding.batch_shards(mesh):
+    raise ValueError(f"a tuning step's {rows} rows ({cfg.batch_size} items"
+                     f"{f' x {choices} choices' if cfg.objective == 'choice' else ''}) do not "
+                     f"split over the mesh's {sharding.batch_shards(mesh)} data x fsdp shards; "
+                     f"make --batch_size a multiple of them.")
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps,
                                                 cfg.steps - 1), cfg.steps, cfg.learning_rate / 10)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
