@@ -219,6 +219,13 @@ def test_a_run_trained_here_loads_in_transformers_with_the_same_logits_and_ids(
   held, vocab_model = held_out_and_vocab
   run_dir, hf_dir = _train_and_export(tmp_path, flags, vocab_model)
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["arch"] == arch
+  # The exporter holds the parameters split over the 8 devices: each device an eighth of
+  # the embedding table (d_model 32 over fsdp 8), not a whole copy.
+  from bigsci_jax.hf.exporter import restore_split
+  params, _ = restore_split(run_dir)
+  table = params["embed"]["embedding"]
+  assert len(table.sharding.device_set) == 8
+  assert {s.data.shape for s in table.addressable_shards} == {(1536, 4)}
 
   model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
   assert type(model).__name__ == convert.CLASSES[arch]

@@ -6,9 +6,10 @@
 Writes config.json, generation_config.json, the weights as safetensors (model.safetensors,
 or model-0000i-of-0000n.safetensors with model.safetensors.index.json past --shard_gib)
 and the tokenizer (tokenizer.json and its configs, from the run's SentencePiece model).
-The parameters stay where the checkpoint restores them (the devices); each tensor is
-converted on the host as its shard is written, so the host holds at most one shard of
-converted tensors. Nothing is written unless the model converts: a model the target
+The parameters stay where the checkpoint restores them: split over every device (as
+MeshConfig(data=1, fsdp=-1) splits them), so a model larger than one device's memory
+exports; each tensor is gathered and converted on the host as its shard is written, so
+the host holds at most one shard of converted tensors. Nothing is written unless the model converts: a model the target
 architecture cannot express is refused first. Needs safetensors and tokenizers only.
 """
 
@@ -71,9 +72,19 @@ def write_weights(tensors, shapes, out_dir, dtype="float32", shard_bytes=5 * 2**
   return files
 
 
+def restore_split(model_dir):
+  """(params, step) of model_dir's latest checkpoint split over every device (fsdp; a
+  dimension they do not divide stays whole)."""
+  import dataclasses
+  from bigsci_jax import loop
+  from bigsci_jax.config import MeshConfig
+  run = loop.read_run(model_dir)
+  return loop.Runtime(dataclasses.replace(run, mesh=MeshConfig(1, -1, 1))).restore_params(model_dir)
+
+
 def export(model_dir, out_dir, arch="auto", dtype="float32", shard_gib=5.0):
   """Export model_dir's latest checkpoint into out_dir; returns a summary dict."""
-  from bigsci_jax import evaluate, loop
+  from bigsci_jax import loop
   from bigsci_jax import tokenizer as tokenizers
   from bigsci_jax.hf import tokenizer
   if dtype not in DTYPES:
@@ -83,7 +94,7 @@ def export(model_dir, out_dir, arch="auto", dtype="float32", shard_gib=5.0):
   tok = tokenizers.from_dir(model_dir)
   special = ({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
              if tok else {"bos_token_id": PAD_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID})
-  _, _, params, step = evaluate.restore(model_dir)
+  params, step = restore_split(model_dir)
   os.makedirs(out_dir, exist_ok=True)
   config = convert.hf_config(run.model, arch, bos_id=special["bos_token_id"],
                              eos_id=special["eos_token_id"], pad_id=special["pad_token_id"],
