@@ -221,14 +221,6 @@ def compile_train_step(run, devices, topology=""):
   return report, compiled
 
 
-# The decoding cache's logical axes by entry name (model.Attention._cached), scanned
-# layers first: keys / values [layers, B, G, S, K], positions / prefix [layers, B, S].
-_CACHE_AXES = {"keys": (None, "batch", "kv_heads", None, None),
-               "values": (None, "batch", "kv_heads", None, None),
-               "positions": (None, "batch", None), "prefix": (None, "batch", None),
-               "index": (None, "batch")}
-
-
 def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache_rows=None):
   """Lower and compile one decoding step of `run`'s model (generate.Decoder's step:
   `rows` rows, a KV cache of `cache_rows` (default `rows`) rows of ModelConfig.max_len
@@ -250,7 +242,7 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache
   cache = jax.eval_shape(lambda: generate.empty_cache(model, cache_rows or rows))
   cache = jax.tree_util.tree_map_with_path(
       lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.logical_to_sharding(
-          _CACHE_AXES.get(path[-1].key, ()), x.shape, mesh)), cache)
+          generate.cache_axes(path, x), x.shape, mesh)), cache)
   row = sharding.logical_to_sharding(("batch",), (rows,), mesh)
   ints = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row)
   keys = jax.ShapeDtypeStruct((rows,), jax.eval_shape(generate.row_keys, [0] * rows).dtype,

@@ -148,6 +148,31 @@ def _slot_axis(path, x):
   return _row_axis(path, x) + 1 + _SLOT_IN_ROW[path[-1].key]
 
 
+def cache_axes(path, x):
+  """The logical axes of one decoding cache array (model.Attention._cached): its rows
+  over the batch axes, keys' and values' heads over tensor, the rest (a scanned
+  stack's layers, the slots) whole."""
+  axes = [None] * x.ndim
+  row = _row_axis(path, x)
+  axes[row] = "batch"
+  if path[-1].key in ("keys", "values"):
+    axes[row + 1] = "kv_heads"
+  return tuple(axes)
+
+
+def _pinned(cache):
+  """`cache` in cache_axes' layout over the active mesh (as is without one). Every
+  jitted function that returns a cache pins it, so whichever ran last (a step, a
+  prefill, putting or moving rows), the next call finds the layout it was compiled
+  for: a server warmed up compiles nothing more."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return cache
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: jax.lax.with_sharding_constraint(
+          x, sharding.logical_to_sharding(cache_axes(path, x), x.shape, mesh)), cache)
+
+
 def _row_slots(cache):
   """How many slots each row of `cache` has."""
   path, x = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(cache)
@@ -161,7 +186,7 @@ def _move_rows(cache, from_N, to_N):
   def move(path, x):
     row = _row_axis(path, x)
     return x.at[(slice(None),) * row + (to_N,)].set(jnp.take(x, from_N, axis=row), mode="drop")
-  return jax.tree_util.tree_map_with_path(move, cache)
+  return _pinned(jax.tree_util.tree_map_with_path(move, cache))
 
 
 def step_rows(size, count, blocks=1):
@@ -199,7 +224,8 @@ def _put_rows(cache, new, slots_N, shift_N):
         index += (slice(None),) * (_slot_axis(path, x) - len(index)) + (slice(0, slots),)
       moved = _resized(path, moved, slots)
     return x.at[index].set(moved, mode="drop")
-  return jax.tree_util.tree_map_with_path(put, cache, jax.tree_util.tree_map_with_path(move, new))
+  return _pinned(jax.tree_util.tree_map_with_path(put, cache,
+                                                 jax.tree_util.tree_map_with_path(move, new)))
 
 
 def _fill(path):
@@ -231,8 +257,8 @@ def empty_cache(model, batch_size, length=None):
   tokens = jnp.zeros((batch_size, 1), jnp.int32)
   shapes = jax.eval_shape(lambda: type(model)(cfg).init(jax.random.key(0), tokens,
                                                         decode=True)["cache"])
-  return jax.tree_util.tree_map_with_path(
-      _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
+  return _pinned(jax.tree_util.tree_map_with_path(
+      _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)))
 
 
 def prompt_batch(prompts, prefix_lm, min_width=0, lead=(), bos_id=0):
@@ -259,7 +285,7 @@ def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, 
   logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                 prefix, decode=True, mutable=["cache"])
   return (_pick(logits[:, -1], keys, 0, rows, top, vocab),
-          _resize_slots(mutated["cache"], cache_len))
+          _pinned(_resize_slots(mutated["cache"], cache_len)))
 
 
 def _step(model, vocab, top, reads, params, cache, token_B, positions_B, keys, step, rows):
@@ -269,7 +295,7 @@ def _step(model, vocab, top, reads, params, cache, token_B, positions_B, keys, s
   logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None],
                                 positions_B[:, None], ones, 0 * ones, decode=True, reads=reads,
                                 mutable=["cache"])
-  return _pick(logits[:, -1], keys, step, rows, top, vocab), mutated["cache"]
+  return _pick(logits[:, -1], keys, step, rows, top, vocab), _pinned(mutated["cache"])
 
 
 def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, keys, rows):
