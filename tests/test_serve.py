@@ -108,10 +108,10 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
   assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS],
                         "--max_new_tokens=12", "--offload=host"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"] == cli
-  # Every layer split over 2 devices and 3 prompts' rows over 2 data shards (one filler
-  # row): the same tokens.
+  # Every layer split over 2 devices (read from host memory) and 3 prompts' rows over 2
+  # data shards (one filler row): the same tokens.
   assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS[:3]],
-                        "--max_new_tokens=12", "--mesh=2x1x2"]) == 0
+                        "--max_new_tokens=12", "--mesh=2x1x2", "--offload=host"]) == 0
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"] == cli[:3]
   assert all(c.finish_reason in ("length", "stop") for c in greedy)
 
