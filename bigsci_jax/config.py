@@ -241,11 +241,11 @@ class MeshConfig:
            f"MeshConfig.slices")
 
 
-def parse_mesh(text, flag="--mesh"):
+def parse_mesh(text):
   """'DATAxFSDPxTENSOR' (e.g. '1x32x8', -1 allowed once) -> {axis: size} of MeshConfig."""
   parts = text.lower().split("x")
   if len(parts) != 3 or not all(re.fullmatch(r"-?\d+", p) for p in parts):
-    raise ConfigError(f"{flag}={text!r}: write DATAxFSDPxTENSOR, e.g. 1x32x8.")
+    raise ConfigError(f"--mesh={text!r}: write DATAxFSDPxTENSOR, e.g. 1x32x8.")
   return dict(zip(("data", "fsdp", "tensor"), (int(p) for p in parts)))
 
 
