@@ -138,7 +138,7 @@ def write_params_run(model_dir, run: RunConfig, params, vocab_files=None, seed=0
 
 def check_batch_fits_mesh(run: RunConfig, mesh, processes=None):
   processes = jax.process_count() if processes is None else processes
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  shards = sharding.batch_shards(mesh)
   if run.batch.micro_batch_size % shards:
     raise ConfigError(f"BatchConfig.micro_batch_size={run.batch.micro_batch_size} must be a multiple "
                       f"of the mesh's data*fsdp={shards} so each batch shard gets whole sequences.")

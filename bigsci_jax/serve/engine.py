@@ -163,13 +163,13 @@ class Engine:
     if self.max_prompt < 1:
       raise ValueError(f"max_prompt must be at least 1, not {max_prompt}.")
     self.prefix_lm = model.cfg.mask == "prefix"
-    step = 1 if mesh is None else sharding.batch_shards(mesh)  # the model's row blocks
+    self.blocks = 1 if mesh is None else sharding.batch_shards(mesh)  # the model's row blocks
     # row counts: the batch-parallel size times powers of two, then max_batch (rounded
     # down to a multiple of it): the cache's rows
-    self.blocks = step
-    self.max_batch = max(max_batch // step, 1) * step
-    self.row_buckets = [step << i for i in range((self.max_batch // step).bit_length())
-                        if step << i < self.max_batch] + [self.max_batch]
+    blocks = self.blocks
+    self.max_batch = max(max_batch // blocks, 1) * blocks
+    self.row_buckets = [blocks << i for i in range((self.max_batch // blocks).bit_length())
+                        if blocks << i < self.max_batch] + [self.max_batch]
     self.reads = sorted({generate.bucket_width(1 << i, self.window)
                          for i in range(self.window.bit_length() + 1)})  # slots a step reads
     widest = generate.bucket_width(1 + len(self.lead) + self.max_prompt, self.window)
