@@ -97,3 +97,36 @@ def test_auto_picks_the_measured_fastest_kernel_per_platform_and_features():
   assert kernels.auto_impl("gpu", plain_causal=False, head_dim=128, dtype=bf16) == "pallas_gpu"
   assert kernels.auto_impl("gpu", plain_causal=True, head_dim=64, dtype=jnp.float32) == "pallas_gpu"
   assert kernels.auto_impl("gpu", plain_causal=False, head_dim=96, dtype=bf16) == "xla"
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("elsewhere", [True, False])
+def test_the_kernels_folder_does_not_hide_a_pip_package_named_kernels(elsewhere):
+  """From the repository root (sys.path[0] = ''), `import kernels` is the pip package of
+  that name (Hugging Face's, which transformers >= 5 imports: `from kernels import
+  CUDAProperties` failed on this folder), or no module where none is installed; this
+  folder stays bigsci_jax.kernels."""
+  import importlib.util
+  import subprocess
+  import sys
+  other = importlib.util.find_spec("kernels")
+  if elsewhere and (other is None or other.origin.startswith(str(REPO))):
+    from importlib import metadata
+    try:
+      metadata.distribution("kernels")
+    except metadata.PackageNotFoundError:
+      pytest.skip("no pip package named kernels is installed")
+  hide = "" if elsewhere else "sys.path = [p for p in sys.path if 'site-packages' not in p]; "
+  code = (f"import sys; {hide}"
+          "import importlib\n"
+          "try:\n  k = importlib.import_module('kernels'); print(k.__file__)\n"
+          "except ModuleNotFoundError as e:\n  print('missing', e.name)\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True).stdout.split()
+  if elsewhere:
+    assert "site-packages" in out[-1] and not out[-1].startswith(str(REPO / "kernels")), out
+    assert kernels.__file__.startswith(str(REPO / "kernels"))
+  else:
+    assert out == ["missing", "kernels"], out
