@@ -44,7 +44,9 @@ def call(name, custom_vjp_fn, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, *, segment_ids, p
   mesh = jax.sharding.get_abstract_mesh()
   rows = _dividing_axes(mesh, BATCH_AXES, b) or None
   heads = _dividing_axes(mesh, HEAD_AXES, k_BxSxGxK.shape[2]) or None
-  if rows or heads:
+  # Also where neither divides (2 kv heads on tensor = 4, one row on data = 2): the call
+  # then runs whole on every device, but a pallas_call must still sit in a shard_map.
+  if _auto_axes(mesh):
     P = jax.sharding.PartitionSpec
     run = jax.shard_map(run, mesh=mesh, check_vma=False,
                         in_specs=(P(rows, None, heads),) * 3 + (P(rows), P(heads)),
@@ -68,14 +70,20 @@ def local_slopes(slopes, h, name="attention"):
   return jax.lax.dynamic_slice_in_dim(slopes, index * h, h)
 
 
+def _auto_axes(mesh):
+  """The mesh axes of more than one device that the partitioner still splits (not
+  manual in a caller's shard_map)."""
+  if mesh.empty:
+    return ()
+  return tuple(a for a in mesh.axis_names if a not in mesh.manual_axes and mesh.shape[a] > 1)
+
+
 def _dividing_axes(mesh, names, size):
   """The mesh axes among `names` still to be split (not manual: a caller's shard_map
   already did) whose product divides `size`, kept in order while it does."""
-  if mesh.empty:
-    return ()
   chosen, product = [], 1
   for name in names:
-    if name in mesh.axis_names and name not in mesh.manual_axes and mesh.shape[name] > 1:
+    if name in _auto_axes(mesh):
       if size % (product * mesh.shape[name]) == 0:
         chosen.append(name)
         product *= mesh.shape[name]

@@ -152,3 +152,16 @@ def test_train_step_with_pallas_attention_compiles_for_two_v5e_chips(mesh):
   compiled, _ = _compile(devices, MeshConfig(*mesh), cfg)
   assert _kernel_calls(compiled) == {"bigsci_attention_forward", "bigsci_attention_dq",
                                      "bigsci_attention_dkv"}
+
+
+def test_attention_runs_whole_on_every_device_where_nothing_divides():
+  """2 kv heads on tensor = 4 and one row per step do not split: the kernel call still
+  sits in a shard_map (it failed with 'Mosaic kernels cannot be automatically
+  partitioned')."""
+  devices = _tpu_devices("v5e:2x2")
+  cfg = ModelConfig(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, d_ff=1024,
+                    vocab_size=1024, max_len=256, dtype="bfloat16", position="alibi",
+                    attention_impl="pallas_tpu")
+  compiled, _ = _compile(devices, MeshConfig(1, 1, 4), cfg, micro=1)
+  assert _kernel_calls(compiled) == {"bigsci_attention_forward", "bigsci_attention_dq",
+                                     "bigsci_attention_dkv"}
