@@ -21,7 +21,8 @@ if __name__ == "kernels":
   sys.modules[__name__] = importlib.util.module_from_spec(_spec)
   _spec.loader.exec_module(sys.modules[__name__])
 else:
-  from bigsci_jax.kernels.dispatch import (IMPLS, attention, auto_impl, cached_attention,
-                                           visibility_BxTxS)
+  from bigsci_jax.kernels.cached import cached_attention
+  from bigsci_jax.kernels.dispatch import IMPLS, attention, auto_impl
+  from bigsci_jax.kernels.mask import visibility_BxTxS
 
   __all__ = ["attention", "auto_impl", "cached_attention", "visibility_BxTxS", "IMPLS"]

@@ -3,8 +3,6 @@
 import jax.numpy as jnp
 
 from bigsci_jax.kernels import cudnn, pallas_gpu, pallas_tpu, partition, reference, xla
-from bigsci_jax.kernels.cached import cached_attention
-from bigsci_jax.kernels.mask import visibility_BxTxS
 
 IMPLS = ("auto", "reference", "xla", "cudnn", "pallas_gpu", "pallas_tpu")
 _FUNCTIONS = {"reference": reference.attention, "xla": xla.attention, "cudnn": cudnn.attention,
