@@ -88,6 +88,11 @@ class ModelConfig:
   scan_layers: bool = True
   remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
   attention_impl: Literal["auto", "reference", "xla", "cudnn", "pallas_gpu", "pallas_tpu"] = "auto"
+  # Sequence parallelism (Korthikanti et al. 2022): the residual stream between the
+  # tensor-parallel matmuls (norms, dropout, residual adds, what remat saves) split along
+  # its length over the mesh's tensor axis instead of copied on every tensor device;
+  # the same function, other collectives (sharding.RULES, model.Block).
+  sequence_parallel: bool = False
 
   def __post_init__(self):
     _check_literals(self)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from bigsci_jax import kernels
 from bigsci_jax.config import ModelConfig
 from bigsci_jax.kernels.mask import softmax_dtype
-from bigsci_jax.sharding import batch_shards, constrain, offloaded
+from bigsci_jax.sharding import batch_shards, constrain, offloaded, reshard
 
 SOFT_PROMPT = "soft_prompt"  # the params entry of an attached soft prompt [P, D]
 
@@ -287,8 +287,37 @@ class Mlp(nn.Module):
                   name="wo")(h_BxLxF)
 
 
+WHOLE = ("batch", "length", "act_embed")  # [B, L, D] with its length whole on every device
+
+
+def residual_axes(cfg):
+  """The logical layout of the residual stream [B, L, D] between blocks: with
+  cfg.sequence_parallel its length is split over tensor (rule "act_length")."""
+  return ("batch", "act_length", "act_embed") if cfg.sequence_parallel else WHOLE
+
+
+def _whole(cfg, x_BxLxD):
+  """A sequence-parallel model's norm output gathered along its length, the input the
+  tensor-parallel projections need (its gradient reduce-scattered back); as it is
+  otherwise. Megatron-SP's operator g."""
+  return reshard(x_BxLxD, WHOLE, residual_axes(cfg)) if cfg.sequence_parallel else x_BxLxD
+
+
+def _split(cfg, y_BxLxD):
+  """A tensor-parallel projection's output (a partial sum over tensor) reduce-scattered
+  along its length for a sequence-parallel model instead of all-reduced whole (its
+  gradient gathered whole); as it is otherwise. Megatron-SP's operator g-bar."""
+  return reshard(y_BxLxD, residual_axes(cfg), WHOLE) if cfg.sequence_parallel else y_BxLxD
+
+
 class Block(nn.Module):
-  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  cfg.sequence_parallel (Korthikanti et al. 2022): x arrives split along its length over
+  tensor; each norm runs on its shard, its output is gathered whole for the projections
+  and their outputs are reduce-scattered back: Megatron's all-reduce of a projection's
+  output in its two halves, the same bytes, with the norms, dropout, residual adds and
+  what remat keeps between blocks at 1 / tensor of their size per device."""
   cfg: ModelConfig
 
   @nn.compact
@@ -296,12 +325,12 @@ class Block(nn.Module):
                decode=False, layer=None, reads=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, broadcast_dims=(), deterministic=deterministic)
-    h = Attention(cfg, name="attention")(_norm(cfg, "attention_norm")(x_BxLxD),
+    h = Attention(cfg, name="attention")(_whole(cfg, _norm(cfg, "attention_norm")(x_BxLxD)),
                                          positions_BxL, segment_ids_BxL, prefix_BxL, decode,
                                          layer, reads)
-    x_BxLxD = x_BxLxD + drop(h)
-    h = Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD))
-    x_BxLxD = constrain(x_BxLxD + drop(h), ("batch", "length", "act_embed"))
+    x_BxLxD = x_BxLxD + drop(_split(cfg, h))
+    h = Mlp(cfg, name="mlp")(_whole(cfg, _norm(cfg, "mlp_norm")(x_BxLxD)))
+    x_BxLxD = constrain(x_BxLxD + drop(_split(cfg, h)), residual_axes(cfg))
     return x_BxLxD
 
 
@@ -342,7 +371,7 @@ def _lookup(table_NxD, ids_BxL, dtype, rows):
   gradient cost BLOOM-176B 0.7-0.8 GiB more per chip with data = 1 and up to 2.5 GiB
   across two slices (benchmarks/RESULTS.md)."""
   table_NxD = constrain(table_NxD.astype(dtype), (rows, None))
-  return constrain(jnp.take(table_NxD, ids_BxL, axis=0), ("batch", "length", "act_embed"))
+  return constrain(jnp.take(table_NxD, ids_BxL, axis=0), WHOLE)
 
 
 class Transformer(nn.Module):
@@ -389,12 +418,15 @@ class Transformer(nn.Module):
     elif cfg.position == "sinusoidal":
       enc_BxLxD = sinusoidal_BxLxD(positions_BxL, cfg.d_model // cfg.sinusoid_tiles)
       x_BxLxD = x_BxLxD + jnp.tile(enc_BxLxD, (1, 1, cfg.sinusoid_tiles)).astype(dtype)
+    # Looked up whole (a vocabulary split over tensor is looked up in parts and summed:
+    # looked up split along the length, the partitioner gathered the whole table instead).
+    x_BxLxD = _split(cfg, x_BxLxD)
     # A zero-valued hook: gradients w.r.t. it are gradients w.r.t. the input embeddings.
     x_BxLxD = self.perturb("input_embeddings", x_BxLxD)
     if cfg.embedding_norm:
       x_BxLxD = _norm(cfg, "embed_norm")(x_BxLxD)
     x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
-    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "act_embed"))
+    x_BxLxD = constrain(x_BxLxD, residual_axes(cfg))
 
     offload = "none" if self.is_initializing() else self.offload  # init creates, not reads
     if cfg.scan_layers:
@@ -416,7 +448,7 @@ class Transformer(nn.Module):
             x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, None,
             reads)
 
-    x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
+    x_BxLxD = _whole(cfg, _norm(cfg, "final_norm")(x_BxLxD))
     if cfg.tie_embeddings:
       table_VxD = embed.embedding.astype(dtype)
       logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD,

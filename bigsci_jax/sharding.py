@@ -6,6 +6,7 @@ tensor parallelism over heads, MLP hidden units and the vocabulary).
 """
 
 import contextlib
+import functools
 import os
 
 import flax.linen as nn
@@ -20,7 +21,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 # Logical axis -> mesh axes. Names not listed (kv, layers, position, length,
 # act_embed) are replicated. A dimension that a mesh axis does not divide is
-# replicated too (see `logical_to_sharding`).
+# replicated too (`_spec`).
 RULES = (
     ("batch", ("data", "fsdp")),  # activations and input batches
     ("embed", "fsdp"),            # parameters: sharded over fsdp, gathered per layer
@@ -28,6 +29,7 @@ RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    ("act_length", "tensor"),    # the residual stream's length, ModelConfig.sequence_parallel
 )
 
 
@@ -114,8 +116,10 @@ def _mesh_axes(name):
   return None
 
 
-def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
-  """One array's NamedSharding; an axis the mesh does not divide stays replicated."""
+def _spec(logical_spec, shape, mesh) -> P:
+  """The PartitionSpec of an array of `shape` with these logical axis names over `mesh`
+  (a Mesh or the abstract mesh of a trace); a dimension its mesh axes do not divide
+  stays replicated."""
   spec = []
   for dim, name in zip(shape, tuple(logical_spec) + (None,) * (len(shape) - len(logical_spec))):
     axes = _mesh_axes(name) if name is not None else None
@@ -124,7 +128,12 @@ def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
       if dim % size:
         axes = None
     spec.append(axes)
-  return NamedSharding(mesh, P(*spec))
+  return P(*spec)
+
+
+def logical_to_sharding(logical_spec, shape, mesh: Mesh) -> NamedSharding:
+  """One array's NamedSharding; an axis the mesh does not divide stays replicated."""
+  return NamedSharding(mesh, _spec(logical_spec, shape, mesh))
 
 
 def tree_shardings(logical_specs, abstract_tree, mesh: Mesh):
@@ -172,8 +181,33 @@ def batch_shards(mesh=None):
 
 
 def constrain(x, logical_axes):
-  """Sharding constraint by logical names; a no-op outside `activate`."""
-  return nn.with_logical_constraint(x, logical_axes)
+  """Sharding constraint by logical names; a no-op outside `activate`. A dimension its
+  mesh axes do not divide stays replicated, as in logical_to_sharding (a decoding
+  step's one position is not split over tensor by a sequence-parallel model)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not nn.get_logical_axis_rules():
+    return x
+  return jax.lax.with_sharding_constraint(x, _spec(logical_axes, x.shape, mesh))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def reshard(x, logical_axes, cotangent_axes):
+  """constrain(x, logical_axes), its cotangent constrained to cotangent_axes. A plain
+  constraint's transpose puts the gradient in the same layout, so a layout change
+  made for the forward pass (a sequence gathered for the tensor-parallel matmuls) is
+  undone by an all-reduce of the whole gradient and a slice, not a reduce-scatter."""
+  return constrain(x, logical_axes)
+
+
+def _reshard_fwd(x, logical_axes, cotangent_axes):
+  return constrain(x, logical_axes), None
+
+
+def _reshard_bwd(logical_axes, cotangent_axes, _, g):
+  return (constrain(g, cotangent_axes),)
+
+
+reshard.defvjp(_reshard_fwd, _reshard_bwd)
 
 
 @contextlib.contextmanager

@@ -160,3 +160,27 @@ def test_steps_that_read_only_the_filled_slots_decode_as_steps_that_read_all(sca
   assert decoder._step._cache_size() == 1
   assert generate.decoder_for(model, None)._step._cache_size() == 3  # reads of 32, 64 and 128
   assert len(set(tokens[0])) > 1  # really sampled
+
+
+def test_a_sequence_parallel_model_decodes_over_a_mesh_as_on_one_device():
+  """ModelConfig.sequence_parallel on a 2x1x4 mesh: the prefill (16 wide, split over
+  tensor along its length) and the one-token steps (not split) give one device's tokens
+  and logits."""
+  from bigsci_jax import sharding
+  from bigsci_jax.config import MeshConfig
+  from bigsci_jax.step import abstract_state
+  import optax
+  cfg = dataclasses.replace(BASE, num_kv_heads=4, position="alibi", mask="prefix")
+  params = init_params(Transformer(cfg), jax.random.key(1))
+  split_cfg = dataclasses.replace(cfg, sequence_parallel=True)
+  mesh = sharding.make_mesh(MeshConfig(2, 1, 4))
+  _, shardings = abstract_state(Transformer(split_cfg), optax.identity(), mesh, 1)
+  placed = jax.device_put(params, shardings.params)
+  with jax.default_matmul_precision("highest"):
+    one = generate.generate(Transformer(cfg), params, PROMPTS, 6, return_logits=True,
+                            min_width=16, sampling=generate.Sampling(temperature=1.0))
+    split = generate.generate(Transformer(split_cfg), placed, PROMPTS, 6, return_logits=True,
+                              min_width=16, sampling=generate.Sampling(temperature=1.0),
+                              mesh=mesh)
+  assert split[0] == one[0]
+  np.testing.assert_allclose(np.asarray(split[1]), np.asarray(one[1]), rtol=1e-5, atol=1e-5)

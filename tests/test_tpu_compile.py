@@ -154,6 +154,42 @@ def test_train_step_with_pallas_attention_compiles_for_two_v5e_chips(mesh):
                                      "bigsci_attention_dkv"}
 
 
+def _collectives(compiled):
+  """(op, shape, enclosing computation) of every collective in the compiled HLO."""
+  import re
+  found, computation = [], None
+  for line in compiled.as_text().splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+    if head:
+      computation = head.group(1)
+    op = re.search(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
+                   r"collective-permute)(?:-start)?\(", line)
+    if op:
+      found.append((op.group(2), op.group(1), computation))
+  return found
+
+
+def test_a_sequence_parallel_step_gathers_and_reduce_scatters_the_residual_stream():
+  """ModelConfig.sequence_parallel on v5e:2x2, tensor = 4: the residual stream
+  [8, 256, 256] moves by all-gathers into the projections and reduce-scatters out of
+  them, forward and backward (XLA:TPU's all-reduce-scatter fusions), never by a whole
+  all-reduce or an all-to-all; no weight is gathered over tensor; the kernels run."""
+  devices = _tpu_devices("v5e:2x2")
+  cfg = ModelConfig(num_layers=2, d_model=256, num_heads=4, d_ff=1024, vocab_size=1024,
+                    max_len=256, dtype="bfloat16", position="alibi", mask="prefix",
+                    attention_impl="pallas_tpu", remat="full", sequence_parallel=True)
+  compiled, _ = _compile(devices, MeshConfig(1, 1, 4), cfg)
+  assert _kernel_calls(compiled) == {"bigsci_attention_forward", "bigsci_attention_dq",
+                                     "bigsci_attention_dkv"}
+  stream = "8,256,256"
+  collectives = _collectives(compiled)
+  reductions = [c for op, shape, c in collectives if op == "all-reduce" and shape == stream]
+  gathers = {shape for op, shape, _ in collectives if op == "all-gather"}
+  assert len(reductions) >= 4 and all(c.startswith("all-reduce-scatter") for c in reductions)
+  assert gathers == {stream}
+  assert not [c for c in collectives if c[0] == "all-to-all"]
+
+
 def test_attention_runs_whole_on_every_device_where_nothing_divides():
   """2 kv heads on tensor = 4 and one row per step do not split: the kernel call still
   sits in a shard_map (it failed with 'Mosaic kernels cannot be automatically
