@@ -81,9 +81,9 @@ def _auto_axes(mesh):
 def _dividing_axes(mesh, names, size):
   """The mesh axes among `names` still to be split (not manual: a caller's shard_map
   already did) whose product divides `size`, kept in order while it does."""
-  chosen, product = [], 1
+  chosen, product, auto = [], 1, _auto_axes(mesh)
   for name in names:
-    if name in _auto_axes(mesh):
+    if name in auto:
       if size % (product * mesh.shape[name]) == 0:
         chosen.append(name)
         product *= mesh.shape[name]

@@ -83,12 +83,11 @@ def test_sequence_parallel_computes_what_one_device_does(shape):
   and 20 SGD steps on a tensor-4 mesh equal one device's (learned positions: both
   embedding tables are looked up)."""
   model = dataclasses.replace(CFG, sequence_parallel=True, position="learned")
+  sgd = OptimizerConfig(optimizer="sgd", learning_rate=0.5, decay="constant")
   with jax.default_matmul_precision("highest"):
-    one = _run(MeshConfig(1, 1, 1), jax.devices()[:1],
-               OptimizerConfig(optimizer="sgd", learning_rate=0.5, decay="constant"), 20,
+    one = _run(MeshConfig(1, 1, 1), jax.devices()[:1], sgd, 20,
                dataclasses.replace(model, sequence_parallel=False))
-    split = _run(MeshConfig(*shape), jax.devices(),
-                 OptimizerConfig(optimizer="sgd", learning_rate=0.5, decay="constant"), 20, model)
+    split = _run(MeshConfig(*shape), jax.devices(), sgd, 20, model)
   np.testing.assert_allclose(split[0], one[0], rtol=1e-5)
   # atol on the largest gradient of all: with learned positions the key bias's gradient
   # is zero (a row's logits all move by q.b), rounding noise of 1e-12 on either side.
