@@ -125,6 +125,12 @@ class ModelConfig:
     _check(self.z_loss >= 0.0, self, "z_loss", "it must be >= 0")
 
 
+# ModelConfig fields that say how the model is computed, not what it computes: its
+# parameters and its function (up to rounding) are the same whatever they are, so a run
+# may set them anew against the checkpoint it continues (TrainConfig.branch_from).
+COMPUTE_FIELDS = ("dtype", "remat", "attention_impl", "sequence_parallel")
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
   """AdamW (or plain SGD, for exactness tests) and the learning-rate schedule."""
@@ -353,7 +359,8 @@ class TrainConfig:
                            # (from the micro-batches; without accumulation, two half batches)
   gns_ema: float = 0.95    # its moving averages' decay per sample
   init_from: str = ""      # a model_dir whose latest weights start a fresh run (new optimizer,
-                           # data and schedule): continued pretraining on other data
+                           # data and schedule): continued pretraining on other data, a
+                           # causal model adapted to prefix LM (same parameter shapes)
   branch_from: str = ""    # a model_dir whose checkpoint at branch_step this run continues
   branch_step: Optional[int] = None  # (weights, optimizer, data position; None: its latest)
   keep_steps: tuple = ()   # checkpoints also saved at these steps and never deleted

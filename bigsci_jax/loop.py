@@ -15,7 +15,7 @@ import tqdm
 
 from bigsci_jax import checkpoint, data, flops, held_out, preemption, profiler, sharding
 from bigsci_jax import step as steps
-from bigsci_jax.config import ConfigError, RunConfig, to_gin
+from bigsci_jax.config import COMPUTE_FIELDS, ConfigError, RunConfig, to_gin
 from bigsci_jax.metrics import MetricsWriter, read_metrics
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
@@ -273,10 +273,12 @@ class _Trainer(Runtime):
     """(state, data state, step) of source_dir's checkpoint `step` (None: its latest), for
     a run that continues it under its own schedule and length (a cooldown branch of a
     'wsd' run); its metrics lines up to `step` start this run's metrics.jsonl, so the
-    branch reads like one run. Model, batch and data must be the source's."""
+    branch reads like one run. Model, batch and data must be the source's, but for how the
+    model is computed (config.COMPUTE_FIELDS: a branch may run on other hardware)."""
     source = read_run(source_dir)
     changed = [f"{part}.{f}" for part in ("model", "batch", "data")
-               for f in _differing(getattr(source, part), getattr(self.run, part))]
+               for f in _differing(getattr(source, part), getattr(self.run, part))
+               if not (part == "model" and f in COMPUTE_FIELDS)]
     if changed:
       raise ConfigError(f"TrainConfig.branch_from={source_dir} trains another model, batch or "
                         f"data ({', '.join(changed)} differ); a branch changes only the "
@@ -302,25 +304,24 @@ class _Trainer(Runtime):
     return state, data_state, step
 
   def warm_start_params(self, source_dir):
-    """The latest weights of source_dir's run, in this run's shardings; its model must match."""
+    """The latest weights of source_dir's run, in this run's shardings and parameter dtype
+    (its optimizer state is not read). Its parameters must have this run's shapes; the
+    rest of ModelConfig may differ (a causal model adapted to prefix LM, dropout added)."""
     source = read_run(source_dir)
-    if source.model != self.run.model:
-      fields = _differing(source.model, self.run.model)
-      raise ConfigError(f"TrainConfig.init_from={source_dir} holds a different model (ModelConfig "
-                        f"{', '.join(fields)} differ); start from a run of the same architecture.")
-    ckpts = checkpoint.Checkpoints(os.path.join(source_dir, "checkpoints"), every=1, keep=1)
+    changed = _differing(source.model, self.run.model)
     try:
-      step = ckpts.latest_step()
-      if step is None:
-        raise RunNotFound(f"TrainConfig.init_from={source_dir} has no checkpoint yet; train it "
-                          f"first.")
-      state, _ = ckpts.restore(Runtime(dataclasses.replace(source, mesh=self.run.mesh)).abstract,
-                               step)
-    finally:
-      ckpts.close()
+      params, step = self.restore_params(source_dir)
+    except checkpoint.CheckpointMismatch as e:
+      raise ConfigError(f"TrainConfig.init_from={source_dir} holds a model of other shapes "
+                        f"(ModelConfig {', '.join(changed)} differ); start from a run whose "
+                        f"parameters have this run's shapes.") from e
+    except RunNotFound as e:
+      raise RunNotFound(f"TrainConfig.init_from={source_dir} has no checkpoint yet; train it "
+                        f"first.") from e
+    anew = f"; ModelConfig {', '.join(changed)} set anew" if changed else ""
     self.say(f"starting from the weights of {source_dir} (step {step}); optimizer, data and "
-             f"schedule start afresh")
-    return state.params
+             f"schedule start afresh{anew}")
+    return params
 
   def evaluate(self, params):
     """An eval line: the losses of the eval sets and the scores of TrainConfig.eval_tasks."""

@@ -5,6 +5,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -195,6 +196,21 @@ def test_init_from_starts_a_fresh_run_from_another_runs_weights(tmp_path, capsys
                      f"--gin.TrainConfig.init_from='{source}'", "--gin.ModelConfig.d_ff=128"]) == 2
   assert "ModelConfig d_ff differ" in capsys.readouterr().err
 
+  # What keeps the parameters' shapes may change: the causal model adapted to a prefix LM
+  # with dropout, its weights held in bfloat16. A step too small to move them (SGD, lr
+  # 1e-30) leaves exactly the source's weights, rounded to bfloat16.
+  adapted = str(tmp_path / "adapted")
+  assert train.main([f"--model_dir={adapted}", "--gin.TRAIN_STEPS=1", *common,
+                     f"--gin.TrainConfig.init_from='{source}'", "--gin.ModelConfig.mask='prefix'",
+                     "--gin.ModelConfig.dropout=0.1", "--gin.ModelConfig.param_dtype='bfloat16'",
+                     "--gin.OptimizerConfig.optimizer='sgd'",
+                     "--gin.OptimizerConfig.learning_rate=1e-30"]) == 0
+  assert "ModelConfig mask, dropout, param_dtype set anew" in capsys.readouterr().err
+  from bigsci_jax import loop
+  params = [loop.Runtime(loop.read_run(d)).restore_params(d)[0] for d in (adapted, source)]
+  assert {a.dtype for a in jax.tree.leaves(params[0])} == {jnp.dtype(jnp.bfloat16)}
+  jax.tree.map(lambda a, s: np.testing.assert_array_equal(a, s.astype(jnp.bfloat16)), *params)
+
 
 def _traced_steps(folder):
   """{step number of each StepTraceAnnotation}, and the number of train-step executions,
@@ -261,6 +277,15 @@ def test_a_cooldown_branch_of_a_wsd_run_equals_the_shorter_run_trained_alone(tmp
   from bigsci_jax import loop
   params = [loop.Runtime(loop.read_run(d)).restore_params(d)[0] for d in (branch, alone)]
   jax.tree.map(np.testing.assert_array_equal, *params)  # bit for bit
+
+  # A branch may compute the model otherwise (rematerialised, another attention
+  # implementation: other hardware); it trains the same function.
+  recomputed = str(tmp_path / "recomputed")
+  assert train.main([f"--model_dir={recomputed}", *common, "--gin.TRAIN_STEPS=8",
+                     "--gin.ModelConfig.remat='full'", "--gin.ModelConfig.attention_impl='reference'",
+                     f"--gin.TrainConfig.branch_from='{trunk}'", "--gin.TrainConfig.branch_step=6"]) == 0
+  np.testing.assert_allclose([r["loss"] for r in read_metrics(recomputed, "train")],
+                             [r["loss"] for r in trained], rtol=1e-5)
 
   # A step the trunk did not keep, and a different model, stop with one sentence each.
   capsys.readouterr()
