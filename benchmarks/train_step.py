@@ -98,7 +98,8 @@ def main(argv):
     append_row(args.results, [
         result["model"], f"{result['params'] / 1e6:.0f}M", f"{result['device']} x{result['devices']}",
         args.dtype, run.model.remat, args.seq_len, tokens, f"{step_time * 1e3:.1f}",
-        f"{tokens_per_s:,.0f}", mfu, mem, f"jax {jax.__version__}"])
+        f"{tokens_per_s:,.0f}", mfu, mem,
+        f"jax {jax.__version__}, attention_impl='{run.model.attention_impl}'"])
   print(json.dumps(result))
 
 
