@@ -92,6 +92,7 @@ class Report:
   params: int
   attention_impl: str
   remat: str
+  sequence_parallel: bool
   batch: dict             # train: global, micro, accumulation, seq_len; decode: rows, cache_len
   flops_per_step: float
   memory: dict            # per device: argument, output, alias, temp, code, total (device
@@ -105,12 +106,16 @@ class Report:
     return dataclasses.asdict(self)
 
 
-def too_big(topology, device_kind, mesh, needed, available, what="train step", offload="none"):
-  """One sentence: what does not fit where, and how to fix it."""
+def too_big(topology, device_kind, mesh, needed, available, what="train step", offload="none",
+            sequence_parallel=True):
+  """One sentence: what does not fit where, and how to fix it (sequence_parallel: whether
+  the train step already splits the residual stream over tensor)."""
   amount = (f"needs {needed} per device but the {device_kind} device has {available}" if needed
             else f"does not fit the {device_kind} device's memory")
   if what == "train step":
-    fixes = "a smaller BatchConfig.micro_batch_size, or ModelConfig.remat='full'"
+    split = (", ModelConfig.sequence_parallel=True" if mesh["tensor"] > 1 and not sequence_parallel
+             else "")
+    fixes = f"a smaller BatchConfig.micro_batch_size{split}, or ModelConfig.remat='full'"
   else:
     fixes = ("fewer --decode_rows, or a shorter ModelConfig.max_len" if offload == "host"
              else "fewer --decode_rows, a shorter ModelConfig.max_len, or --offload=host")
@@ -136,7 +141,7 @@ def _mesh(run, devices):
   return run, sharding.make_mesh(run.mesh, devices)
 
 
-def _compile(lowered_fn, mesh, devices, topology, what, offload="none"):
+def _compile(lowered_fn, mesh, devices, topology, what, offload="none", sequence_parallel=True):
   """(compiled, seconds): lowered_fn() compiled under the mesh's logical rules; a program
   over the chip's memory raises AotError with the compiler's amounts."""
   from bigsci_jax import sharding
@@ -148,7 +153,8 @@ def _compile(lowered_fn, mesh, devices, topology, what, offload="none"):
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     raise AotError(too_big(topology or devices[0].platform, devices[0].device_kind,
-                           dict(mesh.shape), *_exhausted(str(e)), what, offload)) from e
+                           dict(mesh.shape), *_exhausted(str(e)), what, offload,
+                           sequence_parallel)) from e
   return compiled, time.perf_counter() - start
 
 
@@ -170,7 +176,8 @@ def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
       topology=topology or f"{devices[0].platform}:{len(devices)}", device_kind=kind,
       devices=len(devices), chips=len(devices) // cores, slices=run.mesh.slices,
       mesh={k: int(v) for k, v in mesh.shape.items()},
-      params=flops.param_counts(run.model).total, remat=run.model.remat, memory=memory,
+      params=flops.param_counts(run.model).total, remat=run.model.remat,
+      sequence_parallel=run.model.sequence_parallel, memory=memory,
       bytes_per_chip=memory["total"], hbm_bytes=hbm,
       fits=hbm is None or memory["total"] <= hbm, compile_s=round(compile_s, 1), **fields)
 
@@ -210,7 +217,8 @@ def compile_train_step(run, devices, topology=""):
            for k in data.FEATURES}
   train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
   compiled, seconds = _compile(lambda: train_step.jitted.lower(abstract, batch), mesh, devices,
-                               topology, "train step")
+                               topology, "train step",
+                               sequence_parallel=run.model.sequence_parallel)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="train", offload="none",
       attention_impl=_attention_impl(run, mesh),
@@ -268,7 +276,8 @@ def describe(report: Report):
   mesh = " x ".join(f"{k} {v}" for k, v in report.mesh.items())
   hbm = gib(report.hbm_bytes) if report.hbm_bytes else "unknown"
   if report.step == "train":
-    work = (f"remat {report.remat}; batch {b['global']} x {b['seq_len']} tokens "
+    split = ", sequence parallel" if report.sequence_parallel and report.mesh["tensor"] > 1 else ""
+    work = (f"remat {report.remat}{split}; batch {b['global']} x {b['seq_len']} tokens "
             f"({b['accumulation']} micro-batches of {b['micro']})")
   else:
     work = (f"one decoding step of {b['rows']} rows against a KV cache of {b['cache_rows']} "
@@ -364,7 +373,7 @@ def main(argv):
     what = "train step" if report.step == "train" else "decoding step"
     print("error: " + too_big(report.topology, report.device_kind, report.mesh,
                               gib(report.bytes_per_chip), gib(report.hbm_bytes), what,
-                              report.offload),
+                              report.offload, report.sequence_parallel),
           file=sys.stderr)
     return 1
   return 0

@@ -140,6 +140,24 @@ def test_a_config_over_the_chips_memory_exits_1_with_the_amounts(capsys):
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: the train step on v5e:2x2"), err
   assert "but the TPU v5 lite device has 15.75G" in lines[0] and "bigger slice" in lines[0]
+  assert "sequence_parallel" not in lines[0]  # nothing to split over at tensor = 1
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_a_step_over_memory_on_a_tensor_mesh_offers_sequence_parallelism_where_it_is_off(
+    capsys, split):
+  """Activations of 64 x 2048 tokens over tensor 4: with the residual stream copied on every
+  tensor device the fixes include sequence_parallel; with it split already, not."""
+  _needs_libtpu()
+  code, _, err = _run(capsys, [*SMALL, "--topology=v5e:2x2", "--mesh=1x1x4",
+                               "--gin.BATCH_SIZE=64", "--gin.SEQ_LEN=2048",
+                               "--gin.ModelConfig.max_len=2048", "--gin.ModelConfig.d_model=1024",
+                               "--gin.ModelConfig.num_heads=8", "--gin.ModelConfig.num_layers=8",
+                               f"--gin.ModelConfig.sequence_parallel={split}"])
+  assert code == 1, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: the train step on v5e:2x2"), err
+  assert ("ModelConfig.sequence_parallel=True" in lines[0]) != split, lines[0]
 
 
 @pytest.mark.parametrize("flag, words", [
