@@ -253,13 +253,15 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache
           generate.cache_axes(path, x), x.shape, mesh)), cache)
   row = sharding.logical_to_sharding(("batch",), (rows,), mesh)
   ints = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row)
+  column = jax.ShapeDtypeStruct((rows, 1), jnp.int32,
+                                sharding=sharding.logical_to_sharding(("batch", None), (rows, 1), mesh))
   keys = jax.ShapeDtypeStruct((rows,), jax.eval_shape(generate.row_keys, [0] * rows).dtype,
                               sharding=row)
   floats = jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=row)
   decoder = generate.Decoder(model, mesh)
   compiled, seconds = _compile(
-      lambda: decoder._step.lower(0, None, params, cache, ints, ints, keys, ints,
-                                 (floats, ints, floats)),
+      lambda: decoder._extend.lower(0, None, params, cache, column, column, ints, keys, ints,
+                                   (floats, ints, floats)),
       mesh, devices, topology, "decoding step", offload)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="decode", offload=offload,

@@ -288,14 +288,20 @@ def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, 
           _pinned(_resize_slots(mutated["cache"], cache_len)))
 
 
-def _step(model, vocab, top, reads, params, cache, token_B, positions_B, keys, step, rows):
-  """One token per row; attention reads only the first `reads` slots of each row
-  (None: all), which must hold every slot a row has filled, this token's included."""
-  ones = jnp.ones_like(token_B)[:, None]
-  logits, mutated = model.apply({"params": params, "cache": cache}, token_B[:, None],
-                                positions_B[:, None], ones, 0 * ones, decode=True, reads=reads,
-                                mutable=["cache"])
-  return _pick(logits[:, -1], keys, step, rows, top, vocab), _pinned(mutated["cache"])
+def _extend(model, vocab, top, reads, params, cache, tokens_BxC, positions_BxC, counts_B, keys,
+            step, rows):
+  """Row b's first counts_B[b] tokens of tokens_BxC appended to its cache (a row of none
+  keeps its cache as it was), then the pick after its last one; attention reads only the
+  first `reads` slots of each row (None: all), which must hold every slot a row has
+  filled, these tokens' included. One token per row is a decoding step; more, a chunk of
+  a long prompt's prefill (causal models)."""
+  real_BxC = (jnp.arange(tokens_BxC.shape[1])[None, :] < counts_B[:, None]).astype(jnp.int32)
+  logits_BxCxV, mutated = model.apply({"params": params, "cache": cache}, tokens_BxC,
+                                      positions_BxC, real_BxC, 0 * real_BxC, decode=True,
+                                      reads=reads, mutable=["cache"])
+  last_B = jnp.maximum(counts_B - 1, 0)
+  logits_BxV = jnp.take_along_axis(logits_BxCxV, last_B[:, None, None], axis=1)[:, 0]
+  return _pick(logits_BxV, keys, step, rows, top, vocab), _pinned(mutated["cache"])
 
 
 def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, keys, rows):
@@ -314,7 +320,8 @@ def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, key
 class Decoder:
   """The jitted pieces of decoding for one model, each compiled once per shape:
   `prefill` (prompt rows into a fresh cache of cache_len slots, then the first pick),
-  `step` (one more token per row), `prompt_logprobs` (every prompt token's
+  `step` (one more token per row), `extend` (several: a chunk of a long prompt),
+  `prompt_logprobs` (every prompt token's
   log-probability under a causal pass, for scoring), and for a server's running batch
   `put_rows` / `move_rows` (put prefilled rows into its cache; pack its rows). `top`
   is how many alternatives each pick reports (static); tokens are drawn from the first
@@ -325,8 +332,8 @@ class Decoder:
     self.model, self.mesh = model, mesh
     vocab = vocab or model.cfg.vocab_size
     self._prefill = jax.jit(functools.partial(_prefill, model, vocab), static_argnums=(0, 1))
-    self._step = jax.jit(functools.partial(_step, model, vocab), static_argnums=(0, 1),
-                         donate_argnums=(3,))
+    self._extend = jax.jit(functools.partial(_extend, model, vocab), static_argnums=(0, 1),
+                           donate_argnums=(3,))
     self._prompt = jax.jit(functools.partial(_prompt_logprobs, model, vocab),
                            static_argnums=(0,))
     self._empty = jax.jit(functools.partial(empty_cache, model), static_argnums=(0, 1))
@@ -342,18 +349,31 @@ class Decoder:
   def prefill(self, params, batch, keys, rows, cache_len, top=0):
     return self._run(self._prefill, cache_len, top, params, *batch, keys, rows)
 
-  def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0, filled=None):
+  def step(self, params, cache, token_B, positions_B, keys, step, rows, top=0, filled=None,
+           live_B=None):
     """One more token per row; `step` (an int, or one per row) counts the row's picks
     so far, for its sampling key. With fewer rows than `cache` holds, the step runs on
     its step_rows(cache rows, rows, shards of the batch axis), the others untouched.
     `filled`: the most slots a row holds once this token
     is written (its index + 1); attention then reads only the first
     bucket_width(filled) slots of every row instead of all of them (a step's
-    cost follows the rows' lengths, not the window; one compile per bucket)."""
+    cost follows the rows' lengths, not the window; one compile per bucket).
+    live_B (default: every row): the rows that take a token; the others keep their
+    cache as it was (a server's free slots, and rows still prefilling)."""
+    counts_B = np.ones(len(token_B), np.int32) if live_B is None else live_B
+    return self.extend(params, cache, jnp.asarray(token_B)[:, None],
+                       jnp.asarray(positions_B)[:, None], counts_B, keys, step, rows, top, filled)
+
+  def extend(self, params, cache, tokens_BxC, positions_BxC, counts_B, keys, step, rows, top=0,
+             filled=None):
+    """Row b's first counts_B[b] tokens of tokens_BxC (at positions_BxC) appended to its
+    cache, and the pick after its last one (step: as for `step`); `filled`: the most
+    slots a row holds after them. A long prompt prefilled chunk by chunk between a
+    server's decoding steps (causal models)."""
     slots = _row_slots(cache)
     reads = None if filled is None else bucket_width(filled, slots)
-    return self._run(self._step, top, None if reads == slots else reads, params, cache,
-                     token_B, positions_B, keys, step, rows)
+    return self._run(self._extend, top, None if reads == slots else reads, params, cache,
+                     tokens_BxC, positions_BxC, np.asarray(counts_B, np.int32), keys, step, rows)
 
   def prompt_logprobs(self, params, batch, keys, rows, top=0):
     tokens, positions, segments, _ = batch
@@ -378,7 +398,7 @@ class Decoder:
 
   def compiled_shapes(self):
     """How many shapes the jitted functions have compiled (a warm server's count stays)."""
-    return sum(f._cache_size() for f in (self._prefill, self._step, self._prompt,
+    return sum(f._cache_size() for f in (self._prefill, self._extend, self._prompt,
                                          self._empty, self._move_rows, self._put_rows))
 
 

@@ -153,7 +153,7 @@ class Attention(nn.Module):
     must hold every filled one: key j is visible to query i iff j holds a real token
     and (pos_j <= pos_i, or both are in the prompt prefix of a prefix LM). Each row
     fills its slots in order from its own `index` (rows of a server's batch join at
-    different times); positions come per token. `layer`: this layer's row of the
+    different times) up to its last real token; positions come per token. `layer`: this layer's row of the
     stacked cache the layer scan carries (None: the cache variables are this layer's)."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
@@ -182,7 +182,9 @@ class Attention(nn.Module):
     values.write(v_BxTxGxK.transpose(0, 2, 1, 3), at_B)
     pos.write(jnp.where(real_BxT, positions_BxT, -1).astype(jnp.int32), at_B)
     prefix.write(in_prefix_BxT, at_B)
-    index.set(at_B + t)
+    # the index moves past the row's last real token: a left-padded prefill's whole width,
+    # a chunk's tokens (right-padded), nothing for a row with none (it keeps its slots)
+    index.set(at_B + jnp.max(jnp.where(real_BxT, jnp.arange(1, t + 1), 0), axis=1))
     return kernels.cached_attention(
         q_BxTxHxK, keys.read(reads), values.read(reads), query_positions=positions_BxT,
         key_positions=pos.read(reads), query_prefix=in_prefix_BxT, key_prefix=prefix.read(reads),

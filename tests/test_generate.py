@@ -157,8 +157,8 @@ def test_steps_that_read_only_the_filled_slots_decode_as_steps_that_read_all(sca
         picked, cache = decoder.step(params, cache, np.asarray(picked.token), position, keys,
                                      step + 1, rows)
         position = position + 1
-  assert decoder._step._cache_size() == 1
-  assert generate.decoder_for(model, None)._step._cache_size() == 3  # reads of 32, 64 and 128
+  assert decoder._extend._cache_size() == 1
+  assert generate.decoder_for(model, None)._extend._cache_size() == 3  # reads of 32, 64 and 128
   assert len(set(tokens[0])) > 1  # really sampled
 
 

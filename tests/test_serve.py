@@ -4,6 +4,7 @@ HTTP against the in-process adapter, concurrent load with malformed requests,
 disconnects, SIGTERM and bad input."""
 
 import concurrent.futures
+import dataclasses
 import importlib
 import json
 import os
@@ -118,24 +119,25 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
 
 @pytest.mark.parametrize("mesh", [None, "2x1x2"])
 def test_batches_of_any_mix_compile_nothing_after_warmup(restored, run_dir, mesh):
-  """Prompts of at most 24 tokens (one prompt width: 32) decoding up to 90 tokens
-  (steps reading 32, 64 and 128 slots): after warmup nothing compiles — also with the
-  model split over a mesh, where a cache that left a step, a join or a move in another
-  layout than warmup's would compile the next step again."""
+  """Prompts of at most 56 tokens (prompt widths 32 and 64; those over 31 prefilled in
+  32-token chunks) decoding up to 90 tokens (steps reading 32, 64 and 128 slots): after
+  warmup nothing compiles — also with the model split over a mesh, where a cache that
+  left a step, a chunk, a join or a move in another layout than warmup's would compile
+  the next step again."""
   model, params, tok = restored
   runtime = None
   if mesh:
     _, runtime, params, _ = evaluate.restore(run_dir, 4, mesh=mesh)
   engine = Engine(model, params, tok, mesh=runtime and runtime.mesh, max_batch=4, gather_ms=50,
-                  max_prompt=24)
-  assert engine.widths == [32] and engine.reads == [32, 64, 128]
+                  max_prompt=56, prefill_chunk=32)
+  assert engine.widths == [32, 64] and engine.reads == [32, 64, 128]
   try:
     engine.warmup(row_counts=[2, 4] if mesh else [1, 2, 4])
     compiled = engine.decoder.compiled_shapes()
     rng = np.random.default_rng(0)
     waits, rows, batches = [], 0, engine.batches
     for i in range(10):
-      prompt = rng.integers(3, 900, rng.integers(1, 25)).tolist()
+      prompt = rng.integers(3, 900, rng.integers(1, 57)).tolist()
       echo = bool(i % 2)
       rows += 1 + i % 3
       waits.append(_submit(engine, [
@@ -145,9 +147,10 @@ def test_batches_of_any_mix_compile_nothing_after_warmup(restored, run_dir, mesh
     jobs = [wait() for wait in waits]
     assert all(len(c.tokens) >= 1 for j in jobs for c in j.choices)
     assert engine.decoder.compiled_shapes() == compiled, [
-        f._cache_size() for f in (engine.decoder._prefill, engine.decoder._step,
+        f._cache_size() for f in (engine.decoder._prefill, engine.decoder._extend,
                                   engine.decoder._prompt)]
     assert engine.batches - batches < rows  # rows really were batched
+    assert engine.chunks > 0
   finally:
     engine.stop()
 
@@ -211,6 +214,49 @@ def test_requests_join_a_running_batch_and_decode_as_if_alone(restored):
     assert c.tokens == want[0][:n] and (c.finish_reason == "length" or want[0][n] == tok.eos_id)
     logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
     np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+
+
+def test_long_prompts_prefill_a_chunk_at_a_time_between_steps_and_decode_as_if_alone(restored):
+  """Chunked prefill (32-token chunks in a 128-token window): two long prompts sent while a
+  short row decodes join in 32-token pieces, one per engine iteration, the short row taking
+  steps in between; every row's tokens and log-probabilities are those `generate` gives it
+  alone (a sampled row with its seed). A prefix LM's prompts are never chunked."""
+  model, params, tok = restored
+  text = "Debian is a free operating system. The package manager installs software. "
+  long_ids = tok.encode(text * 8)
+  rows = {"short": Choice(tok.encode("apt"), 40, generate.Sampling(), 0),
+          "greedy": Choice(long_ids[:95], 12, generate.Sampling(), 0),
+          "sampled": Choice(long_ids[3:70], 12, generate.Sampling(1.0, 40, 0.95), 5)}
+  engine = Engine(model, params, tok, max_batch=4, gather_ms=5, prefill_chunk=32)
+  stepped_while_prefilling = []
+
+  def short_moved():
+    slate = engine._slate  # the engine thread calls this, between its own updates
+    stepped_while_prefilling.append(slate is not None and any(slate.pending))
+
+  try:
+    engine.submit(Job([rows["short"]], short_moved))
+    while len(rows["short"].tokens) < 4:
+      time.sleep(0.01)
+    _submit(engine, [rows["greedy"], rows["sampled"]])()
+    while not rows["short"].finished:
+      time.sleep(0.01)
+  finally:
+    engine.stop()
+  # the longest row: 1 + 95 tokens, 32 at joining, then 2 chunks (the other's fewer, alongside)
+  assert engine.chunks == 2 and any(stepped_while_prefilling)
+  for name, c in rows.items():
+    with jax.default_matmul_precision("highest"):
+      want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
+                                       seed=c.seed, return_logits=True, vocab=tok.vocab_size)
+    n = len(c.tokens)
+    assert n and c.tokens == want[0][:n] and (c.finish_reason == "length" or want[0][n] == tok.eos_id)
+    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
+    np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+  prefix_model = type(model)(dataclasses.replace(model.cfg, mask="prefix"))
+  prefix_engine = Engine(prefix_model, params, tok, max_batch=4, prefill_chunk=32)
+  prefix_engine.stop()
+  assert (engine.chunk, prefix_engine.chunk) == (32, 0)
 
 
 def test_rows_move_down_when_others_leave_over_two_batch_shards(restored, monkeypatch):
@@ -581,11 +627,14 @@ def test_a_mesh_that_does_not_split_the_batch_is_one_sentence(run_dir, capsys):
   assert len(err.strip().splitlines()) == 1
 
 
-def test_a_bad_max_prompt_tokens_is_one_sentence(capsys):
+@pytest.mark.parametrize("flag, words", [
+    ("--max_prompt_tokens=0", "--max_prompt_tokens must be at least 1, not 0"),
+    ("--prefill_chunk=48", "--prefill_chunk must be 0 or a power of two of at least 2, not 48")])
+def test_a_bad_prompt_flag_is_one_sentence(capsys, flag, words):
   from bigsci_jax.serve.__main__ import main
-  assert main(["--model_dir=unused", "--max_prompt_tokens=0"]) == 2
+  assert main(["--model_dir=unused", flag]) == 2
   err = capsys.readouterr().err
-  assert "--max_prompt_tokens must be at least 1, not 0" in err and len(err.splitlines()) == 1
+  assert words in err and len(err.splitlines()) == 1
 
 
 def test_a_model_dir_without_a_checkpoint_is_one_sentence(tmp_path):

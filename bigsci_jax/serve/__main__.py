@@ -1,7 +1,8 @@
 """Serve a run's latest checkpoint over HTTP with OpenAI's legacy completions API.
 
   python -m bigsci_jax.serve --model_dir=DIR [--host 127.0.0.1 --port 8000] [--name NAME]
-      [--max_batch 16 --gather_ms 5] [--max_prompt_tokens N] [--warmup] [--prompt_dir=P]
+      [--max_batch 16 --gather_ms 5] [--max_prompt_tokens N] [--prefill_chunk 512]
+      [--warmup] [--prompt_dir=P]
       [--offload=host] [--mesh=DATAxFSDPxTENSOR]
 
 Endpoints: POST /v1/completions (text and log-probabilities, `echo` for scoring,
@@ -18,6 +19,9 @@ steps); --warmup compiles every bucket before the port opens.
 --max_prompt_tokens: refuse longer prompts (default: any that fits the window with its
 max_tokens); the prompt widths to compile stop at its bucket, while rows may still
 decode up to the whole window (a long window's warmup need not prefill long prompts).
+--prefill_chunk: a causal model's longer prompts are prefilled this many tokens at a
+time, between the running rows' decoding steps, so those pause for one chunk's work at
+a time instead of the whole prompt's (0: whole; a prefix LM's prompts always are).
 SIGTERM stops accepting connections, finishes what is in flight and exits 0.
 --prompt_dir: an adapter (python -m bigsci_jax.prompt_tune), named in /v1/models'
 metadata. A soft prompt starts every request's prompt, invisibly: tokens, offsets
@@ -55,7 +59,8 @@ def bind(host, port):
   return sock
 
 
-def load(model_dir, max_batch, prompt_dir=None, offload="none", max_prompt=None, mesh=None):
+def load(model_dir, max_batch, prompt_dir=None, offload="none", max_prompt=None, mesh=None,
+         prefill_chunk=512):
   """(engine, tokenizer, name metadata) for a run's latest checkpoint (and an adapter),
   its parameters in pinned host memory for offload="host", over `mesh`
   ('DATAxFSDPxTENSOR'; default evaluate.restore's)."""
@@ -66,7 +71,7 @@ def load(model_dir, max_batch, prompt_dir=None, offload="none", max_prompt=None,
   tokenizer = loop.read_tokenizer(model_dir)
   params = store.attach_dir(params, prompt_dir, run.model)
   engine = Engine(runtime.model, params, tokenizer, mesh=runtime.mesh, max_batch=max_batch,
-                  max_prompt=max_prompt)
+                  max_prompt=max_prompt, prefill_chunk=prefill_chunk)
   metadata = {"attention": run.model.mask, "step": step, "bos_token_id": tokenizer.bos_id,
               "offload": offload,
               "mesh": {k: int(v) for k, v in runtime.mesh.shape.items()},
@@ -92,6 +97,8 @@ def main(argv):
   p.add_argument("--gather_ms", type=float, default=5.0, help="a batch stops gathering after this long with no new row")
   p.add_argument("--max_prompt_tokens", type=int, default=None,
                  help="refuse longer prompts (default: any that fits the window)")
+  p.add_argument("--prefill_chunk", type=int, default=512,
+                 help="prefill longer prompts this many tokens at a time (a power of two; 0: whole)")
   p.add_argument("--warmup", action="store_true", help="compile every bucket before serving")
   p.add_argument("--prompt_dir", default=None, help="an adapter (soft prompt or LoRA) to apply")
   p.add_argument("--offload", default="none", choices=OFFLOAD,
@@ -101,6 +108,11 @@ def main(argv):
   args = p.parse_args(argv)
   if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
     print(f"error: --max_prompt_tokens must be at least 1, not {args.max_prompt_tokens}.",
+          file=sys.stderr)
+    return 2
+  chunk = args.prefill_chunk
+  if chunk < 0 or chunk == 1 or chunk & (chunk - 1):
+    print(f"error: --prefill_chunk must be 0 or a power of two of at least 2, not {chunk}.",
           file=sys.stderr)
     return 2
   try:  # the whole web stack now, not after the model has loaded and compiled
@@ -124,7 +136,8 @@ def main(argv):
   name = args.name or os.path.basename(os.path.normpath(args.model_dir))
   try:
     engine, tokenizer, metadata = load(args.model_dir, args.max_batch, args.prompt_dir,
-                                       args.offload, args.max_prompt_tokens, args.mesh)
+                                       args.offload, args.max_prompt_tokens, args.mesh,
+                                       args.prefill_chunk)
   except (loop.RunNotFound, evaluate.EvaluationError, CheckpointMismatch, AdapterError,
           ConfigError) as e:
     sock.close()

@@ -24,6 +24,13 @@ Between steps the rows waiting in the queue (up to the free room) join:
   - their cache rows put into free slots, moved left past their padding, so a row
     uses only its own tokens' slots (a prompt fits when start token + prompt +
     max_tokens - 1 fits the window).
+A causal model's prompt longer than `prefill_chunk` tokens (with its start token) is
+prefilled a chunk at a time (chunked prefill, as in Sarathi, Agrawal et al. 2023): its
+first chunk as above, then one more chunk per engine iteration, written straight into
+its slot between the decoding steps of the other rows, which therefore pause for a
+chunk's work at a time rather than for the whole prompt; its first token is picked
+after its last chunk. (A prefix LM's prompt is one bidirectional prefix, which chunks
+cannot compute: it is prefilled whole.)
 Each row keeps its own temperature / top-k / top-p, seed and pick count (its
 sampling key), so its tokens do not depend on which rows share its steps. It ends at
 its max_tokens, EOS or a stop string, and its slot is free at once. When no row
@@ -108,6 +115,7 @@ class _Slate:
 
   def __init__(self, cache, size, blocks):
     self.cache, self.rows, self.blocks = cache, [None] * size, blocks
+    self.pending = [None] * size  # a prefilling row's prompt tokens still to write
     self.token, self.position = np.zeros(size, np.int32), np.zeros(size, np.int32)
     self.picks, self.seeds = np.zeros(size, np.int32), np.zeros(size, np.int64)
     self.samplings = [generate.Sampling()] * size
@@ -116,17 +124,25 @@ class _Slate:
   def live(self):
     return [s for s, row in enumerate(self.rows) if row is not None]
 
+  def decoding(self):
+    """The live slots whose rows have their whole prompt in the cache."""
+    return [s for s in self.live() if self.pending[s] is None]
+
+  def free(self, slot):
+    self.rows[slot], self.pending[slot] = None, None
+
   def rank(self, slot):
     """The slot's place in the order in which rows fill the cache: the first n slots
     of that order are the step rows of a bucket of n rows."""
     block = len(self.rows) // self.blocks
     return (slot % block) * self.blocks + slot // block
 
-  def put(self, slot, row, token, position, seed):
-    """A row joins at `slot` after its first pick."""
-    self.rows[slot], self.samplings[slot] = row, row[1].sampling
-    for name, value in (("token", token), ("position", position), ("picks", 1),
-                        ("seeds", seed)):
+  def put(self, slot, row, token, position, seed, pending=None):
+    """A row joins at `slot` after its first pick, or, with `pending` prompt tokens
+    still to prefill, before it (token unused, no picks yet)."""
+    self.rows[slot], self.samplings[slot], self.pending[slot] = row, row[1].sampling, pending
+    for name, value in (("token", token), ("position", position),
+                        ("picks", 0 if pending else 1), ("seeds", seed)):
       values = getattr(self, name).copy()
       values[slot] = value
       setattr(self, name, values)
@@ -136,12 +152,19 @@ class _Slate:
     copied by the caller)."""
     for a, b in pairs:
       self.rows[b], self.rows[a] = self.rows[a], None
+      self.pending[b], self.pending[a] = self.pending[a], None
       self.samplings[b] = self.samplings[a]
     moved_from, moved_to = [a for a, _ in pairs], [b for _, b in pairs]
     for name in self.ROW_ARRAYS:
       values = getattr(self, name).copy()
       values[moved_to] = values[moved_from]
       setattr(self, name, values)
+
+  def set_rows(self, name, slots, values):
+    """Row array `name` with slots' entries set to values (a new array)."""
+    array = getattr(self, name).copy()
+    array[slots] = values
+    setattr(self, name, array)
 
   def settle(self, count):
     """Steps run on the step rows of a bucket of `count` rows."""
@@ -152,7 +175,7 @@ class _Slate:
 
 class Engine:
   def __init__(self, model, params, tokenizer, *, mesh=None, max_batch=16, gather_ms=5.0,
-               max_queue=4096, max_prompt=None):
+               max_queue=4096, max_prompt=None, prefill_chunk=512):
     self.model, self.params, self.tokenizer = model, params, tokenizer
     self.decoder = generate.Decoder(model, mesh, tokenizer.vocab_size)
     self.window = model.cfg.max_len
@@ -163,6 +186,12 @@ class Engine:
     if self.max_prompt < 1:
       raise ValueError(f"max_prompt must be at least 1, not {max_prompt}.")
     self.prefix_lm = model.cfg.mask == "prefix"
+    # prompt rows (start token, soft prompt, prompt) longer than this are prefilled in
+    # chunks of it (0: never; a prefix LM: never); a power of two, as the prompt widths
+    if prefill_chunk and (prefill_chunk < 2 + len(self.lead) or prefill_chunk & (prefill_chunk - 1)):
+      raise ValueError(f"prefill_chunk={prefill_chunk} must be 0 or a power of two of at "
+                       f"least {2 + len(self.lead)} tokens.")
+    self.chunk = 0 if self.prefix_lm or prefill_chunk >= self.window else prefill_chunk
     self.blocks = 1 if mesh is None else sharding.batch_shards(mesh)  # the model's row blocks
     # row counts: the batch-parallel size times powers of two, then max_batch (rounded
     # down to a multiple of it): the cache's rows
@@ -184,6 +213,7 @@ class Engine:
     self._stopping = False
     self.batches = 0         # groups of rows that joined (one prefill each)
     self.steps = 0           # decoding steps run
+    self.chunks = 0          # prefill chunks run after the first (chunked prefill)
     self.running = 0         # rows being decoded
     self.cancelled_rows = 0  # rows stopped because their client went away
     self._thread = threading.Thread(target=self._loop, name="bigsci-engine", daemon=True)
@@ -242,7 +272,8 @@ class Engine:
 
   def status(self):
     return {"queued": len(self._queue), "running": self.running,
-            "cancelled": self.cancelled_rows, "batches": self.batches, "steps": self.steps}
+            "cancelled": self.cancelled_rows, "batches": self.batches, "steps": self.steps,
+            "prefill_chunks": self.chunks}
 
   def _loop(self):
     while True:
@@ -253,7 +284,9 @@ class Engine:
       self._peak = max(self._peak, live + len(rows))
       if rows:
         self._guarded(rows, self._admit, rows)
-      if self._slate is not None:
+      if self._slate is not None and len(self._slate.decoding()) < len(self._slate.live()):
+        self._guarded([], self._prefill_chunk)
+      if self._slate is not None and self._slate.decoding():
         self._guarded([], self._step)
       self.running = 0 if self._slate is None else len(self._slate.live())
       if self._slate is None and self._peak:
@@ -293,6 +326,13 @@ class Engine:
                                       self.prefix_lm, width, self.lead, self.tokenizer.bos_id)
         jax.block_until_ready(self.decoder.prompt_logprobs(self.params, batch, keys,
                                                            sampling, top))
+        if self.chunk and width > self.chunk:  # prefilled a chunk at a time
+          tokens = np.full((rows, self.chunk), 3, np.int32)
+          picked, slate.cache = self.decoder.extend(
+              self.params, slate.cache, tokens, np.zeros_like(tokens), np.zeros(rows, np.int32),
+              keys, 0, sampling, top, width)
+          jax.block_until_ready(picked)
+          continue
         cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
         slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows), np.zeros(rows))
     for rows in counts:
@@ -341,30 +381,45 @@ class Engine:
     for job, c in rows:
       if c.max_tokens == 0:
         self._finish(job, c, "length")
-    cache = None
+    cache, heads = None, [c.prompt for c in padded]
     if any(c.max_tokens > 1 for c in choices) or (
         picked is None and any(c.max_tokens for c in choices)):
+      heads = [self._head(c) for c in padded]  # a long prompt's first chunk
+      if heads != [c.prompt for c in padded]:
+        width = generate.bucket_width(1 + len(self.lead) + max(len(h) for h in heads),
+                                      self.window)
+        batch = generate.prompt_batch(heads, self.prefix_lm, width, self.lead,
+                                      self.tokenizer.bos_id)
       picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)
-    if picked is not None:
-      self._take_picks(rows, picked)
+    whole = [r for r, (_, c) in enumerate(rows) if len(heads[r]) == len(c.prompt)]
+    if picked is not None:  # a chunked row picks after its last chunk
+      self._take_picks([rows[r] for r in whole], picked, whole)
     self._notify(rows)
     joining = [r for r, (_, c) in enumerate(rows) if not c.finished]
     if joining:
-      self._join(rows, joining, cache, batch[1][:, -1] + 1, width)
+      self._join(rows, joining, cache, heads, width)
 
-  def _join(self, rows, joining, cache, next_position, width):
-    """Put rows[r] for r in `joining` (rows of the prefilled `cache`) into the free
-    slots that come first in the slate's fill order."""
+  def _head(self, c):
+    """The prompt tokens of c prefilled on joining: all, or a long prompt's first chunk."""
+    if not self.chunk or c.max_tokens == 0:
+      return c.prompt
+    return c.prompt[:self.chunk - 1 - len(self.lead)]
+
+  def _join(self, rows, joining, cache, heads, width):
+    """Put rows[r] for r in `joining` (rows of the prefilled `cache`, holding their
+    prompts' first len(heads[r]) tokens) into the free slots that come first in the
+    slate's fill order; a row with more of its prompt to prefill waits for its chunks."""
     slate = self._slate
     if slate is None:
       slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
     free = sorted((s for s, row in enumerate(slate.rows) if row is None), key=slate.rank)
-    slots = np.full(len(next_position), self.max_batch, np.int32)  # out of range: put nowhere
+    slots = np.full(len(heads), self.max_batch, np.int32)  # out of range: put nowhere
     shift = np.zeros(len(slots), np.int32)
     for r, s in zip(joining, free):
-      c = rows[r][1]
-      slots[r], shift[r] = s, width - (1 + len(self.lead) + len(c.prompt))
-      slate.put(s, rows[r], c.tokens[-1], next_position[r], c.seed)
+      c, filled = rows[r][1], 1 + len(self.lead) + len(heads[r])
+      slots[r], shift[r] = s, width - filled
+      rest = c.prompt[len(heads[r]):] or None
+      slate.put(s, rows[r], 0 if rest else c.tokens[-1], filled, c.seed, rest)
     slate.cache = self.decoder.put_rows(slate.cache, cache, slots, shift)
     self._settle(slate)
     self._slate = slate
@@ -392,28 +447,76 @@ class Engine:
   # --- one step --------------------------------------------------------------
   def _step(self):
     slate = self._slate
-    slots = slate.slots
-    filled = int(slate.position[slate.live()].max()) + 1  # a row's slot = its position
+    slots, decoding = slate.slots, slate.decoding()
+    order = {s: i for i, s in enumerate(slots)}
+    live_B = np.zeros(len(slots), np.int32)
+    live_B[[order[s] for s in decoding]] = 1  # rows still prefilling keep their cache
+    filled = int(slate.position[decoding].max()) + 1  # a row's slot = its position
     picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token[slots],
                                             slate.position[slots], slate.keys,
                                             slate.picks[slots], slate.sampling,
-                                            generate.LOGPROBS_MAX, filled)
+                                            generate.LOGPROBS_MAX, filled, live_B)
     self.steps += 1
-    slate.position, slate.picks = slate.position + 1, slate.picks + 1
-    order = {s: i for i, s in enumerate(slots)}
-    taken = [(s, row) for s, row in enumerate(slate.rows) if row is not None]
-    self._take_picks([row for _, row in taken], picked, [order[s] for s, _ in taken])
-    self._notify([row for _, row in taken])
-    token = slate.token.copy()
-    token[slots] = np.asarray(picked.token)
-    slate.token = token
-    for s, (_, c) in taken:
-      if c.finished:
-        slate.rows[s] = None
+    slate.set_rows("position", decoding, slate.position[decoding] + 1)
+    slate.set_rows("picks", decoding, slate.picks[decoding] + 1)
+    taken = [slate.rows[s] for s in decoding]
+    self._take_picks(taken, picked, [order[s] for s in decoding])
+    self._notify(taken)
+    slate.set_rows("token", decoding, np.asarray(picked.token)[[order[s] for s in decoding]])
+    self._retire(slate)
+
+  def _prefill_chunk(self):
+    """One more chunk of every prefilling row's prompt, written into its slot; a row
+    whose prompt is then whole picks its first token and decodes from the next step."""
+    slate = self._slate
+    slots, width = slate.slots, self.chunk
+    tokens = np.zeros((len(slots), width), np.int32)
+    positions = np.zeros((len(slots), width), np.int32)
+    counts = np.zeros(len(slots), np.int32)
+    for i, s in enumerate(slots):
+      if slate.pending[s] is None:
+        continue
+      job, c = slate.rows[s]
+      if job.cancelled:
+        self._finish(job, c, "cancelled")
+        self.cancelled_rows += 1
+        continue
+      part = slate.pending[s][:width]
+      tokens[i, :len(part)], counts[i] = part, len(part)
+      positions[i] = slate.position[s] + np.arange(width)
+    at = np.flatnonzero(counts)
+    if len(at):
+      moved = [slots[i] for i in at]
+      filled = int((slate.position[moved] + counts[at]).max())
+      picked, slate.cache = self.decoder.extend(self.params, slate.cache, tokens, positions,
+                                                counts, slate.keys, 0, slate.sampling,
+                                                generate.LOGPROBS_MAX, filled)
+      self.chunks += 1
+      slate.set_rows("position", moved, slate.position[moved] + counts[at])
+      done = []
+      for i, s in zip(at, moved):
+        slate.pending[s] = slate.pending[s][width:] or None
+        if slate.pending[s] is None:
+          done.append(i)
+      if done:
+        ended = [slots[i] for i in done]
+        self._take_picks([slate.rows[s] for s in ended], picked, done)
+        slate.set_rows("token", ended, np.asarray(picked.token)[done])
+        slate.set_rows("picks", ended, 1)
+    self._notify([row for row in slate.rows if row is not None])
+    self._retire(slate)
+
+  def _retire(self, slate):
+    """Free the slots of the rows that have ended; the rest move down into the bucket
+    their number needs (or, with none left, the slate ends and its cache is kept)."""
+    before = slate.live()
+    for s in before:
+      if slate.rows[s][1].finished:
+        slate.free(s)
     live = slate.live()
     if not live:
       self._slate, self._cache = None, slate.cache
-    elif len(live) < len(taken):
+    elif len(live) < len(before):
       self._pack(slate, live)
       self._settle(slate)
 
