@@ -9,7 +9,7 @@ For each --prefill_chunk setting (0: the prompt prefilled whole), the serving en
 (serve/engine.py, in process, no HTTP) decodes --rows greedy rows of 16-token prompts;
 once each has 8 tokens, one request with a prompt of --prompt_tokens random ids (8 new
 tokens) joins them. Measured on the running rows: the longest gap between two of their
-tokens from the long request's arrival to its first token (the stall), against their
+steps from the long request's arrival to its first token (the stall), against their
 median gap before it (a plain step); and the long request's time to its first token.
 Each setting runs the scene once to compile its shapes, then again to be timed.
 --init_gin writes a random-weight run first (benchmarks/serve.py's init_run). The last
@@ -35,39 +35,37 @@ def _scene(engine, rows, prompt_tokens, rng):
   from bigsci_jax import generate
   from bigsci_jax.serve.engine import Choice, Job
   vocab = engine.tokenizer.vocab_size
-  arrivals = []  # (time, tokens of the first running row)
-  lock = threading.Lock()
-  short = [Choice(rng.integers(3, vocab, 16).tolist(), engine.window - 32, generate.Sampling(), 0)
-           for _ in range(rows)]
-  watched = short[0]
-
-  def moved():
-    with lock:
-      if not arrivals or arrivals[-1][1] != len(watched.tokens):
-        arrivals.append((time.perf_counter(), len(watched.tokens)))
-
-  running = Job(short, moved)
+  arrivals = []  # when the running rows got a token (the engine notifies once per step)
+  # sampled (a random-weight model's greedy rows tend to reach EOS within a few tokens)
+  short = [Choice(rng.integers(3, vocab, 16).tolist(), engine.window - 32,
+                  generate.Sampling(temperature=1.0), seed) for seed in range(rows)]
+  running = Job(short, lambda: arrivals.append(time.perf_counter()))
   engine.submit(running)
-  while min(len(c.tokens) for c in short) < 8:
+  while any(len(c.tokens) < 8 and not c.finished for c in short):
     time.sleep(0.001)
   first, done = [], threading.Event()
-  long_row = Choice(rng.integers(3, vocab, prompt_tokens).tolist(), 8, generate.Sampling(), 0)
+  long_row = Choice(rng.integers(3, vocab, prompt_tokens).tolist(), 8, generate.Sampling(1.0), 0)
 
   def long_moved():
-    if long_row.tokens and not first:
+    if (long_row.tokens or long_row.finished) and not first:  # EOS first: no tokens
       first.append(time.perf_counter())
-    if long_row.finished:
+    if long_row.finished or long_job.error:
       done.set()
 
   sent = time.perf_counter()
-  engine.submit(Job([long_row], long_moved))
+  long_job = Job([long_row], long_moved)
+  engine.submit(long_job)
   done.wait(600)
+  if long_job.error or running.error:
+    raise SystemExit(f"the engine failed: {long_job.error or running.error}")
+  if all(c.finished for c in short):
+    raise SystemExit("every running row ended (EOS) before the long prompt's first token; "
+                     "use more --rows.")
   time.sleep(0.2)  # a few more steps of the running rows
   running.cancel()
   while engine.status()["running"]:
     time.sleep(0.01)
-  with lock:
-    times = np.array([t for t, _ in arrivals])
+  times = np.array(arrivals)
   gaps = np.diff(times)
   before = gaps[times[1:] < sent]
   during = gaps[(times[1:] > sent) & (times[:-1] < first[0] + 1e-3)]

@@ -289,16 +289,17 @@ def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, 
 
 
 def _extend(model, vocab, top, reads, params, cache, tokens_BxC, positions_BxC, counts_B, keys,
-            step, rows):
+            step, rows, cache_rows=None):
   """Row b's first counts_B[b] tokens of tokens_BxC appended to its cache (a row of none
   keeps its cache as it was), then the pick after its last one; attention reads only the
   first `reads` slots of each row (None: all), which must hold every slot a row has
   filled, these tokens' included. One token per row is a decoding step; more, a chunk of
-  a long prompt's prefill (causal models)."""
+  a long prompt's prefill (causal models). cache_rows [B]: the cache rows the rows are
+  (default: step_rows)."""
   real_BxC = (jnp.arange(tokens_BxC.shape[1])[None, :] < counts_B[:, None]).astype(jnp.int32)
   logits_BxCxV, mutated = model.apply({"params": params, "cache": cache}, tokens_BxC,
                                       positions_BxC, real_BxC, 0 * real_BxC, decode=True,
-                                      reads=reads, mutable=["cache"])
+                                      reads=reads, cache_rows=cache_rows, mutable=["cache"])
   last_B = jnp.maximum(counts_B - 1, 0)
   logits_BxV = jnp.take_along_axis(logits_BxCxV, last_B[:, None, None], axis=1)[:, 0]
   return _pick(logits_BxV, keys, step, rows, top, vocab), _pinned(mutated["cache"])
@@ -365,15 +366,18 @@ class Decoder:
                        jnp.asarray(positions_B)[:, None], counts_B, keys, step, rows, top, filled)
 
   def extend(self, params, cache, tokens_BxC, positions_BxC, counts_B, keys, step, rows, top=0,
-             filled=None):
+             filled=None, cache_rows=None):
     """Row b's first counts_B[b] tokens of tokens_BxC (at positions_BxC) appended to its
     cache, and the pick after its last one (step: as for `step`); `filled`: the most
-    slots a row holds after them. A long prompt prefilled chunk by chunk between a
-    server's decoding steps (causal models)."""
+    slots a row holds after them; cache_rows (distinct): the cache rows the rows are
+    (default: as for `step`). A long prompt prefilled chunk by chunk between a server's
+    decoding steps (causal models)."""
     slots = _row_slots(cache)
     reads = None if filled is None else bucket_width(filled, slots)
+    chosen = None if cache_rows is None else np.asarray(cache_rows, np.int32)
     return self._run(self._extend, top, None if reads == slots else reads, params, cache,
-                     tokens_BxC, positions_BxC, np.asarray(counts_B, np.int32), keys, step, rows)
+                     tokens_BxC, positions_BxC, np.asarray(counts_B, np.int32), keys, step, rows,
+                     chosen)
 
   def prompt_logprobs(self, params, batch, keys, rows, top=0):
     tokens, positions, segments, _ = batch

@@ -124,7 +124,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, decode=False,
-               layer=None, reads=None):
+               layer=None, reads=None, cache_rows=None):
     cfg = self.cfg
     d, h, g, k = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q_BxLxHxK = Linear(cfg, (d,), (h, k), ("embed", "heads", "kv"), name="query")(x_BxLxD)
@@ -134,8 +134,8 @@ class Attention(nn.Module):
       q_BxLxHxK = rotary(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxLxGxK = rotary(k_BxLxGxK, positions_BxL, cfg.rope_theta)
     if decode:
-      out_BxLxHxK = self._cached(layer, reads, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, positions_BxL,
-                                 segment_ids_BxL, prefix_BxL)
+      out_BxLxHxK = self._cached(layer, reads, cache_rows, q_BxLxHxK, k_BxLxGxK, v_BxLxGxK,
+                                 positions_BxL, segment_ids_BxL, prefix_BxL)
     else:
       out_BxLxHxK = kernels.attention(
           q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids=segment_ids_BxL,
@@ -146,7 +146,7 @@ class Attention(nn.Module):
                   name="out")(out_BxLxHxK)
 
 
-  def _cached(self, layer, reads, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT,
+  def _cached(self, layer, reads, cache_rows, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT,
               segment_ids_BxT, prefix_BxT):
     """Decoding: append this call's keys / values to the cache ("cache" collection,
     max_len slots per row) and attend over its first `reads` slots (None: all), which
@@ -154,7 +154,8 @@ class Attention(nn.Module):
     and (pos_j <= pos_i, or both are in the prompt prefix of a prefix LM). Each row
     fills its slots in order from its own `index` (rows of a server's batch join at
     different times) up to its last real token; positions come per token. `layer`: this layer's row of the
-    stacked cache the layer scan carries (None: the cache variables are this layer's)."""
+    stacked cache the layer scan carries (None: the cache variables are this layer's).
+    cache_rows [B]: the cache rows the call's rows are (default: _CacheEntry's step rows)."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
     g, k = k_BxTxGxK.shape[2:]
@@ -172,7 +173,7 @@ class Attention(nn.Module):
     shards = batch_shards()
     blocks = shards if rows % shards == 0 and b % shards == 0 else 1
     keys, values, pos, prefix, index = (
-        _CacheEntry(variable, layer, slot_axis, b, blocks)
+        _CacheEntry(variable, layer, slot_axis, b, blocks, cache_rows)
         for variable, slot_axis in variables.values())
     real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
     in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
@@ -202,14 +203,17 @@ class _CacheEntry:
   runs only the bucket of them in use) reads and writes only its step rows
   (generate.step_rows): the B rows form `blocks` equal blocks, one per shard of the batch axis,
   and call row i is row i % (b / blocks) of block i // (b / blocks), so each device
-  keeps working on its own rows."""
+  keeps working on its own rows. Or, given `chosen` [b], the rows it names (a few rows
+  anywhere in the cache: a server's prompts prefilled chunk by chunk)."""
 
-  def __init__(self, variable, layer, slot_axis, rows, blocks):
+  def __init__(self, variable, layer, slot_axis, rows, blocks, chosen=None):
     self.variable, self.layer, self.slot_axis = variable, layer, slot_axis
-    self.rows, self.blocks = rows, blocks
+    self.rows, self.blocks, self.chosen = rows, blocks, chosen
 
   def _row_ids(self):
     """The cache rows of the call's rows, in order (iota arithmetic, not a constant)."""
+    if self.chosen is not None:
+      return self.chosen
     if self.blocks == 1:
       return jnp.arange(self.rows)
     total = self.variable.value.shape[0 if self.layer is None else 1]
@@ -221,6 +225,11 @@ class _CacheEntry:
     """The layer's array of the call's rows, only the first `slots` slots of each row
     (None: all)."""
     value = self.variable.value
+    if self.chosen is not None:  # a gather of the chosen rows
+      part = jnp.take(value if self.layer is None else value[self.layer], self.chosen, axis=0)
+      if slots is not None:
+        part = jax.lax.slice_in_dim(part, 0, slots, axis=self.slot_axis)
+      return part
     lead = 0 if self.layer is None else 1
     split = self.blocks > 1
     if split:  # rows as [blocks, B / blocks]: the first ones of each block
@@ -242,7 +251,7 @@ class _CacheEntry:
 
   def set(self, value_b):
     """The call's rows set to value_b (a row without slots: index)."""
-    rows = slice(0, self.rows) if self.blocks == 1 else self._row_ids()
+    rows = slice(0, self.rows) if self.blocks == 1 and self.chosen is None else self._row_ids()
     at = (() if self.layer is None else (self.layer,)) + (rows,)
     self.variable.value = self.variable.value.at[at].set(value_b)
 
@@ -324,12 +333,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
-               decode=False, layer=None, reads=None):
+               decode=False, layer=None, reads=None, cache_rows=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout, broadcast_dims=(), deterministic=deterministic)
     h = Attention(cfg, name="attention")(_whole(cfg, _norm(cfg, "attention_norm")(x_BxLxD)),
                                          positions_BxL, segment_ids_BxL, prefix_BxL, decode,
-                                         layer, reads)
+                                         layer, reads, cache_rows)
     x_BxLxD = x_BxLxD + drop(_split(cfg, h))
     h = Mlp(cfg, name="mlp")(_whole(cfg, _norm(cfg, "mlp_norm")(x_BxLxD)))
     x_BxLxD = constrain(x_BxLxD + drop(_split(cfg, h)), residual_axes(cfg))
@@ -342,9 +351,10 @@ class ScannedBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic,
-               decode=False, reads=None, layer=None):
+               decode=False, reads=None, cache_rows=None, layer=None):
     x_BxLxD = _block_class(self.cfg)(self.cfg, name="block")(
-        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, layer, reads)
+        x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, layer, reads,
+        cache_rows)
     return x_BxLxD, None
 
 
@@ -385,7 +395,8 @@ class Transformer(nn.Module):
   -1 - i is virtual token i of a soft prompt attached to the params
   (adapt.soft_prompt). decode: append to the KV cache ("cache" collection, mutable)
   and attend over it; `reads`: only its first `reads` slots per row, which must hold
-  every filled one (a cheaper step early in a long window).
+  every filled one (a cheaper step early in a long window); `cache_rows` [B]: the cache
+  rows the call's rows are (default: the first ones, model._CacheEntry).
 
   offload="host": the layers' weight matrices stay in host memory (the caller places
   them there: sharding.offloaded, `offload_params`) and the layer scan copies one
@@ -398,7 +409,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prefix_BxL=None,
-               deterministic=True, decode=False, reads=None):
+               deterministic=True, decode=False, reads=None, cache_rows=None):
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     if positions_BxL is None:
@@ -439,16 +450,16 @@ class Transformer(nn.Module):
                       variable_axes={"params": 0} if carry else {"params": 0, "cache": 0},
                       variable_carry="cache" if carry else False,
                       split_rngs={"params": True, "dropout": True},
-                      in_axes=(nn.broadcast,) * 6 + (0,), length=cfg.num_layers,
+                      in_axes=(nn.broadcast,) * 7 + (0,), length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
       layer_L = jnp.arange(cfg.num_layers) if carry else None
       x_BxLxD, _ = stack(cfg, name="layers")(x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL,
-                                              deterministic, decode, reads, layer_L)
+                                              deterministic, decode, reads, cache_rows, layer_L)
     else:
       for i in range(cfg.num_layers):
         x_BxLxD = fetched(_block_class(cfg), offload)(cfg, name=f"layer_{i}")(
             x_BxLxD, positions_BxL, segment_ids_BxL, prefix_BxL, deterministic, decode, None,
-            reads)
+            reads, cache_rows)
 
     x_BxLxD = _whole(cfg, _norm(cfg, "final_norm")(x_BxLxD))
     if cfg.tie_embeddings:

@@ -330,7 +330,7 @@ class Engine:
           tokens = np.full((rows, self.chunk), 3, np.int32)
           picked, slate.cache = self.decoder.extend(
               self.params, slate.cache, tokens, np.zeros_like(tokens), np.zeros(rows, np.int32),
-              keys, 0, sampling, top, width)
+              keys, 0, sampling, top, width, np.arange(rows) if self.blocks == 1 else None)
           jax.block_until_ready(picked)
           continue
         cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
@@ -467,30 +467,43 @@ class Engine:
 
   def _prefill_chunk(self):
     """One more chunk of every prefilling row's prompt, written into its slot; a row
-    whose prompt is then whole picks its first token and decodes from the next step."""
-    slate = self._slate
-    slots, width = slate.slots, self.chunk
-    tokens = np.zeros((len(slots), width), np.int32)
-    positions = np.zeros((len(slots), width), np.int32)
-    counts = np.zeros(len(slots), np.int32)
-    for i, s in enumerate(slots):
-      if slate.pending[s] is None:
-        continue
+    whose prompt is then whole picks its first token and decodes from the next step.
+    The chunk runs on the prefilling rows alone, padded to a row bucket with other
+    slots (which it leaves as they were); with the rows split over batch shards, on the
+    step rows of the current bucket (each shard keeps to its own rows)."""
+    slate, width = self._slate, self.chunk
+    for s in slate.live():
       job, c = slate.rows[s]
-      if job.cancelled:
+      if slate.pending[s] is not None and job.cancelled and not c.finished:
         self._finish(job, c, "cancelled")
         self.cancelled_rows += 1
-        continue
-      part = slate.pending[s][:width]
-      tokens[i, :len(part)], counts[i] = part, len(part)
-      positions[i] = slate.position[s] + np.arange(width)
-    at = np.flatnonzero(counts)
-    if len(at):
+    prefilling = [s for s in slate.live()
+                  if slate.pending[s] is not None and not slate.rows[s][1].finished]
+    if prefilling:
+      cache_rows = None
+      slots, keys, sampling = slate.slots, slate.keys, slate.sampling
+      if self.blocks == 1:
+        count = next(b for b in self.row_buckets if b >= len(prefilling))
+        chosen = set(prefilling)
+        slots = prefilling + [s for s in range(self.max_batch) if s not in chosen][
+            :count - len(prefilling)]
+        cache_rows = slots
+        keys = generate.row_keys(slate.seeds[slots])
+        sampling = generate.sampling_rows([slate.samplings[s] for s in slots])
+      tokens = np.zeros((len(slots), width), np.int32)
+      positions = np.zeros((len(slots), width), np.int32)
+      counts = np.zeros(len(slots), np.int32)
+      at = [i for i, s in enumerate(slots) if s in prefilling]
+      for i in at:
+        s = slots[i]
+        part = slate.pending[s][:width]
+        tokens[i, :len(part)], counts[i] = part, len(part)
+        positions[i] = slate.position[s] + np.arange(width)
       moved = [slots[i] for i in at]
       filled = int((slate.position[moved] + counts[at]).max())
       picked, slate.cache = self.decoder.extend(self.params, slate.cache, tokens, positions,
-                                                counts, slate.keys, 0, slate.sampling,
-                                                generate.LOGPROBS_MAX, filled)
+                                                counts, keys, 0, sampling,
+                                                generate.LOGPROBS_MAX, filled, cache_rows)
       self.chunks += 1
       slate.set_rows("position", moved, slate.position[moved] + counts[at])
       done = []
