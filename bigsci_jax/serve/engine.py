@@ -143,9 +143,7 @@ class _Slate:
     self.rows[slot], self.samplings[slot], self.pending[slot] = row, row[1].sampling, pending
     for name, value in (("token", token), ("position", position),
                         ("picks", 0 if pending else 1), ("seeds", seed)):
-      values = getattr(self, name).copy()
-      values[slot] = value
-      setattr(self, name, values)
+      self.set_rows(name, slot, value)
 
   def move(self, pairs):
     """Rows move from slot a to slot b for each (a, b) of `pairs` (their cache rows are
@@ -156,9 +154,7 @@ class _Slate:
       self.samplings[b] = self.samplings[a]
     moved_from, moved_to = [a for a, _ in pairs], [b for _, b in pairs]
     for name in self.ROW_ARRAYS:
-      values = getattr(self, name).copy()
-      values[moved_to] = values[moved_from]
-      setattr(self, name, values)
+      self.set_rows(name, moved_to, getattr(self, name)[moved_from])
 
   def set_rows(self, name, slots, values):
     """Row array `name` with slots' entries set to values (a new array)."""
@@ -449,8 +445,9 @@ class Engine:
     slate = self._slate
     slots, decoding = slate.slots, slate.decoding()
     order = {s: i for i, s in enumerate(slots)}
+    at = [order[s] for s in decoding]  # their rows in the step
     live_B = np.zeros(len(slots), np.int32)
-    live_B[[order[s] for s in decoding]] = 1  # rows still prefilling keep their cache
+    live_B[at] = 1  # rows still prefilling keep their cache
     filled = int(slate.position[decoding].max()) + 1  # a row's slot = its position
     picked, slate.cache = self.decoder.step(self.params, slate.cache, slate.token[slots],
                                             slate.position[slots], slate.keys,
@@ -460,9 +457,9 @@ class Engine:
     slate.set_rows("position", decoding, slate.position[decoding] + 1)
     slate.set_rows("picks", decoding, slate.picks[decoding] + 1)
     taken = [slate.rows[s] for s in decoding]
-    self._take_picks(taken, picked, [order[s] for s in decoding])
+    self._take_picks(taken, picked, at)
     self._notify(taken)
-    slate.set_rows("token", decoding, np.asarray(picked.token)[[order[s] for s in decoding]])
+    slate.set_rows("token", decoding, np.asarray(picked.token)[at])
     self._retire(slate)
 
   def _prefill_chunk(self):
