@@ -93,6 +93,7 @@ class Report:
   attention_impl: str
   remat: str
   sequence_parallel: bool
+  logits_chunk: int       # ModelConfig.logits_chunk (0: every column's logits at once)
   batch: dict             # train: global, micro, accumulation, seq_len; decode: rows, cache_len
   flops_per_step: float
   memory: dict            # per device: argument, output, alias, temp, code, total (device
@@ -107,21 +108,39 @@ class Report:
 
 
 def too_big(topology, device_kind, mesh, needed, available, what="train step", offload="none",
-            sequence_parallel=True):
-  """One sentence: what does not fit where, and how to fix it (sequence_parallel: whether
-  the train step already splits the residual stream over tensor)."""
+            run=None):
+  """One sentence: what does not fit where, and how to fix it (run: the train step's
+  RunConfig, whose model and batch say which fixes apply)."""
   amount = (f"needs {needed} per device but the {device_kind} device has {available}" if needed
             else f"does not fit the {device_kind} device's memory")
   if what == "train step":
-    split = (", ModelConfig.sequence_parallel=True" if mesh["tensor"] > 1 and not sequence_parallel
-             else "")
-    fixes = f"a smaller BatchConfig.micro_batch_size{split}, or ModelConfig.remat='full'"
+    fixes = ["a smaller BatchConfig.micro_batch_size"]
+    if run is not None and mesh["tensor"] > 1 and not run.model.sequence_parallel:
+      fixes.append("ModelConfig.sequence_parallel=True")
+    hbm = hbm_bytes(device_kind)
+    if run is not None and not run.model.logits_chunk and hbm and logits_bytes(run, mesh) > hbm / 10:
+      fixes.append(f"ModelConfig.logits_chunk={LOGITS_CHUNK}")
+    fixes = ", ".join(fixes) + ", or ModelConfig.remat='full'"
   else:
     fixes = ("fewer --decode_rows, or a shorter ModelConfig.max_len" if offload == "host"
              else "fewer --decode_rows, a shorter ModelConfig.max_len, or --offload=host")
   return (f"the {what} on {topology} with mesh data={mesh['data']} fsdp={mesh['fsdp']} "
           f"tensor={mesh['tensor']} {amount}: use a bigger slice, another mesh (more fsdp or "
           f"tensor), {fixes}.")
+
+
+LOGITS_CHUNK = 512  # the columns per logits chunk too_big suggests
+
+
+def logits_bytes(run, mesh):
+  """The bytes of one micro-batch's float32 logits on one device, all columns at once
+  (ModelConfig.logits_chunk=0): its rows split over data x fsdp, the vocabulary over
+  tensor where they divide."""
+  rows = run.batch.micro_batch_size
+  rows //= mesh["data"] * mesh["fsdp"] if rows % (mesh["data"] * mesh["fsdp"]) == 0 else 1
+  vocab = run.model.vocab_size
+  vocab //= mesh["tensor"] if vocab % mesh["tensor"] == 0 else 1
+  return 4 * rows * run.batch.seq_len * vocab
 
 
 def _exhausted(message):
@@ -141,7 +160,7 @@ def _mesh(run, devices):
   return run, sharding.make_mesh(run.mesh, devices)
 
 
-def _compile(lowered_fn, mesh, devices, topology, what, offload="none", sequence_parallel=True):
+def _compile(lowered_fn, mesh, devices, topology, what, offload="none", run=None):
   """(compiled, seconds): lowered_fn() compiled under the mesh's logical rules; a program
   over the chip's memory raises AotError with the compiler's amounts."""
   from bigsci_jax import sharding
@@ -154,7 +173,7 @@ def _compile(lowered_fn, mesh, devices, topology, what, offload="none", sequence
       raise
     raise AotError(too_big(topology or devices[0].platform, devices[0].device_kind,
                            dict(mesh.shape), *_exhausted(str(e)), what, offload,
-                           sequence_parallel)) from e
+                           run)) from e
   return compiled, time.perf_counter() - start
 
 
@@ -177,7 +196,8 @@ def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
       devices=len(devices), chips=len(devices) // cores, slices=run.mesh.slices,
       mesh={k: int(v) for k, v in mesh.shape.items()},
       params=flops.param_counts(run.model).total, remat=run.model.remat,
-      sequence_parallel=run.model.sequence_parallel, memory=memory,
+      sequence_parallel=run.model.sequence_parallel, logits_chunk=run.model.logits_chunk,
+      memory=memory,
       bytes_per_chip=memory["total"], hbm_bytes=hbm,
       fits=hbm is None or memory["total"] <= hbm, compile_s=round(compile_s, 1), **fields)
 
@@ -217,8 +237,7 @@ def compile_train_step(run, devices, topology=""):
            for k in data.FEATURES}
   train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
   compiled, seconds = _compile(lambda: train_step.jitted.lower(abstract, batch), mesh, devices,
-                               topology, "train step",
-                               sequence_parallel=run.model.sequence_parallel)
+                               topology, "train step", run=run)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="train", offload="none",
       attention_impl=_attention_impl(run, mesh),
@@ -279,6 +298,7 @@ def describe(report: Report):
   hbm = gib(report.hbm_bytes) if report.hbm_bytes else "unknown"
   if report.step == "train":
     split = ", sequence parallel" if report.sequence_parallel and report.mesh["tensor"] > 1 else ""
+    split += f", logits {report.logits_chunk} columns at a time" if report.logits_chunk else ""
     work = (f"remat {report.remat}{split}; batch {b['global']} x {b['seq_len']} tokens "
             f"({b['accumulation']} micro-batches of {b['micro']})")
   else:
@@ -375,7 +395,7 @@ def main(argv):
     what = "train step" if report.step == "train" else "decoding step"
     print("error: " + too_big(report.topology, report.device_kind, report.mesh,
                               gib(report.bytes_per_chip), gib(report.hbm_bytes), what,
-                              report.offload, report.sequence_parallel),
+                              report.offload, run),
           file=sys.stderr)
     return 1
   return 0

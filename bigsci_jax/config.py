@@ -93,6 +93,10 @@ class ModelConfig:
   # its length over the mesh's tensor axis instead of copied on every tensor device;
   # the same function, other collectives (sharding.RULES, model.Block).
   sequence_parallel: bool = False
+  # Columns of the length whose logits exist at a time in the loss, in scoring and in
+  # prompt log-probabilities (0: all): the [B, L, V] logits of a large vocabulary cut
+  # to [B, logits_chunk, V], each chunk's recomputed in the backward pass (model.over_logits).
+  logits_chunk: int = 0
 
   def __post_init__(self):
     _check_literals(self)
@@ -123,12 +127,14 @@ class ModelConfig:
              f"it needs one slope per head ({self.num_heads})")
     _check(0.0 <= self.dropout < 1.0, self, "dropout", "it must be in [0, 1)")
     _check(self.z_loss >= 0.0, self, "z_loss", "it must be >= 0")
+    _check(isinstance(self.logits_chunk, int) and self.logits_chunk >= 0, self, "logits_chunk",
+           "it must be a number of columns >= 0 (0: the logits of all columns at once)")
 
 
 # ModelConfig fields that say how the model is computed, not what it computes: its
 # parameters and its function (up to rounding) are the same whatever they are, so a run
 # may set them anew against the checkpoint it continues (TrainConfig.branch_from).
-COMPUTE_FIELDS = ("dtype", "remat", "attention_impl", "sequence_parallel")
+COMPUTE_FIELDS = ("dtype", "remat", "attention_impl", "sequence_parallel", "logits_chunk")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigsci_jax import sharding
-from bigsci_jax.model import soft_prompt_ids
+from bigsci_jax.model import head_logits, over_logits, soft_prompt_ids
 from bigsci_jax.config import OFFLOAD
 
 MIN_WIDTH = 32
@@ -282,9 +282,10 @@ def prompt_batch(prompts, prefix_lm, min_width=0, lead=(), bos_id=0):
 def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, prefix, keys, rows):
   """The prompt attends over its own P slots; the cache then gets cache_len."""
   cache = empty_cache(model, tokens.shape[0], tokens.shape[1])
-  logits, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segments,
-                                prefix, decode=True, mutable=["cache"])
-  return (_pick(logits[:, -1], keys, 0, rows, top, vocab),
+  x_BxPxD, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segments,
+                                 prefix, decode=True, hidden=True, mutable=["cache"])
+  logits_BxV = head_logits(model.cfg, params, x_BxPxD[:, -1:])[:, 0]
+  return (_pick(logits_BxV, keys, 0, rows, top, vocab),
           _pinned(_resize_slots(mutated["cache"], cache_len)))
 
 
@@ -297,11 +298,12 @@ def _extend(model, vocab, top, reads, params, cache, tokens_BxC, positions_BxC, 
   a long prompt's prefill (causal models). cache_rows [B]: the cache rows the rows are
   (default: step_rows)."""
   real_BxC = (jnp.arange(tokens_BxC.shape[1])[None, :] < counts_B[:, None]).astype(jnp.int32)
-  logits_BxCxV, mutated = model.apply({"params": params, "cache": cache}, tokens_BxC,
-                                      positions_BxC, real_BxC, 0 * real_BxC, decode=True,
-                                      reads=reads, cache_rows=cache_rows, mutable=["cache"])
+  x_BxCxD, mutated = model.apply({"params": params, "cache": cache}, tokens_BxC, positions_BxC,
+                                 real_BxC, 0 * real_BxC, decode=True, reads=reads,
+                                 cache_rows=cache_rows, hidden=True, mutable=["cache"])
   last_B = jnp.maximum(counts_B - 1, 0)
-  logits_BxV = jnp.take_along_axis(logits_BxCxV, last_B[:, None, None], axis=1)[:, 0]
+  x_Bx1xD = jnp.take_along_axis(x_BxCxD, last_B[:, None, None], axis=1)
+  logits_BxV = head_logits(model.cfg, params, x_Bx1xD)[:, 0]
   return _pick(logits_BxV, keys, step, rows, top, vocab), _pinned(mutated["cache"])
 
 
@@ -309,13 +311,21 @@ def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, key
   """A causal pass over left-padded [BOS] + prompt rows: column i (i >= 1) gets the
   log-probability of tokens[:, i] after the columns before it, and the top
   alternatives there; also what the last column picks next."""
-  logits_BxPxV = model.apply({"params": params}, tokens, positions, segments, None)
-  logp_BxPxV = jax.nn.log_softmax(logits_BxPxV.astype(jnp.float32), axis=-1)
-  before_BxPxV = jnp.pad(logp_BxPxV[:, :-1], ((0, 0), (1, 0), (0, 0)))
-  token_lp_BxP = jnp.take_along_axis(before_BxPxV, tokens[..., None], axis=-1)[..., 0]
-  top_lp_BxPxK, top_ids_BxPxK = jax.lax.top_k(before_BxPxV, top)
-  return (token_lp_BxP, top_ids_BxPxK.astype(jnp.int32), top_lp_BxPxK,
-          _pick(logits_BxPxV[:, -1], keys, 0, rows, top, vocab))
+  x_BxPxD = model.apply({"params": params}, tokens, positions, segments, None, hidden=True)
+
+  def scored(logits_BxCxV, next_BxC):  # each column's log-probability of the token after it
+    logp_BxCxV = jax.nn.log_softmax(logits_BxCxV.astype(jnp.float32), axis=-1)
+    top_lp_BxCxK, top_ids_BxCxK = jax.lax.top_k(logp_BxCxV, top)
+    return (jnp.take_along_axis(logp_BxCxV, next_BxC[..., None], axis=-1)[..., 0],
+            top_ids_BxCxK.astype(jnp.int32), top_lp_BxCxK)
+
+  after = over_logits(model.cfg, params, x_BxPxD, scored, jnp.roll(tokens, -1, axis=1))
+  # Column i's scores are those of tokens[:, i + 1]: moved one column on, column 0 none.
+  token_lp_BxP, top_ids_BxPxK, top_lp_BxPxK = (
+      jnp.pad(a[:, :-1], ((0, 0), (1, 0)) + ((0, 0),) * (a.ndim - 2)) for a in after)
+  logits_BxV = head_logits(model.cfg, params, x_BxPxD[:, -1:])[:, 0]
+  return (token_lp_BxP, top_ids_BxPxK, top_lp_BxPxK,
+          _pick(logits_BxV, keys, 0, rows, top, vocab))
 
 
 class Decoder:

@@ -23,7 +23,7 @@ import numpy as np
 
 from bigsci_jax import generate, sharding
 from bigsci_jax import tokenizer as tokenizers
-from bigsci_jax.model import soft_prompt_ids
+from bigsci_jax.model import over_logits, soft_prompt_ids
 from bigsci_jax import step as steps
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,17 @@ def windows(tokens, first, window):
 def row_logliks(params, batch, *, model):
   """(summed continuation log-likelihood, whether greedy decoding yields it) per row of
   token_rows features (differentiable in params: prompt tuning trains through it)."""
-  logits_BxLxV = model.apply({"params": params}, **steps.model_inputs(model.cfg, batch))
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-  targets_BxL = batch["decoder_target_tokens"]
-  target_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  x_BxLxD = model.apply({"params": params}, **steps.model_inputs(model.cfg, batch), hidden=True)
+
+  def scored(logits_BxCxV, targets_BxC):
+    logp_BxCxV = jax.nn.log_softmax(logits_BxCxV.astype(jnp.float32), axis=-1)
+    return (jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0],
+            jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC)
+
+  target_BxL, greedy_BxL = over_logits(model.cfg, params, x_BxLxD, scored,
+                                       batch["decoder_target_tokens"])
   weights_BxL = batch["decoder_loss_weights"]
-  hit_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL) | (weights_BxL == 0)
+  hit_BxL = greedy_BxL | (weights_BxL == 0)
   return jnp.sum(target_BxL * weights_BxL, axis=-1), jnp.all(hit_BxL, axis=-1)
 
 

@@ -396,7 +396,9 @@ class Transformer(nn.Module):
   (adapt.soft_prompt). decode: append to the KV cache ("cache" collection, mutable)
   and attend over it; `reads`: only its first `reads` slots per row, which must hold
   every filled one (a cheaper step early in a long window); `cache_rows` [B]: the cache
-  rows the call's rows are (default: the first ones, model._CacheEntry).
+  rows the call's rows are (default: the first ones, model._CacheEntry). hidden: the
+  final norm's output [B, L, D] instead of the logits (head_logits and over_logits turn
+  some or all of its columns into logits).
 
   offload="host": the layers' weight matrices stay in host memory (the caller places
   them there: sharding.offloaded, `offload_params`) and the layer scan copies one
@@ -409,7 +411,7 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, prefix_BxL=None,
-               deterministic=True, decode=False, reads=None, cache_rows=None):
+               deterministic=True, decode=False, reads=None, cache_rows=None, hidden=False):
     cfg = self.cfg
     dtype = compute_dtype(cfg)
     if positions_BxL is None:
@@ -462,16 +464,65 @@ class Transformer(nn.Module):
             reads, cache_rows)
 
     x_BxLxD = _whole(cfg, _norm(cfg, "final_norm")(x_BxLxD))
-    if cfg.tie_embeddings:
-      table_VxD = embed.embedding.astype(dtype)
-      logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD.astype(dtype), table_VxD,
-                                preferred_element_type=softmax_dtype(dtype))
-    else:
-      head_DxV = self.param("head", _init(cfg, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
-                            jnp.dtype(cfg.param_dtype))
-      logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD.astype(dtype), head_DxV.astype(dtype),
-                                preferred_element_type=softmax_dtype(dtype))
-    return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+    weight = embed.embedding if cfg.tie_embeddings else self.param(
+        "head", _init(cfg, ("embed", "vocab")), (cfg.d_model, cfg.vocab_size),
+        jnp.dtype(cfg.param_dtype))
+    return x_BxLxD if hidden else _project(cfg, x_BxLxD, weight)
+
+
+def _project(cfg, x_BxLxD, weight):
+  """The output head: the tied embedding table [V, D] or the untied head [D, V]."""
+  dtype = compute_dtype(cfg)
+  spec = "bld,vd->blv" if cfg.tie_embeddings else "bld,dv->blv"
+  logits_BxLxV = jnp.einsum(spec, x_BxLxD.astype(dtype), weight.astype(dtype),
+                            preferred_element_type=softmax_dtype(dtype))
+  return constrain(logits_BxLxV, ("batch", "length", "vocab"))
+
+
+def head_weight(cfg, params):
+  """The output head's weight in params: the embedding table [V, D] when tied, else
+  the head [D, V]."""
+  return nn.meta.unbox(params["embed"]["embedding"] if cfg.tie_embeddings else params["head"])
+
+
+def head_logits(cfg, params, x_BxLxD):
+  """Final hidden states (Transformer(..., hidden=True)) of any columns -> their logits
+  [B, L, V], as the full call computes them."""
+  return _project(cfg, x_BxLxD, head_weight(cfg, params))
+
+
+def over_logits(cfg, params, x_BxLxD, fn, *columns_BxL):
+  """fn(logits_BxCxV, *columns_BxC) -> arrays [B, C, ...], evaluated on the logits of
+  the hidden states x_BxLxD cfg.logits_chunk columns at a time (0: all at once) and
+  joined back to [B, L, ...]: only one chunk's logits exist at a time, in the forward
+  and, recomputed, in the backward pass (a large vocabulary's [B, L, V] logits are
+  the largest activation of a small model). A last short chunk is padded (fn must
+  not mix columns)."""
+  chunk = cfg.logits_chunk
+  length = x_BxLxD.shape[1]
+  if not chunk or chunk >= length:
+    return fn(head_logits(cfg, params, x_BxLxD), *columns_BxL)
+  weight = head_weight(cfg, params)
+  # Gathered over fsdp once, not in every chunk (the logits' own layout otherwise).
+  weight = constrain(weight, ("vocab", None) if cfg.tie_embeddings else (None, "vocab"))
+  count = -(-length // chunk)
+
+  def chunks(a_BxL):  # [B, L, ...] -> [N, B, C, ...]
+    pad = [(0, 0), (0, count * chunk - length)] + [(0, 0)] * (a_BxL.ndim - 2)
+    a = jnp.pad(a_BxL, pad).reshape((a_BxL.shape[0], count, chunk) + a_BxL.shape[2:])
+    return jnp.moveaxis(a, 1, 0)
+
+  @jax.checkpoint
+  def one(args):
+    x_BxCxD, *cols = args
+    return fn(_project(cfg, x_BxCxD, weight), *cols)
+
+  out = jax.lax.map(one, (chunks(x_BxLxD),) + tuple(chunks(c) for c in columns_BxL))
+
+  def joined(a_NxBxC):
+    a = jnp.moveaxis(a_NxBxC, 0, 1)
+    return a.reshape((a.shape[0], count * chunk) + a.shape[3:])[:, :length]
+  return jax.tree.map(joined, out)
 
 
 def offload_params(params, offload):

@@ -22,7 +22,7 @@ from flax import struct
 from bigsci_jax import sharding
 from bigsci_jax.config import ModelConfig, TrainConfig
 from bigsci_jax.kernels.mask import softmax_dtype
-from bigsci_jax.model import Transformer
+from bigsci_jax.model import Transformer, over_logits
 from bigsci_jax.optim import set_schedule_count
 from bigsci_jax.scaling.noise import NoiseScale, estimates
 
@@ -115,10 +115,12 @@ def token_losses(logits_BxLxV, targets_BxL, z_loss):
 def loss_sums(params, batch, model, dropout_rng=None):
   """(sum of weighted (ce + z) losses, (sum of weights, sum of weighted ce))."""
   deterministic = dropout_rng is None
-  logits_BxLxV = model.apply({"params": params}, **model_inputs(model.cfg, batch),
-                             deterministic=deterministic,
-                             rngs=None if deterministic else {"dropout": dropout_rng})
-  ce_BxL, z_BxL = token_losses(logits_BxLxV, batch["decoder_target_tokens"], model.cfg.z_loss)
+  x_BxLxD = model.apply({"params": params}, **model_inputs(model.cfg, batch),
+                        deterministic=deterministic, hidden=True,
+                        rngs=None if deterministic else {"dropout": dropout_rng})
+  ce_BxL, z_BxL = over_logits(model.cfg, params, x_BxLxD,
+                              functools.partial(token_losses, z_loss=model.cfg.z_loss),
+                              batch["decoder_target_tokens"])
   w_BxL = batch["decoder_loss_weights"].astype(jnp.float32)
   return jnp.sum((ce_BxL + z_BxL) * w_BxL), (jnp.sum(w_BxL), jnp.sum(ce_BxL * w_BxL))
 

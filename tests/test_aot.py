@@ -141,6 +141,7 @@ def test_a_config_over_the_chips_memory_exits_1_with_the_amounts(capsys):
   assert len(lines) == 1 and lines[0].startswith("error: the train step on v5e:2x2"), err
   assert "but the TPU v5 lite device has 15.75G" in lines[0] and "bigger slice" in lines[0]
   assert "sequence_parallel" not in lines[0]  # nothing to split over at tensor = 1
+  assert "ModelConfig.logits_chunk=512" in lines[0]  # its logits are most of the step's memory
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -158,6 +159,7 @@ def test_a_step_over_memory_on_a_tensor_mesh_offers_sequence_parallelism_where_i
   lines = err.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: the train step on v5e:2x2"), err
   assert ("ModelConfig.sequence_parallel=True" in lines[0]) != split, lines[0]
+  assert "logits_chunk" not in lines[0]  # a 1024-token vocabulary's logits are not the problem
 
 
 @pytest.mark.parametrize("flag, words", [

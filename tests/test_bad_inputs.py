@@ -44,6 +44,8 @@ CASES = {
                                     "micro_batch_size=5 is invalid"),
     "mesh over the devices": (lambda d: _train(d, "--gin.MeshConfig.data=16"),
                               "needs 16 devices but only 8 are present"),
+    "negative logits chunk": (lambda d: _train(d, "--gin.ModelConfig.logits_chunk=-8"),
+                              "logits_chunk=-8 is invalid"),
     "negative spike factor": (lambda d: _train(d, "--gin.TrainConfig.loss_spike_factor=-1.0"),
                               "loss_spike_factor=-1.0 is invalid"),
     # data

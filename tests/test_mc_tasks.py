@@ -1,5 +1,6 @@
 """Built-in offline multiple-choice tasks and harness-style scoring."""
 
+import dataclasses
 import re
 
 import jax
@@ -143,8 +144,13 @@ def test_greedy_flag_agrees_with_cached_generation():
   generated = generate.generate(model, params, [_bytes(c) for c in contexts], 4)
   pairs = [(_bytes(c), g) for c, g in zip(contexts, generated)]
   pairs += [(c, g[:-1] + [3 + (g[-1] - 3 + 1) % 256]) for c, g in pairs]
-  _, greedy = scorer.score_tokens(pairs)
+  values, greedy = scorer.score_tokens(pairs)
   assert list(greedy) == [True] * 4 + [False] * 4
+  # Logits 5 columns at a time (ModelConfig.logits_chunk): the same scores and flags.
+  chunked = likelihood.Scorer(Transformer(dataclasses.replace(model.cfg, logits_chunk=5)), params,
+                              Bytes(), seq_len=512, batch_size=4).score_tokens(pairs)
+  np.testing.assert_allclose(chunked[0], values, rtol=1e-6)
+  assert list(chunked[1]) == list(greedy)
 
 
 def test_rolling_loglikelihood_scores_every_token_once():

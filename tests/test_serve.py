@@ -26,6 +26,7 @@ requests = pytest.importorskip("requests")
 
 from bigsci_jax import evaluate, generate, sharding  # noqa: E402
 from bigsci_jax.config import MeshConfig  # noqa: E402
+from bigsci_jax.model import Transformer  # noqa: E402
 from bigsci_jax.serve import api  # noqa: E402
 from bigsci_jax.serve.engine import Choice, Engine, Job  # noqa: E402
 from bigsci_jax import tokenizer as tokenizers  # noqa: E402
@@ -101,6 +102,18 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
     best = [max(t, key=lambda x: x[1]) for t in c.prompt_top[1:]]
     assert [b[0] for b in best] == [int(jnp.argmax(logp[i])) for i in range(1, len(p))]
     assert c.finish_reason == "length" and c.tokens == []
+  # Logits 3 columns at a time (ModelConfig.logits_chunk): the same echo scores.
+  chunked = [Choice(p, 0, generate.Sampling(), 0, logprobs=2, echo=True) for p in ids]
+  engine = Engine(Transformer(dataclasses.replace(model.cfg, logits_chunk=3)), params, tok,
+                  max_batch=4)
+  try:
+    _submit(engine, chunked)()
+  finally:
+    engine.stop()
+  for a, b in zip(chunked, echo):
+    np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], rtol=1e-6)
+    assert [[t for t, _ in top] for top in a.prompt_top[1:]] == [
+        [t for t, _ in top] for top in b.prompt_top[1:]]
   assert generate.main([f"--model_dir={run_dir}", *[f"--prompt={p}" for p in PROMPTS],
                         "--max_new_tokens=12"]) == 0
   cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["completions"]
@@ -117,7 +130,8 @@ def test_echo_logprobs_are_the_models_and_greedy_matches_generate(restored, run_
   assert all(c.finish_reason in ("length", "stop") for c in greedy)
 
 
-@pytest.mark.parametrize("mesh", [None, "2x1x2"])
+# One device is slow-marked: the 2x1x2 mesh runs the same buckets and layouts and more.
+@pytest.mark.parametrize("mesh", [pytest.param(None, marks=pytest.mark.slow), "2x1x2"])
 def test_batches_of_any_mix_compile_nothing_after_warmup(restored, run_dir, mesh):
   """Prompts of at most 56 tokens (prompt widths 32 and 64; those over 31 prefilled in
   32-token chunks) decoding up to 90 tokens (steps reading 32, 64 and 128 slots): after

@@ -42,6 +42,52 @@ def test_accumulated_gradient_equals_full_batch_gradient(mask):
   assert np.linalg.norm(accumulated - full) / np.linalg.norm(full) <= 1e-6
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_logits_in_chunks_give_the_loss_and_gradients_of_all_at_once(tie):
+  """ModelConfig.logits_chunk: the loss over 30 columns in chunks of 8 (the last one
+  padded) or 30, in float64, equals the loss of all logits at once, and so do its
+  gradients (the head's and the embedding's included), z-loss on."""
+  rows = data.SyntheticLM(64, 30, mean_doc_len=10).take(3)
+  with jax.enable_x64(True):
+    cfg = dataclasses.replace(CFG, dtype="float64", param_dtype="float64", tie_embeddings=tie)
+    params = init_params(Transformer(cfg), jax.random.key(0))
+    batch = jax.tree.map(jnp.asarray, rows)
+
+    def loss_and_grads(chunk):
+      model = Transformer(dataclasses.replace(cfg, logits_chunk=chunk))
+      (loss, (weight, ce)), grads = jax.jit(jax.value_and_grad(steps.loss_sums, has_aux=True),
+                                            static_argnums=2)(params, batch, model)
+      return loss, ce, grads
+
+    whole = loss_and_grads(0)
+    for chunk in (8, 30):
+      loss, ce, grads = loss_and_grads(chunk)
+      np.testing.assert_allclose(loss, whole[0], rtol=1e-12)
+      np.testing.assert_allclose(ce, whole[1], rtol=1e-12)
+      np.testing.assert_allclose(_flat(grads), _flat(whole[2]), rtol=1e-10, atol=1e-14)
+    assert float(whole[0]) > float(whole[1]) > 0  # the z-loss is in the loss, not in ce
+
+
+def test_logits_chunk_keeps_one_chunk_of_logits_at_a_time():
+  """The compiled gradient of a 256-column loss over a 16384-token vocabulary holds the
+  [4, 256, V] float32 logits whole (64 MiB); in chunks of 32 columns its temporaries
+  are under half of that (one head, one layer: the logits are the largest activation)."""
+  cfg = dataclasses.replace(CFG, num_layers=1, num_heads=1, num_kv_heads=1, vocab_size=16384,
+                            max_len=256)
+  params = init_params(Transformer(cfg), jax.random.key(0))
+  batch = jax.tree.map(jnp.asarray, data.SyntheticLM(16384, 256, mean_doc_len=100).take(4))
+
+  def temp_bytes(chunk):
+    model = Transformer(dataclasses.replace(cfg, logits_chunk=chunk))
+    grad = jax.jit(jax.grad(lambda p: steps.loss_sums(p, batch, model)[0]))
+    return grad.lower(params).compile().memory_analysis().temp_size_in_bytes
+
+  logits = 4 * 256 * 16384 * 4
+  whole, chunked = temp_bytes(0), temp_bytes(32)
+  assert whole > logits, (whole, logits)
+  assert chunked < logits / 2, (chunked, whole, logits)
+
+
 def test_batch_ramp_follows_megatron_rule():
   cfg = BatchConfig(batch_size=16, seq_len=32, micro_batch_size=4, warmup_start=4,
                     warmup_increment=4, warmup_tokens=768)
