@@ -93,10 +93,9 @@ def row_logliks(params, batch, *, model):
   token_rows features (differentiable in params: prompt tuning trains through it)."""
   x_BxLxD = model.apply({"params": params}, **steps.model_inputs(model.cfg, batch), hidden=True)
 
-  def scored(logits_BxCxV, targets_BxC):
-    logp_BxCxV = jax.nn.log_softmax(logits_BxCxV.astype(jnp.float32), axis=-1)
-    return (jnp.take_along_axis(logp_BxCxV, targets_BxC[..., None], axis=-1)[..., 0],
-            jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC)
+  def scored(logits_BxCxV, targets_BxC):  # a target's log-probability is minus its loss
+    ce_BxC, _ = steps.token_losses(logits_BxCxV, targets_BxC, 0.0)
+    return -ce_BxC, jnp.argmax(logits_BxCxV, axis=-1) == targets_BxC
 
   target_BxL, greedy_BxL = over_logits(model.cfg, params, x_BxLxD, scored,
                                        batch["decoder_target_tokens"])
