@@ -101,11 +101,12 @@ def make_scorer(model_dir, run, runtime, params, batch_size=None, prompt_dir=Non
                            batch_size or run.batch.micro_batch_size, runtime.mesh)
 
 
-def score_items(name, items, scorer):
-  """The metrics of task `name` on its items (TASKS) with a likelihood.Scorer."""
+def score_items(name, items, scorer, outcomes=False):
+  """The metrics of task `name` on its items (TASKS) with a likelihood.Scorer
+  (outcomes=True: with each item's, mc_tasks.score)."""
   if parse_task(name)[0] == "cloze":
-    return mc_tasks.score_cloze(items, scorer)
-  return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
+    return mc_tasks.score_cloze(items, scorer, outcomes=outcomes)
+  return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0], outcomes)
 
 
 def task_items(name, limit=200, split="test"):
@@ -114,8 +115,8 @@ def task_items(name, limit=200, split="test"):
   return TASKS[kind](lang, limit=limit, split=split)
 
 
-def score_task(name, scorer, limit=200):
-  return score_items(name, task_items(name, limit), scorer)
+def score_task(name, scorer, limit=200, outcomes=False):
+  return score_items(name, task_items(name, limit), scorer, outcomes)
 
 
 METRICS = ("acc", "acc_norm", "exact_match", "ppl")

@@ -190,10 +190,11 @@ def _stderr(mean, n):
   return math.sqrt(mean * (1 - mean) / max(n - 1, 1))
 
 
-def score(items, loglik_fn):
+def score(items, loglik_fn, outcomes=False):
   """Harness-style multiple-choice metrics (items may have different numbers of
   choices). loglik_fn([(context, continuation)]) returns the summed log-likelihood of
-  each continuation given its context."""
+  each continuation given its context. outcomes=True adds each item's 0/1 outcome per
+  accuracy ({'acc': bool [N], ...}, under 'outcomes'), for paired_gain."""
   requests = [(item.context, item.delimiter + choice) for item in items
               for choice in item.choices]
   logliks = np.asarray(loglik_fn(requests), float)
@@ -208,7 +209,27 @@ def score(items, loglik_fn):
   for name, values in hits.items():
     mean = float(np.mean(values))
     result[name], result[f"{name}_stderr"] = mean, _stderr(mean, len(items))
+  if outcomes:
+    result["outcomes"] = {name: np.asarray(values, bool) for name, values in hits.items()}
   return result
+
+
+def paired_gain(before, after):
+  """How much `after` beats `before` on the same items, from their per-item 0/1 outcomes
+  (score(..., outcomes=True)['outcomes']): {metric: mean of after - before,
+  metric_stderr: its standard error}. Paired over the items, so what makes an item easy
+  or hard for both cancels: the error is that of the per-item differences (sample
+  variance), smaller than the two scores' own errors whenever they agree on most items
+  (Miller 2024, "Adding Error Bars to Evals")."""
+  gain = {}
+  for name in sorted(before.keys() & after.keys()):
+    if len(before[name]) != len(after[name]):
+      raise ValueError(f"{name}: {len(before[name])} outcomes before and {len(after[name])} "
+                       f"after; a paired gain needs the same items in both.")
+    diff = np.asarray(after[name], float) - np.asarray(before[name], float)
+    gain[name] = float(diff.mean())
+    gain[f"{name}_stderr"] = float(diff.std(ddof=1) / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+  return gain
 
 
 _FIRST_WORD = re.compile(r"\s*(\w+)")
@@ -221,9 +242,9 @@ def first_word(text):
   return match.group(1) if match else ""
 
 
-def score_cloze(items, scorer, max_new_tokens=8):
+def score_cloze(items, scorer, max_new_tokens=8, outcomes=False):
   """Cloze metrics of a likelihood.Scorer: ppl, acc (greedy) and exact_match
-  (generation), with standard errors."""
+  (generation), with standard errors (outcomes=True: and each item's, as score)."""
   logliks, greedy = scorer.loglikelihood([(item.context, " " + item.word) for item in items])
   generations = scorer.generate_until([item.context for item in items], ("\n",), max_new_tokens)
   matches = np.array([first_word(g) == item.word for g, item in zip(generations, items)])
@@ -232,4 +253,6 @@ def score_cloze(items, scorer, max_new_tokens=8):
   for name, hits in (("acc", greedy), ("exact_match", matches)):
     mean = float(np.mean(hits))
     result[name], result[f"{name}_stderr"] = mean, _stderr(mean, n)
+  if outcomes:
+    result["outcomes"] = {"acc": np.asarray(greedy, bool), "exact_match": matches}
   return result

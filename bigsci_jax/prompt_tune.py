@@ -24,7 +24,9 @@ named by --lora_targets (scaled by alpha / rank; B starts at zero, so tuning sta
 from the base model). --learning_rate defaults to 3e-2 for a prompt, 3e-3 for LoRA.
 Only P is written: the adapter (orbax, `embeddings/` or `lora/`) and prompt.json
 (its kind, the model's shape, the task, the settings, the losses, and the task's
-scores without and with the adapter, --limit items, also printed). The checkpoint
+scores without and with the adapter, --limit items, also printed, and the gain: the
+tuned minus the untuned score with the standard error of their paired per-item
+difference, mc_tasks.paired_gain — a gain of 1.96 of them is significant at 5%). The checkpoint
 is only read. Use either kind with --prompt_dir=P in evaluate, generate and serve,
 and model_args prompt_dir=P in python -m bigsci_jax.lm_eval (LoRA factors are
 merged into the weights once, when P is loaded). The last stdout line is a JSON
@@ -84,11 +86,13 @@ def lm_eval_items(name, split, limit, include_path, manager=None):
 
 
 def task_scores(name, items, scorer, limit):
-  """The task's metrics with this scorer: a built-in task as `evaluate` scores it, a
-  harness task by mc_tasks.score over its evaluation items."""
+  """(the task's metrics with this scorer, each item's 0/1 outcomes): a built-in task as
+  `evaluate` scores it, a harness task by mc_tasks.score over its evaluation items."""
   if items is None:
-    return evaluate.score_task(name, scorer, limit)
-  return mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0])
+    scores = evaluate.score_task(name, scorer, limit, outcomes=True)
+  else:
+    scores = mc_tasks.score(items, lambda requests: scorer.loglikelihood(requests)[0], True)
+  return scores, scores.pop("outcomes")
 
 
 def main(argv):
@@ -131,7 +135,8 @@ def main(argv):
       eval_items = lm_eval_items(args.task, "eval", args.limit, args.include_path)
     run, runtime, params, step = evaluate.restore(args.model_dir, mesh=args.mesh)
     base = evaluate.make_scorer(args.model_dir, run, runtime, params)
-    scores = {"untuned": task_scores(args.task, eval_items, base, args.limit)}
+    untuned, before = task_scores(args.task, eval_items, base, args.limit)
+    scores = {"untuned": untuned}
     print(f"untuned: {_line(scores['untuned'])}", flush=True)
     arrays, losses = tune.tune(
         runtime.model, params, train_items, base.tokenizer, cfg.initial(params), cfg,
@@ -139,8 +144,10 @@ def main(argv):
         lambda i, loss: print(f"step {i}: loss {loss:.4f}", flush=True))
     tuned = likelihood.Scorer(runtime.model, cfg.apply(params, arrays),
                               base.tokenizer, base.seq_len, base.batch_size, runtime.mesh)
-    scores["tuned"] = task_scores(args.task, eval_items, tuned, args.limit)
+    scores["tuned"], after = task_scores(args.task, eval_items, tuned, args.limit)
+    scores["gain"] = mc_tasks.paired_gain(before, after)
     print(f"tuned:   {_line(scores['tuned'])}", flush=True)
+    print(f"gain:    {_line(scores['gain'])} (paired over the same items)", flush=True)
     out = store.save(args.out, cfg.kind, arrays, run.model, {
         **cfg.info(), "task": args.task, "base_model_dir": args.model_dir, "base_step": step,
         "train_items": len(train_items), "settings": dataclasses.asdict(cfg),

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import xla_flags
 import train
 from bigsci_jax import evaluate
 
@@ -37,7 +38,7 @@ def test_a_222_mesh_checkpoint_evaluates_the_same_on_one_device(tmp_path, capsys
     assert evaluate.main([f"--model_dir={model_dir}", "--tasks=", f"--mesh={mesh}"]) == 2
     err = capsys.readouterr().err
     assert why in err and len(err.strip().splitlines()) == 1, err
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(1))
   out = subprocess.run([sys.executable, "-m", "bigsci_jax.evaluate", f"--model_dir={model_dir}",
                         "--tasks="], env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

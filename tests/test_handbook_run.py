@@ -106,50 +106,60 @@ def test_bits_per_byte_counts_every_byte_of_the_validation_split(handbook_data_d
 TASKS = ("next_sentence/fr", "cloze/en")
 
 
-def test_training_logs_per_language_eval_and_resumes_exactly(handbook_data_dir, tmp_path):
-  """Also TrainConfig.eval_tasks: the eval lines carry the tasks' scores, the same after a
-  resume and the same as `evaluate` gives for the final checkpoint."""
-  run = _run(handbook_data_dir, prefix_lm=True)
-  run = dataclasses.replace(run, train=dataclasses.replace(run.train, eval_tasks=TASKS,
-                                                           eval_task_limit=8))
-  straight = loop.train(run, str(tmp_path / "straight"), progress=False)
-  resumed_dir = str(tmp_path / "resumed")
-  loop.train(dataclasses.replace(run, train=dataclasses.replace(run.train, train_steps=2,
-                                                                 eval_tasks=())),
-             resumed_dir, progress=False)
-  resumed = loop.train(run, resumed_dir, progress=False)
-  train_lines = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "straight"), "train")]
-  assert [(r["step"], r["loss"]) for r in read_metrics(resumed_dir, "train")] == train_lines
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
-               jax.device_get(straight["state"].params))
-  final = read_metrics(str(tmp_path / "straight"), "eval")[-1]
+def _with_tasks(run, **train_fields):
+  fields = {"eval_tasks": TASKS, "eval_task_limit": 8, **train_fields}
+  return dataclasses.replace(run, train=dataclasses.replace(run.train, **fields))
+
+
+def test_training_logs_per_language_eval_and_task_scores(handbook_data_dir, tmp_path):
+  """Also TrainConfig.eval_tasks: the eval lines carry the tasks' scores, the same as
+  `evaluate` gives for the final checkpoint."""
+  run = _with_tasks(_run(handbook_data_dir, prefix_lm=True))
+  model_dir = str(tmp_path / "straight")
+  straight = loop.train(run, model_dir, progress=False)
+  final = read_metrics(model_dir, "eval")[-1]
   scores = {k: v for k, v in final.items() if k.startswith(TASKS)}
   assert set(scores) == {"next_sentence/fr/acc", "next_sentence/fr/acc_norm", "cloze/en/acc",
                          "cloze/en/exact_match", "cloze/en/ppl"}
-  assert read_metrics(resumed_dir, "eval")[-1] == final
   from bigsci_jax import evaluate
-  run_here, runtime, params, _ = evaluate.restore(str(tmp_path / "straight"))
-  scorer = evaluate.make_scorer(str(tmp_path / "straight"), run_here, runtime, params)
+  run_here, runtime, params, _ = evaluate.restore(model_dir)
+  scorer = evaluate.make_scorer(model_dir, run_here, runtime, params)
   offline = {task: evaluate.score_task(task, scorer, limit=8) for task in TASKS}
   for key, value in scores.items():
     task, metric = key.rsplit("/", 1)
     assert value == pytest.approx(offline[task][metric], rel=1e-5), key
-  vocabulary = loop.read_tokenizer(resumed_dir)  # the run keeps the vocabulary it read text with
+  vocabulary = loop.read_tokenizer(model_dir)  # the run keeps the vocabulary it read text with
   assert vocabulary.vocab_size == 4000
   assert vocabulary.decode(vocabulary.encode("Débian")) == "Débian"
 
-  final = read_metrics(str(tmp_path / "straight"), "eval")[-1]
   losses = [final[f"loss/{lang}"] for lang in LANGS]
   assert min(losses) < final["loss"] < max(losses)  # pooled over the languages' tokens
   for lang in LANGS:
     assert 0 < final[f"bpb/{lang}"] == straight[f"bpb/{lang}"]
   from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  events = EventAccumulator(str(tmp_path / "straight"))
+  events = EventAccumulator(model_dir)
   events.Reload()
   assert [e.value for e in events.Scalars("eval/bpb/ja")] == pytest.approx([final["bpb/ja"]])
 
 
-@pytest.mark.slow  # the README command at length; test_training_logs_per_language_eval_and_resumes_exactly is the fast path
+@pytest.mark.slow  # the default suite resumes exactly with synthetic rows (test_resume.py) and re-reads a seqio stream to its position (test_tasks.py)
+def test_a_resumed_handbook_run_logs_what_an_uninterrupted_one_does(handbook_data_dir, tmp_path):
+  """The seqio mixture through loop.train: a run stopped at step 2 and resumed logs the
+  same losses, eval lines and task scores and ends with the same parameters."""
+  run = _with_tasks(_run(handbook_data_dir, prefix_lm=True))
+  straight = loop.train(run, str(tmp_path / "straight"), progress=False)
+  resumed_dir = str(tmp_path / "resumed")
+  loop.train(_with_tasks(run, train_steps=2, eval_tasks=()), resumed_dir, progress=False)
+  resumed = loop.train(run, resumed_dir, progress=False)
+  train_lines = [(r["step"], r["loss"]) for r in read_metrics(str(tmp_path / "straight"), "train")]
+  assert [r["step"] for r in read_metrics(resumed_dir, "train")] == [1, 2, 3, 4]
+  assert [(r["step"], r["loss"]) for r in read_metrics(resumed_dir, "train")] == train_lines
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed["state"].params),
+               jax.device_get(straight["state"].params))
+  assert read_metrics(resumed_dir, "eval")[-1] == read_metrics(str(tmp_path / "straight"), "eval")[-1]
+
+
+@pytest.mark.slow  # the README command at length; test_training_logs_per_language_eval_and_task_scores is the fast path
 def test_default_command_prints_bits_per_byte_per_language(handbook_data_dir, tmp_path, capsys):
   """`python train.py` as the README runs it, shortened to 3 languages and 150 steps."""
   model_dir = str(tmp_path / "default")

@@ -64,6 +64,29 @@ def test_scoring_picks_the_highest_loglik_and_normalises_per_byte():
   result = mc_tasks.score(items, lambda requests: asked.extend(requests) or logliks)
   assert result["acc"] == 0.0 and result["acc_norm"] == 1.0 and result["items"] == 3
   assert asked[:2] == [("c", " a"), ("c", " bbbb")]  # delimiter + choice
+  items = items + [mc_tasks.Item("c", ("a", "bbbb", "cc", "d"), 0)]
+  kept = mc_tasks.score(items, lambda requests: logliks + [-4.0, -6.0, -5.0, -4.5], True)
+  assert [list(kept["outcomes"][k]) for k in ("acc", "acc_norm")] == [[0, 0, 0, 1], [1, 1, 1, 0]]
+  assert kept["acc"] == kept["outcomes"]["acc"].mean() == 0.25
+
+
+def test_a_paired_gain_is_the_mean_difference_with_the_error_of_the_differences():
+  """Of 200 items, `after` gets 30 right that `before` got wrong and 10 wrong that it got
+  right, and agrees on the other 160: the gain is 0.1 and its error comes from the 40
+  disagreements alone, well under the error of the two scores taken as independent."""
+  before = np.random.default_rng(0).random(200) < 0.5
+  after = before.copy()
+  after[np.flatnonzero(~before)[:30]], after[np.flatnonzero(before)[:10]] = True, False
+  gain = mc_tasks.paired_gain({"acc": before, "acc_norm": before}, {"acc": after})
+  assert set(gain) == {"acc", "acc_stderr"}  # only the metrics both have
+  assert gain["acc"] == pytest.approx(0.1)
+  # the differences: +1 on 30 items, -1 on 10, 0 on 160; their sample variance / n
+  assert gain["acc_stderr"] == pytest.approx(np.sqrt((40 - 200 * 0.1 ** 2) / 199 / 200))
+  independent = np.hypot(*(np.sqrt(x.mean() * (1 - x.mean()) / 199) for x in (before, after)))
+  assert gain["acc_stderr"] < 0.7 * independent
+  assert mc_tasks.paired_gain({"acc": before}, {"acc": before}) == {"acc": 0.0, "acc_stderr": 0.0}
+  with pytest.raises(ValueError, match="200 outcomes before and 199 after"):
+    mc_tasks.paired_gain({"acc": before}, {"acc": after[1:]})
 
 
 def test_cloze_items_end_before_their_last_word():

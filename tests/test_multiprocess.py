@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 
+from conftest import xla_flags
 import train
 from bigsci_jax import loop, vocab
 from bigsci_jax.likelihood import Scorer
@@ -55,7 +56,7 @@ def _free_port():
 
 def test_two_processes_train_like_one(tmp_path):
   multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
   address = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
       [sys.executable, train.__file__, f"--model_dir={multi_dir}", *FLAGS,
@@ -83,7 +84,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert step == 4
   params_8 = {"/".join(str(k.key) for k in path): np.asarray(x) for path, x
               in jax.tree_util.tree_flatten_with_path(jax.device_get(state.params))[0]}
-  one_device = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  one_device = dict(env, XLA_FLAGS=xla_flags(1))
   out_file = tmp_path / "params_1.npz"
   script = ("import dataclasses, sys, jax, numpy as np; from bigsci_jax import loop; "
             "from bigsci_jax.config import MeshConfig; "

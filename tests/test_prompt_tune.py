@@ -3,7 +3,8 @@ Scorer, generation). LoRA: untrained it is the base model, merged it is W + s·A
 (checked against x·W + s·(x·A)·B), offloaded kernels stay in host memory. Tuning
 changes only the adapter; an adapter for another model shape is one sentence; end to
 end on the smoke model (slow): the tuned prompt and the tuned LoRA beat the untuned
-model, the checkpoint is only read, the adapter is all that is written."""
+model by a significant paired gain, the checkpoint is only read, the adapter is all
+that is written."""
 
 import dataclasses
 import hashlib
@@ -255,10 +256,11 @@ def test_a_tuned_prompt_and_a_tuned_lora_beat_the_untuned_smoke_model(tmp_path,
                           env=env, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     scores = json.loads(proc.stdout.strip().splitlines()[-1])
-    untuned, tuned = scores["untuned"], scores["tuned"]
+    untuned, tuned, gain = scores["untuned"], scores["tuned"], scores["gain"]
     print(f"{adapter}: untuned acc {untuned['acc']:.3f} ± {untuned['acc_stderr']:.3f}, "
-          f"tuned {tuned['acc']:.3f}")
-    assert tuned["acc"] - untuned["acc"] > 1.96 * untuned["acc_stderr"], scores
+          f"tuned {tuned['acc']:.3f}, gain {gain['acc']:.3f} ± {gain['acc_stderr']:.3f}")
+    assert gain["acc"] == pytest.approx(tuned["acc"] - untuned["acc"])
+    assert gain["acc"] > 1.96 * gain["acc_stderr"], scores  # significant at 5%, paired
     assert _digests(model_dir) == base  # the checkpoint is only read
     assert sorted(os.listdir(out)) == [arrays, store.PROMPT_FILE]
 
