@@ -28,7 +28,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-
 def xla_flags(devices):
   """This session's XLA_FLAGS with `devices` fake CPU devices: for a subprocess that must
   compile as the session does (the same flags, so the same rounding)."""
