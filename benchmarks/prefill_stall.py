@@ -1,7 +1,8 @@
 """Chunked prefill: how long running rows stall when a long prompt joins them.
 
   python benchmarks/prefill_stall.py --model_dir=DIR [--rows=4] [--prompt_tokens=1536]
-      [--chunks=0,256,512] [--max_batch=8] [--results=benchmarks/RESULTS.md]
+      [--chunks=0,256,512] [--max_batch=8] [--mesh=DATAxFSDPxTENSOR]
+      [--results=benchmarks/RESULTS.md]
   python benchmarks/prefill_stall.py --model_dir=NEW --init_gin=models/125m.gin \
       --init_binding=ModelConfig.vocab_size=8192 --vocab=RUN/vocab.model ...
 
@@ -80,6 +81,7 @@ def main(argv):
   p.add_argument("--prompt_tokens", type=int, default=1536)
   p.add_argument("--chunks", default="0,256,512")
   p.add_argument("--max_batch", type=int, default=8)
+  p.add_argument("--mesh", default=None, help="the serving mesh (default: the server's)")
   p.add_argument("--results", default=None)
   p.add_argument("--init_gin", action="append", default=[])
   p.add_argument("--init_binding", action="append", default=[])
@@ -92,7 +94,7 @@ def main(argv):
   device = jax.devices()[0].device_kind
   levels = []
   for chunk in (int(c) for c in args.chunks.split(",")):
-    engine, _, _ = load(args.model_dir, args.max_batch, prefill_chunk=chunk)
+    engine, _, _ = load(args.model_dir, args.max_batch, mesh=args.mesh, prefill_chunk=chunk)
     try:
       _scene(engine, args.rows, args.prompt_tokens, np.random.default_rng(0))  # compiles
       stall, step, first = _scene(engine, args.rows, args.prompt_tokens, np.random.default_rng(1))
@@ -107,7 +109,8 @@ def main(argv):
           os.path.basename(os.path.normpath(args.model_dir)), device, args.rows,
           args.prompt_tokens, chunk or "whole", f"{stall:.3f}", f"{step:.3f}", f"{first:.3f}",
           f"jax {jax.__version__}"])
-  print(json.dumps({"model_dir": args.model_dir, "device": device, "levels": levels}))
+  print(json.dumps({"model_dir": args.model_dir, "device": device, "mesh": args.mesh,
+                    "levels": levels}))
 
 
 if __name__ == "__main__":

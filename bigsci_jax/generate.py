@@ -189,6 +189,18 @@ def _move_rows(cache, from_N, to_N):
   return _pinned(jax.tree_util.tree_map_with_path(move, cache))
 
 
+def _check_blocks(chosen_B, cache, shards):
+  """Stops, in one sentence, where chosen cache rows over a batch axis of `shards`
+  shards are not in the blocks their call rows are (Decoder.extend)."""
+  total, b = next(x for p, x in jax.tree_util.tree_leaves_with_path(cache)
+                  if p[-1].key == "index").shape[-1], len(chosen_B)
+  if shards > 1 and total % shards == 0 and b % shards == 0 and (
+      (chosen_B // (total // shards) != np.arange(b) // (b // shards)).any()):
+    raise ValueError(f"cache_rows {chosen_B.tolist()} over {shards} batch shards: row i of "
+                     f"the {b} must be one of block i // {b // shards} of the cache's {total} "
+                     f"rows ({total // shards} per block).")
+
+
 def step_rows(size, count, blocks=1):
   """The rows of a cache of `size` rows that a step of `count` rows runs on, in its row
   order, when the batch axis has `blocks` shards (model._CacheEntry): the first
@@ -380,11 +392,14 @@ class Decoder:
     """Row b's first counts_B[b] tokens of tokens_BxC (at positions_BxC) appended to its
     cache, and the pick after its last one (step: as for `step`); `filled`: the most
     slots a row holds after them; cache_rows (distinct): the cache rows the rows are
-    (default: as for `step`). A long prompt prefilled chunk by chunk between a server's
-    decoding steps (causal models)."""
+    (default: as for `step`); over a batch axis of n shards, row i's in block i // (B / n)
+    of the cache's rows (each shard's rows its own, model._CacheEntry). A long prompt
+    prefilled chunk by chunk between a server's decoding steps (causal models)."""
     slots = _row_slots(cache)
     reads = None if filled is None else bucket_width(filled, slots)
     chosen = None if cache_rows is None else np.asarray(cache_rows, np.int32)
+    if chosen is not None and self.mesh is not None:
+      _check_blocks(chosen, cache, sharding.batch_shards(self.mesh))
     return self._run(self._extend, top, None if reads == slots else reads, params, cache,
                      tokens_BxC, positions_BxC, np.asarray(counts_B, np.int32), keys, step, rows,
                      chosen)

@@ -201,43 +201,51 @@ class _CacheEntry:
 
   A call of b rows on a cache of more (a server's cache holds its most rows, and a step
   runs only the bucket of them in use) reads and writes only its step rows
-  (generate.step_rows): the B rows form `blocks` equal blocks, one per shard of the batch axis,
-  and call row i is row i % (b / blocks) of block i // (b / blocks), so each device
-  keeps working on its own rows. Or, given `chosen` [b], the rows it names (a few rows
-  anywhere in the cache: a server's prompts prefilled chunk by chunk)."""
+  (generate.step_rows): the B rows form `blocks` equal blocks, one per shard of the
+  batch axis, and call row i is row i % (b / blocks) of block i // (b / blocks). Or,
+  given `chosen` [b], the cache rows it names (a server's prompts prefilled chunk by
+  chunk), call row i's again in block i // (b / blocks). Reads and writes name the
+  block and the heads as batch dimensions of one gather or scatter, so the partitioner
+  keeps each device on its own rows and heads: with global row and head indices it
+  all-gathered every write's update over the batch and tensor axes."""
 
   def __init__(self, variable, layer, slot_axis, rows, blocks, chosen=None):
     self.variable, self.layer, self.slot_axis = variable, layer, slot_axis
     self.rows, self.blocks, self.chosen = rows, blocks, chosen
+    self.lead, self.split = 0 if layer is None else 1, blocks > 1  # the array's row axis
 
-  def _row_ids(self):
-    """The cache rows of the call's rows, in order (iota arithmetic, not a constant)."""
-    if self.chosen is not None:
-      return self.chosen
-    if self.blocks == 1:
-      return jnp.arange(self.rows)
-    total = self.variable.value.shape[0 if self.layer is None else 1]
+  def _blocked(self):
+    """The variable's array, its rows as [blocks, B / blocks] when split."""
+    value, lead = self.variable.value, self.lead
+    if not self.split:
+      return value
+    total = value.shape[lead]
+    return value.reshape(value.shape[:lead] + (self.blocks, total // self.blocks)
+                         + value.shape[lead + 1:])
+
+  def _row_ids(self, block_rows):
+    """The call's rows within their blocks, [blocks, b / blocks] (split) or [b]."""
     per = self.rows // self.blocks
-    return (jnp.arange(self.blocks)[:, None] * (total // self.blocks)
-            + jnp.arange(per)[None, :]).reshape(-1)
+    if self.chosen is None:
+      ids = jnp.arange(per, dtype=jnp.int32)
+      return jnp.broadcast_to(ids, (self.blocks, per)) if self.split else ids
+    if not self.split:
+      return self.chosen
+    starts = block_rows * jnp.arange(self.blocks, dtype=self.chosen.dtype)
+    return self.chosen.reshape(self.blocks, per) - starts[:, None]
+
+  def _unblocked(self, x):
+    return x.reshape((self.rows,) + x.shape[2:]) if self.split else x
 
   def read(self, slots=None):
     """The layer's array of the call's rows, only the first `slots` slots of each row
     (None: all)."""
-    value = self.variable.value
-    if self.chosen is not None:  # a gather of the chosen rows
-      part = jnp.take(value if self.layer is None else value[self.layer], self.chosen, axis=0)
-      if slots is not None:
-        part = jax.lax.slice_in_dim(part, 0, slots, axis=self.slot_axis)
-      return part
-    lead = 0 if self.layer is None else 1
-    split = self.blocks > 1
-    if split:  # rows as [blocks, B / blocks]: the first ones of each block
-      total = value.shape[lead]
-      value = value.reshape(value.shape[:lead] + (self.blocks, total // self.blocks)
-                            + value.shape[lead + 1:])
+    value, lead, split = self._blocked(), self.lead, self.split
     row_axis = lead + split
-    sizes = list(value.shape)
+    if self.chosen is not None:  # a gather of the chosen rows
+      return self._unblocked(_gather_rows(value, self._row_ids(value.shape[row_axis]), slots,
+                                          self.layer, split, self.slot_axis))
+    sizes = list(value.shape)  # the first rows of each block: one slice
     sizes[row_axis] = self.rows // self.blocks
     if slots is not None:
       sizes[row_axis + self.slot_axis] = slots
@@ -245,39 +253,89 @@ class _CacheEntry:
     if self.layer is not None:
       start[0], sizes[0] = self.layer, 1
     part = jax.lax.dynamic_slice(value, start, sizes)
-    if self.layer is not None:
-      part = part[0]
-    return part.reshape((self.rows,) + part.shape[1 + split:])
+    return self._unblocked(part if self.layer is None else part[0])
 
   def set(self, value_b):
     """The call's rows set to value_b (a row without slots: index)."""
-    rows = slice(0, self.rows) if self.blocks == 1 and self.chosen is None else self._row_ids()
-    at = (() if self.layer is None else (self.layer,)) + (rows,)
-    self.variable.value = self.variable.value.at[at].set(value_b)
+    self._scatter(value_b)
 
   def write(self, update_BxT, at_B):
-    """Call row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b] (_write_rows)."""
-    self.variable.value = _write_rows(self.variable.value, update_BxT, at_B, self._row_ids(),
-                                      self.slot_axis - 1, self.layer)
+    """Call row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]."""
+    self._scatter(update_BxT, at_B)
+
+  def _scatter(self, new_b, at_B=None):
+    value = self._blocked()
+    if self.split:
+      new_b = new_b.reshape((self.blocks, -1) + new_b.shape[1:])
+      at_B = None if at_B is None else at_B.reshape(self.blocks, -1)
+    rows = self._row_ids(value.shape[self.lead + self.split])
+    heads = 0 if at_B is None else self.slot_axis - 1
+    self.variable.value = _scatter_rows(value, new_b, rows, at_B, self.layer, self.split,
+                                        heads).reshape(self.variable.value.shape)
 
 
-def _write_rows(cache_BxS, update_BxT, at_B, rows_B, axis=0, layer=None):
-  """cache_BxS with row rows_B[b]'s slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b];
-  the slots are axis `axis` of a row (keys and values:
-  [G, S, K], heads first); with `layer`, cache_BxS has the layers' axis in front and row
-  `layer` is written. One scatter over (row, the axes before the slots, slot): written
-  as a per-row dynamic update slice, one row's update became a plain one, for which
-  XLA:TPU lays the cache out slots-major and copies it into and out of the layer scan
-  every step."""
-  lead = update_BxT.shape[:axis + 2]  # B, the row's axes before its slots, T
-  def iota(i, values):
-    return values.reshape(tuple(n if j == i else 1 for j, n in enumerate(lead)))
-  index = [iota(0, rows_B)] + [iota(i, jnp.arange(n)) for i, n in enumerate(lead[:-1]) if i]
-  index.append(iota(0, at_B) + iota(len(lead) - 1, jnp.arange(lead[-1])))
+def _scatter_rows(cache, new, rows, at=None, layer=None, split=False, heads=0):
+  """`cache` with rows[r]'s entries set to new[r], one scatter. cache: [layers] (with
+  `layer`, the one written), [blocks] (split), rows, then a row's axes: `heads` axes,
+  with `at` its slots, the rest. new: [blocks] (split), rows, the heads' axes, with
+  `at` T slots from at[r] on (at: [blocks,] rows; slots past the row's end dropped),
+  the rest. Blocks and heads are batch dimensions of the scatter (each block's rows
+  and each head's slots are their own), rows and slots its indices. Written as a
+  per-row dynamic update slice, one row's update became a plain one, for which XLA:TPU
+  lays the cache out slots-major and copies it into and out of the layer scan every
+  step."""
+  lead = int(layer is not None)
+  row_axis = lead + split
+  index_shape = new.shape[:split + 1 + heads + (at is not None)]
+  n = len(index_shape)
+
+  def spread(x, axes):  # x's axes put at `axes` of the index shape
+    shape = [1] * n
+    for axis, size in zip(axes, x.shape):
+      shape[axis] = size
+    return jnp.broadcast_to(x.reshape(shape), index_shape)
+
+  parts, operand_axes = [spread(rows, range(split + 1))], [row_axis]
+  if at is not None:
+    slots = at[..., None] + jnp.arange(index_shape[-1], dtype=at.dtype)
+    parts.append(spread(slots, list(range(split + 1)) + [n - 1]))
+    operand_axes.append(row_axis + 1 + heads)
   if layer is not None:
-    index.insert(0, layer)
-  return cache_BxS.at[tuple(index)].set(update_BxT.astype(cache_BxS.dtype), mode="drop",
-                                        unique_indices=True)
+    parts.insert(0, jnp.broadcast_to(jnp.asarray(layer, parts[0].dtype), index_shape))
+    operand_axes.insert(0, 0)
+  indices = jnp.stack([p.astype(jnp.int32) for p in parts], axis=-1)
+  batch = (list(range(split)), [lead] * split)  # (index axes, cache axes)
+  batch = (batch[0] + [split + 1 + h for h in range(heads)],
+           batch[1] + [row_axis + 1 + h for h in range(heads)])
+  dims = jax.lax.ScatterDimensionNumbers(
+      update_window_dims=tuple(range(n, new.ndim)), inserted_window_dims=tuple(operand_axes),
+      scatter_dims_to_operand_dims=tuple(operand_axes), operand_batching_dims=tuple(batch[1]),
+      scatter_indices_batching_dims=tuple(batch[0]))
+  return jax.lax.scatter(cache, indices, new.astype(cache.dtype), dims, unique_indices=True,
+                         mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def _gather_rows(cache, rows, slots=None, layer=None, split=False, slot_axis=None):
+  """rows[r] of `cache` (laid out as for _scatter_rows), only their first `slots` slots
+  (None: all; the slots are axis slot_axis of a row): [blocks,] rows, a row's axes."""
+  lead = int(layer is not None)
+  row_axis = lead + split
+  parts, operand_axes = [rows], [row_axis]
+  if layer is not None:
+    parts.insert(0, jnp.broadcast_to(jnp.asarray(layer, rows.dtype), rows.shape))
+    operand_axes.insert(0, 0)
+  sizes = [1 if axis in operand_axes or (split and axis == lead) else size
+           for axis, size in enumerate(cache.shape)]
+  if slots is not None:
+    sizes[row_axis + slot_axis] = slots
+  dims = jax.lax.GatherDimensionNumbers(
+      offset_dims=tuple(range(rows.ndim, rows.ndim + cache.ndim - row_axis - 1)),
+      collapsed_slice_dims=tuple(operand_axes), start_index_map=tuple(operand_axes),
+      operand_batching_dims=(lead,) if split else (),
+      start_indices_batching_dims=(0,) if split else ())
+  indices = jnp.stack([p.astype(jnp.int32) for p in parts], axis=-1)
+  return jax.lax.gather(cache, indices, dims, tuple(sizes), unique_indices=True,
+                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 class Mlp(nn.Module):

@@ -184,3 +184,72 @@ def test_a_sequence_parallel_model_decodes_over_a_mesh_as_on_one_device():
                               mesh=mesh)
   assert split[0] == one[0]
   np.testing.assert_allclose(np.asarray(split[1]), np.asarray(one[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_over_two_batch_shards_run_only_their_rows_and_move_no_update():
+  """A server's chunked prefill over a 2x1x2 mesh (the cache's 8 rows in two blocks, the
+  heads over tensor): a 12-token chunk of 8 rows, then chunks of 2 chosen rows (one in
+  each block: rows 1 and 6, then 2 and 5) give one device's picks and cache, and leave
+  the other rows' cache as it was; the compiled chunk moves no key or value update
+  between devices (no all-gather, all-to-all or permute of an array 12 long: with
+  global row and head indices the partitioner all-gathered every update). Rows in the
+  wrong block are one sentence."""
+  from conftest import collectives_of
+  from bigsci_jax import sharding
+  from bigsci_jax.config import MeshConfig
+  from bigsci_jax.step import abstract_state
+  import optax
+  cfg = dataclasses.replace(BASE, max_len=48, position="rotary")
+  model = Transformer(cfg)
+  params = init_params(model, jax.random.key(5))
+  mesh = sharding.make_mesh(MeshConfig(2, 1, 2), jax.devices()[:4])
+  _, shardings = abstract_state(model, optax.identity(), mesh, 1)
+  placed = jax.device_put(params, shardings.params)
+  sampling = generate.Sampling(temperature=1.0)
+  rng = np.random.default_rng(0)
+
+  def chunk(rows, counts, start):
+    tokens = rng.integers(3, 50, (len(rows), 12)).astype(np.int32)
+    positions = (np.asarray(start)[:, None] + np.arange(12)).astype(np.int32)
+    return (tokens, positions, np.asarray(counts, np.int32),
+            generate.row_keys(np.asarray(rows)), 0, generate.sampling_rows([sampling] * len(rows)))
+
+  first = chunk(range(8), [12, 5, 12, 9, 12, 12, 7, 12], [0] * 8)
+  second = chunk([1, 6], [12, 12], [5, 7])
+  third = chunk([2, 5], [4, 12], [12, 12])
+  results = []
+  with jax.default_matmul_precision("highest"):
+    for decoder, p in ((generate.Decoder(model), params),
+                       (generate.Decoder(model, mesh), placed)):
+      cache = decoder.empty_cache(8, cfg.max_len)
+      picks = []
+      picked, cache = decoder.extend(p, cache, *first, filled=12)
+      picks.append(picked)
+      before = jax.tree.map(np.asarray, cache)
+      picked, cache = decoder.extend(p, cache, *second, filled=24, cache_rows=[1, 6])
+      picks.append(picked)
+      after = jax.tree.map(np.asarray, cache)
+      picked, cache = decoder.extend(p, cache, *third, filled=24, cache_rows=[2, 5])
+      picks.append(picked)
+      results.append((picks, jax.tree.map(np.asarray, cache)))
+      for b, a in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        others = [r for r in range(8) if r not in (1, 6)]
+        row = 0 if b.ndim == 1 else 1  # the layers' axis first (scanned layers)
+        np.testing.assert_array_equal(np.take(a, others, row), np.take(b, others, row))
+  (one, one_cache), (split, split_cache) = results
+  for a, b in zip(one, split):
+    assert a.token.tolist() == b.token.tolist()
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one_cache), jax.tree.leaves(split_cache)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+  decoder = generate.Decoder(model, mesh)
+  with sharding.activate(mesh):
+    compiled = decoder._extend.lower(0, 32, placed, cache, *second,
+                                     np.asarray([1, 6], np.int32)).compile()
+  moved = [(op, shape) for op, shape, _ in collectives_of(compiled)
+           if op != "all-reduce" and "12" in shape.split(",")]
+  assert not moved, moved
+  with pytest.raises(ValueError, match=r"cache_rows \[1, 2\] over 2 batch shards: row i of "
+                                       r"the 2 must be one of block i // 1"):
+    decoder.extend(placed, cache, *second, filled=24, cache_rows=[1, 2])

@@ -69,6 +69,20 @@ def _submit(engine, choices):
   return wait
 
 
+def _assert_decodes_as_alone(restored, c, name=""):
+  """c's tokens and log-probabilities are those `generate` gives its prompt alone (with
+  its seed and sampling), up to where c ended: its length, or EOS next."""
+  model, params, tok = restored
+  with jax.default_matmul_precision("highest"):
+    want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
+                                     seed=c.seed, return_logits=True, vocab=tok.vocab_size)
+  n = len(c.tokens)
+  assert n and c.tokens == want[0][:n], name
+  assert c.finish_reason == "length" or want[0][n] == tok.eos_id, name
+  logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
+  np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+
+
 def test_tokenizer_special_tokens_round_trip(restored):
   _, _, tok = restored
   assert tok.encode("a</s>b<pad>")[-4:] == tok.encode("a")[-1:] + [1] + tok.encode("b") + [0]
@@ -221,13 +235,7 @@ def test_requests_join_a_running_batch_and_decode_as_if_alone(restored):
   assert engine.batches == batches + 1 and long_done_when_short_ended[:1] == [False]
   assert rows["long"].finish_reason == "length" and len(rows["long"].tokens) == window - len(prompt)
   for name, c in rows.items():
-    with jax.default_matmul_precision("highest"):
-      want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
-                                       seed=c.seed, return_logits=True, vocab=tok.vocab_size)
-    n = len(c.tokens)
-    assert c.tokens == want[0][:n] and (c.finish_reason == "length" or want[0][n] == tok.eos_id)
-    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
-    np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+    _assert_decodes_as_alone(restored, c, name)
 
 
 def test_long_prompts_prefill_a_chunk_at_a_time_between_steps_and_decode_as_if_alone(restored):
@@ -260,13 +268,7 @@ def test_long_prompts_prefill_a_chunk_at_a_time_between_steps_and_decode_as_if_a
   # the longest row: 1 + 95 tokens, 32 at joining, then 2 chunks (the other's fewer, alongside)
   assert engine.chunks == 2 and any(stepped_while_prefilling)
   for name, c in rows.items():
-    with jax.default_matmul_precision("highest"):
-      want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
-                                       seed=c.seed, return_logits=True, vocab=tok.vocab_size)
-    n = len(c.tokens)
-    assert n and c.tokens == want[0][:n] and (c.finish_reason == "length" or want[0][n] == tok.eos_id)
-    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
-    np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0, err_msg=name)
+    _assert_decodes_as_alone(restored, c, name)
   prefix_model = type(model)(dataclasses.replace(model.cfg, mask="prefix"))
   prefix_engine = Engine(prefix_model, params, tok, max_batch=4, prefill_chunk=32)
   prefix_engine.stop()
@@ -302,12 +304,48 @@ def test_rows_move_down_when_others_leave_over_two_batch_shards(restored, monkey
   assert [c.finish_reason for c in rows] == ["length"] * 4
   assert sizes[:2] == [4, 4] and sizes[2:] == [2] * (len(sizes) - 2) and len(sizes) == 11
   for c in rows:
-    with jax.default_matmul_precision("highest"):
-      want, logits = generate.generate(model, params, [c.prompt], c.max_tokens, c.sampling,
-                                       seed=c.seed, return_logits=True, vocab=tok.vocab_size)
-    assert c.tokens == want[0]
-    logp = [float(jax.nn.log_softmax(logits[i][0])[t]) for i, t in enumerate(c.tokens)]
-    np.testing.assert_allclose(c.token_logprobs, logp, atol=1e-4, rtol=0)
+    _assert_decodes_as_alone(restored, c)
+
+
+def test_a_chunk_over_two_batch_shards_runs_one_row_per_shard(restored, monkeypatch):
+  """Over a mesh whose batch axis has two shards, a long prompt that joins two decoding
+  rows (steps of 4 rows: the bucket that holds 3) is prefilled in 32-token chunks of 2
+  rows, its own and one of the other shard's (which the chunk leaves as it was), not of
+  the step's 4; every row's tokens and log-probabilities are those `generate` gives it
+  alone."""
+  model, params, tok = restored
+  mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+  engine = Engine(model, params, tok, mesh=mesh, max_batch=4, gather_ms=5, prefill_chunk=32)
+  chunk_rows, step_rows = [], []
+  real_extend, real_step = engine.decoder.extend, engine.decoder.step
+
+  def extend(params, cache, tokens, *args, **kwargs):
+    if tokens.shape[1] > 1:  # a chunk (a step is an extend by one token)
+      chunk_rows.append(len(tokens))
+    return real_extend(params, cache, tokens, *args, **kwargs)
+
+  def step(params, cache, token, *args, **kwargs):
+    step_rows.append(len(token))
+    return real_step(params, cache, token, *args, **kwargs)
+
+  monkeypatch.setattr(engine.decoder, "extend", extend)
+  monkeypatch.setattr(engine.decoder, "step", step)
+  text = "Debian is a free operating system. The package manager installs software. "
+  short = [Choice(tok.encode("apt"), 30, generate.Sampling(), 0),
+           Choice(tok.encode("Le projet Debian"), 30, generate.Sampling(1.0, 40, 0.95), 5)]
+  long = Choice(tok.encode(text * 8)[:95], 8, generate.Sampling(), 0)
+  try:
+    engine.submit(Job(short, lambda: None))
+    while len(short[0].tokens) < 4:
+      time.sleep(0.01)
+    _submit(engine, [long])()
+    while not all(c.finished for c in short):
+      time.sleep(0.01)
+  finally:
+    engine.stop()
+  assert engine.chunks == 2 and chunk_rows == [2, 2] and 4 in step_rows, (chunk_rows, step_rows)
+  for c in short + [long]:
+    _assert_decodes_as_alone(restored, c)
 
 
 def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(restored, monkeypatch):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from conftest import collectives_of
 from bigsci_jax import aot, data, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig, RunConfig
@@ -154,21 +155,6 @@ def test_train_step_with_pallas_attention_compiles_for_two_v5e_chips(mesh):
                                      "bigsci_attention_dkv"}
 
 
-def _collectives(compiled):
-  """(op, shape, enclosing computation) of every collective in the compiled HLO."""
-  import re
-  found, computation = [], None
-  for line in compiled.as_text().splitlines():
-    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
-    if head:
-      computation = head.group(1)
-    op = re.search(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
-                   r"collective-permute)(?:-start)?\(", line)
-    if op:
-      found.append((op.group(2), op.group(1), computation))
-  return found
-
-
 def test_a_sequence_parallel_step_gathers_and_reduce_scatters_the_residual_stream():
   """ModelConfig.sequence_parallel on v5e:2x2, tensor = 4: the residual stream
   [8, 256, 256] moves by all-gathers into the projections and reduce-scatters out of
@@ -182,7 +168,7 @@ def test_a_sequence_parallel_step_gathers_and_reduce_scatters_the_residual_strea
   assert _kernel_calls(compiled) == {"bigsci_attention_forward", "bigsci_attention_dq",
                                      "bigsci_attention_dkv"}
   stream = "8,256,256"
-  collectives = _collectives(compiled)
+  collectives = collectives_of(compiled)
   reductions = [c for op, shape, c in collectives if op == "all-reduce" and shape == stream]
   gathers = {shape for op, shape, _ in collectives if op == "all-gather"}
   assert len(reductions) >= 4 and all(c.startswith("all-reduce-scatter") for c in reductions)

@@ -326,7 +326,8 @@ class Engine:
           tokens = np.full((rows, self.chunk), 3, np.int32)
           picked, slate.cache = self.decoder.extend(
               self.params, slate.cache, tokens, np.zeros_like(tokens), np.zeros(rows, np.int32),
-              keys, 0, sampling, top, width, np.arange(rows) if self.blocks == 1 else None)
+              keys, 0, sampling, top, width,
+              generate.step_rows(self.max_batch, rows, self.blocks))
           jax.block_until_ready(picked)
           continue
         cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
@@ -466,8 +467,9 @@ class Engine:
     """One more chunk of every prefilling row's prompt, written into its slot; a row
     whose prompt is then whole picks its first token and decodes from the next step.
     The chunk runs on the prefilling rows alone, padded to a row bucket with other
-    slots (which it leaves as they were); with the rows split over batch shards, on the
-    step rows of the current bucket (each shard keeps to its own rows)."""
+    slots (which it leaves as they were); with the rows split over batch shards, each
+    shard runs the same number of rows, its own prefilling ones padded with its other
+    slots (the model's _CacheEntry: each shard reads and writes only its rows)."""
     slate, width = self._slate, self.chunk
     for s in slate.live():
       job, c = slate.rows[s]
@@ -477,16 +479,16 @@ class Engine:
     prefilling = [s for s in slate.live()
                   if slate.pending[s] is not None and not slate.rows[s][1].finished]
     if prefilling:
-      cache_rows = None
-      slots, keys, sampling = slate.slots, slate.keys, slate.sampling
-      if self.blocks == 1:
-        count = next(b for b in self.row_buckets if b >= len(prefilling))
-        chosen = set(prefilling)
-        slots = prefilling + [s for s in range(self.max_batch) if s not in chosen][
-            :count - len(prefilling)]
-        cache_rows = slots
-        keys = generate.row_keys(slate.seeds[slots])
-        sampling = generate.sampling_rows([slate.samplings[s] for s in slots])
+      block = self.max_batch // self.blocks
+      own = [[s for s in prefilling if s // block == d] for d in range(self.blocks)]
+      per = next(b for b in self.row_buckets if b >= self.blocks * max(map(len, own)))
+      per //= self.blocks
+      slots = []
+      for d, mine in enumerate(own):
+        slots += mine + [s for s in range(d * block, (d + 1) * block) if s not in mine][
+            :per - len(mine)]
+      keys = generate.row_keys(slate.seeds[slots])
+      sampling = generate.sampling_rows([slate.samplings[s] for s in slots])
       tokens = np.zeros((len(slots), width), np.int32)
       positions = np.zeros((len(slots), width), np.int32)
       counts = np.zeros(len(slots), np.int32)
@@ -500,7 +502,7 @@ class Engine:
       filled = int((slate.position[moved] + counts[at]).max())
       picked, slate.cache = self.decoder.extend(self.params, slate.cache, tokens, positions,
                                                 counts, keys, 0, sampling,
-                                                generate.LOGPROBS_MAX, filled, cache_rows)
+                                                generate.LOGPROBS_MAX, filled, slots)
       self.chunks += 1
       slate.set_rows("position", moved, slate.position[moved] + counts[at])
       done = []
