@@ -206,8 +206,9 @@ class _CacheEntry:
   given `chosen` [b], the cache rows it names (a server's prompts prefilled chunk by
   chunk), call row i's again in block i // (b / blocks). Reads and writes name the
   block and the heads as batch dimensions of one gather or scatter, so the partitioner
-  keeps each device on its own rows and heads: with global row and head indices it
-  all-gathered every write's update over the batch and tensor axes."""
+  keeps each device on its own rows and heads: with global row and head indices
+  jaxlib's XLA (CPU, GPU) all-gathered every write's update over the batch and tensor
+  axes (libtpu's partitioner did not)."""
 
   def __init__(self, variable, layer, slot_axis, rows, blocks, chosen=None):
     self.variable, self.layer, self.slot_axis = variable, layer, slot_axis
