@@ -224,7 +224,7 @@ class _CacheEntry:
     return value.reshape(value.shape[:lead] + (self.blocks, total // self.blocks)
                          + value.shape[lead + 1:])
 
-  def _row_ids(self, block_rows):
+  def _row_ids(self):
     """The call's rows within their blocks, [blocks, b / blocks] (split) or [b]."""
     per = self.rows // self.blocks
     if self.chosen is None:
@@ -232,6 +232,7 @@ class _CacheEntry:
       return jnp.broadcast_to(ids, (self.blocks, per)) if self.split else ids
     if not self.split:
       return self.chosen
+    block_rows = self.variable.value.shape[self.lead] // self.blocks
     starts = block_rows * jnp.arange(self.blocks, dtype=self.chosen.dtype)
     return self.chosen.reshape(self.blocks, per) - starts[:, None]
 
@@ -244,8 +245,8 @@ class _CacheEntry:
     value, lead, split = self._blocked(), self.lead, self.split
     row_axis = lead + split
     if self.chosen is not None:  # a gather of the chosen rows
-      return self._unblocked(_gather_rows(value, self._row_ids(value.shape[row_axis]), slots,
-                                          self.layer, split, self.slot_axis))
+      return self._unblocked(_gather_rows(value, self._row_ids(), slots, self.layer, split,
+                                          self.slot_axis))
     sizes = list(value.shape)  # the first rows of each block: one slice
     sizes[row_axis] = self.rows // self.blocks
     if slots is not None:
@@ -269,10 +270,9 @@ class _CacheEntry:
     if self.split:
       new_b = new_b.reshape((self.blocks, -1) + new_b.shape[1:])
       at_B = None if at_B is None else at_B.reshape(self.blocks, -1)
-    rows = self._row_ids(value.shape[self.lead + self.split])
     heads = 0 if at_B is None else self.slot_axis - 1
-    self.variable.value = _scatter_rows(value, new_b, rows, at_B, self.layer, self.split,
-                                        heads).reshape(self.variable.value.shape)
+    self.variable.value = _scatter_rows(value, new_b, self._row_ids(), at_B, self.layer,
+                                        self.split, heads).reshape(self.variable.value.shape)
 
 
 def _scatter_rows(cache, new, rows, at=None, layer=None, split=False, heads=0):
@@ -305,13 +305,13 @@ def _scatter_rows(cache, new, rows, at=None, layer=None, split=False, heads=0):
     parts.insert(0, jnp.broadcast_to(jnp.asarray(layer, parts[0].dtype), index_shape))
     operand_axes.insert(0, 0)
   indices = jnp.stack([p.astype(jnp.int32) for p in parts], axis=-1)
-  batch = (list(range(split)), [lead] * split)  # (index axes, cache axes)
-  batch = (batch[0] + [split + 1 + h for h in range(heads)],
-           batch[1] + [row_axis + 1 + h for h in range(heads)])
+  # the batch dimensions, the block's and the heads', as axes of the indices and the cache
+  index_batch = list(range(split)) + [split + 1 + h for h in range(heads)]
+  cache_batch = [lead] * split + [row_axis + 1 + h for h in range(heads)]
   dims = jax.lax.ScatterDimensionNumbers(
       update_window_dims=tuple(range(n, new.ndim)), inserted_window_dims=tuple(operand_axes),
-      scatter_dims_to_operand_dims=tuple(operand_axes), operand_batching_dims=tuple(batch[1]),
-      scatter_indices_batching_dims=tuple(batch[0]))
+      scatter_dims_to_operand_dims=tuple(operand_axes), operand_batching_dims=tuple(cache_batch),
+      scatter_indices_batching_dims=tuple(index_batch))
   return jax.lax.scatter(cache, indices, new.astype(cache.dtype), dims, unique_indices=True,
                          mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
 
