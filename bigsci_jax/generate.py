@@ -189,13 +189,30 @@ def _move_rows(cache, from_N, to_N):
   return _pinned(jax.tree_util.tree_map_with_path(move, cache))
 
 
+def _cache_rows(cache):
+  """How many rows `cache` has."""
+  return next(x for p, x in jax.tree_util.tree_leaves_with_path(cache)
+              if p[-1].key == "index").shape[-1]
+
+
+def _in_own_blocks(rows_N, total, shards):
+  """Whether rows_N (cache rows of `total`, or out of range: none) split as a batch axis
+  of `shards` shards puts its rows: is row i's cache row in block i // (N / shards) of
+  the cache's, so that each shard's call rows are its own cache rows (model._CacheEntry)?"""
+  n = len(rows_N)
+  if shards < 2 or total % shards or n % shards:
+    return False
+  inside = rows_N < total
+  own = rows_N // (total // shards) == np.arange(n) // (n // shards)
+  return bool(own[inside].all())
+
+
 def _check_blocks(chosen_B, cache, shards):
   """Stops, in one sentence, where chosen cache rows over a batch axis of `shards`
   shards are not in the blocks their call rows are (Decoder.extend)."""
-  total, b = next(x for p, x in jax.tree_util.tree_leaves_with_path(cache)
-                  if p[-1].key == "index").shape[-1], len(chosen_B)
-  if shards > 1 and total % shards == 0 and b % shards == 0 and (
-      (chosen_B // (total // shards) != np.arange(b) // (b // shards)).any()):
+  total, b = _cache_rows(cache), len(chosen_B)
+  if (shards > 1 and total % shards == 0 and b % shards == 0
+      and not _in_own_blocks(chosen_B, total, shards)):
     raise ValueError(f"cache_rows {chosen_B.tolist()} over {shards} batch shards: row i of "
                      f"the {b} must be one of block i // {b // shards} of the cache's {total} "
                      f"rows ({total // shards} per block).")
@@ -216,6 +233,33 @@ def _put_rows(cache, new, slots_N, shift_N):
   put anywhere. `new` may have fewer slots per row than `cache` (a prefill's cache of
   its prompt width): the rest of the row becomes empty (positions -1), and as nothing
   reads an empty slot's key or value, only the first slots of those are written."""
+  return _pinned(_put(cache, new, slots_N, shift_N))
+
+
+def _put_rows_locally(cache, new, slots_N, shift_N):
+  """_put_rows over a mesh whose batch axis is split in n shards, where row i of `new`
+  goes to a slot of block i // (N / n) of the cache's rows or nowhere (Decoder.put_rows
+  checks): each shard puts its own rows of `new` into its own block (shard_map), so no
+  row crosses devices (with global slots both jaxlib's XLA and libtpu all-gathered the
+  new rows' keys, values and positions over the batch and tensor axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+
+  def specs(tree):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: sharding.logical_to_sharding(cache_axes(path, x), x.shape, mesh).spec,
+        tree)
+  row = sharding.logical_to_sharding(("batch",), slots_N.shape, mesh).spec
+  block = _cache_rows(cache) // sharding.batch_shards(mesh)
+
+  def put(cache, new, slots_N, shift_N):  # this shard's rows, its slots within its block
+    start = jax.lax.axis_index(row[0]) * block
+    local = jnp.where((slots_N >= start) & (slots_N < start + block), slots_N - start, block)
+    return _put(cache, new, local, shift_N)
+  return _pinned(jax.shard_map(put, mesh=mesh, in_specs=(specs(cache), specs(new), row, row),
+                               out_specs=specs(cache))(cache, new, slots_N, shift_N))
+
+
+def _put(cache, new, slots_N, shift_N):
   width = _row_slots(new)
 
   def move(path, x):  # each row rolled left by its shift: a slice of the row twice over
@@ -236,8 +280,7 @@ def _put_rows(cache, new, slots_N, shift_N):
         index += (slice(None),) * (_slot_axis(path, x) - len(index)) + (slice(0, slots),)
       moved = _resized(path, moved, slots)
     return x.at[index].set(moved, mode="drop")
-  return _pinned(jax.tree_util.tree_map_with_path(put, cache,
-                                                 jax.tree_util.tree_map_with_path(move, new)))
+  return jax.tree_util.tree_map_with_path(put, cache, jax.tree_util.tree_map_with_path(move, new))
 
 
 def _fill(path):
@@ -362,6 +405,7 @@ class Decoder:
     self._empty = jax.jit(functools.partial(empty_cache, model), static_argnums=(0, 1))
     self._move_rows = jax.jit(_move_rows, donate_argnums=(0,))
     self._put_rows = jax.jit(_put_rows, donate_argnums=(0,))
+    self._put_locally = jax.jit(_put_rows_locally, donate_argnums=(0,))
 
   def _run(self, fn, *args):
     if self.mesh is None:
@@ -421,14 +465,20 @@ class Decoder:
   def put_rows(self, cache, new, slots_N, shift_N):
     """`cache` (donated) with row slots_N[i] replaced by row i of `new` (a prefill's cache,
     of as many slots per row or fewer) moved shift_N[i] slots left; slots_N[i] >= the
-    rows of `cache` puts that row nowhere."""
-    return self._run(self._put_rows, cache, new, np.asarray(slots_N, np.int32),
+    rows of `cache` puts that row nowhere. Over a mesh whose batch axis has n shards,
+    rows going into block i // (N / n) of the cache (or nowhere) are put by each shard
+    into its own rows (the server picks such slots); other rows cross devices."""
+    slots = np.asarray(slots_N, np.int32)
+    local = self.mesh is not None and _in_own_blocks(slots, _cache_rows(cache),
+                                                     sharding.batch_shards(self.mesh))
+    return self._run(self._put_locally if local else self._put_rows, cache, new, slots,
                      np.asarray(shift_N, np.int32))
 
   def compiled_shapes(self):
     """How many shapes the jitted functions have compiled (a warm server's count stays)."""
     return sum(f._cache_size() for f in (self._prefill, self._extend, self._prompt,
-                                         self._empty, self._move_rows, self._put_rows))
+                                         self._empty, self._move_rows, self._put_rows,
+                                         self._put_locally))
 
 
 def decoder_for(model, vocab=None, mesh=None):

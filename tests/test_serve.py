@@ -308,16 +308,18 @@ def test_rows_move_down_when_others_leave_over_two_batch_shards(restored, monkey
 
 
 def test_a_chunk_over_two_batch_shards_runs_one_row_per_shard(restored, monkeypatch):
-  """Over a mesh whose batch axis has two shards, a long prompt that joins two decoding
-  rows (steps of 4 rows: the bucket that holds 3) is prefilled in 32-token chunks of 2
-  rows, its own and one of the other shard's (which the chunk leaves as it was), not of
-  the step's 4; every row's tokens and log-probabilities are those `generate` gives it
-  alone."""
+  """Over a mesh whose batch axis has two shards, a long prompt that joins three
+  decoding rows (steps of 4 rows) is prefilled in 32-token chunks of 2 rows, its own
+  and one of the other shard's (which the chunk leaves as it was), not of the step's 4;
+  both joins put each prefilled row into a slot of its own shard's block of the cache
+  (no row crosses devices; before, the three rows' prefill rows 0-2 went to slots 0, 2,
+  1 and the long row's prefill row 0 to slot 3); every row's tokens and
+  log-probabilities are those `generate` gives it alone."""
   model, params, tok = restored
   mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=1, tensor=1), jax.devices()[:2])
   engine = Engine(model, params, tok, mesh=mesh, max_batch=4, gather_ms=5, prefill_chunk=32)
-  chunk_rows, step_rows = [], []
-  real_extend, real_step = engine.decoder.extend, engine.decoder.step
+  chunk_rows, step_rows, puts = [], [], []
+  real_extend, real_step, real_put = engine.decoder.extend, engine.decoder.step, engine.decoder.put_rows
 
   def extend(params, cache, tokens, *args, **kwargs):
     if tokens.shape[1] > 1:  # a chunk (a step is an extend by one token)
@@ -328,11 +330,17 @@ def test_a_chunk_over_two_batch_shards_runs_one_row_per_shard(restored, monkeypa
     step_rows.append(len(token))
     return real_step(params, cache, token, *args, **kwargs)
 
+  def put_rows(cache, new, slots, shift):
+    puts.append(np.asarray(slots).tolist())
+    return real_put(cache, new, slots, shift)
+
   monkeypatch.setattr(engine.decoder, "extend", extend)
   monkeypatch.setattr(engine.decoder, "step", step)
+  monkeypatch.setattr(engine.decoder, "put_rows", put_rows)
   text = "Debian is a free operating system. The package manager installs software. "
   short = [Choice(tok.encode("apt"), 30, generate.Sampling(), 0),
-           Choice(tok.encode("Le projet Debian"), 30, generate.Sampling(1.0, 40, 0.95), 5)]
+           Choice(tok.encode("Le projet Debian"), 30, generate.Sampling(1.0, 40, 0.95), 5),
+           Choice(tok.encode("Das Paket"), 24, generate.Sampling(0.7), 2)]
   long = Choice(tok.encode(text * 8)[:95], 8, generate.Sampling(), 0)
   try:
     engine.submit(Job(short, lambda: None))
@@ -344,8 +352,40 @@ def test_a_chunk_over_two_batch_shards_runs_one_row_per_shard(restored, monkeypa
   finally:
     engine.stop()
   assert engine.chunks == 2 and chunk_rows == [2, 2] and 4 in step_rows, (chunk_rows, step_rows)
+  # prefill rows 0, 1 (block 0) into slots 0, 1; row 2 (block 1) into slot 2; then the
+  # long row, prefill row 1 of 2 (block 1), into slot 3; 4 is nowhere
+  assert puts == [[0, 1, 2, 4], [4, 3]], puts
   for c in short + [long]:
     _assert_decodes_as_alone(restored, c)
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 4])
+def test_joining_rows_take_free_slots_of_their_own_shard(blocks):
+  """_Slate.places and slots_for over a batch axis of `blocks` shards, for random
+  slates of 16 slots and every number of rows that fits: each row gets a free slot in
+  the block of its prefill row (its shard's), no slot or prefill row twice, and the
+  prefill's row count is the smallest bucket for which that is possible; with one
+  shard, the first free slots in fill order, in the rows' order (as before shards)."""
+  from bigsci_jax.serve.engine import _Slate
+  rng = np.random.default_rng(blocks)
+  buckets = [blocks << i for i in range((16 // blocks).bit_length()) if blocks << i < 16] + [16]
+  block = 16 // blocks
+  for _ in range(40):
+    slate = _Slate(None, 16, blocks)
+    for s in rng.choice(16, rng.integers(0, 16), replace=False):
+      slate.rows[s] = ("job", "row")
+    free = sorted((s for s in range(16) if slate.rows[s] is None), key=slate.rank)
+    have = [sum(s // block == d for s in free) for d in range(blocks)]
+    for n in range(1, len(free) + 1):
+      count, at = slate.places(n, buckets)
+      per = count // blocks
+      slots = slate.slots_for([r // per for r in at])
+      assert len(set(slots)) == len(set(at)) == n and set(slots) <= set(free)
+      assert all(s // block == r // per for s, r in zip(slots, at)) and max(at) < count
+      smaller = [b for b in buckets if n <= b < count]
+      assert all(sum(min(b // blocks, h) for h in have) < n for b in smaller)
+      if blocks == 1:
+        assert slots == free[:n] and at == list(range(n))
 
 
 def test_a_failed_step_fails_its_rows_and_the_engine_goes_on(restored, monkeypatch):

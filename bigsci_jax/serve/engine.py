@@ -137,6 +137,40 @@ class _Slate:
     block = len(self.rows) // self.blocks
     return (slot % block) * self.blocks + slot // block
 
+  def _free(self):
+    """The free slots in fill order."""
+    return sorted((s for s, row in enumerate(self.rows) if row is None), key=self.rank)
+
+  def places(self, n, buckets):
+    """Where n rows joining are prefilled: (count, at). The prefill runs on `count` rows
+    (the smallest of `buckets` that can hold them so), in `blocks` blocks of count /
+    blocks rows, one per shard of the batch axis; row j is row at[j] of the prefill, in
+    the block of the shard whose part of the cache will hold it (slots_for), so that it
+    is put into the cache on its own device (Decoder.put_rows). The rows go where the
+    first free slots in fill order whose block has room left are."""
+    block = len(self.rows) // self.blocks
+    free = self._free()
+    for count in (b for b in buckets if b >= n):
+      per, used, at = count // self.blocks, [0] * self.blocks, []
+      for s in free:
+        d = s // block
+        if used[d] < per:
+          at.append(d * per + used[d])
+          used[d] += 1
+          if len(at) == n:
+            return count, at
+    raise ValueError(f"{n} rows joining do not fit the {len(free)} free slots.")
+
+  def slots_for(self, blocks_n):
+    """The slots rows of these blocks of the cache's rows take, in order: each the first
+    free one in fill order of its block (None where the block has none left)."""
+    block, free, slots = len(self.rows) // self.blocks, self._free(), []
+    for d in blocks_n:
+      slots.append(next((s for s in free if s // block == d), None))
+      if slots[-1] is not None:
+        free.remove(slots[-1])
+    return slots
+
   def put(self, slot, row, token, position, seed, pending=None):
     """A row joins at `slot` after its first pick, or, with `pending` prompt tokens
     still to prefill, before it (token unused, no picks yet)."""
@@ -331,7 +365,9 @@ class Engine:
           jax.block_until_ready(picked)
           continue
         cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
-        slate.cache = self.decoder.put_rows(slate.cache, cache, np.arange(rows), np.zeros(rows))
+        slate.cache = self.decoder.put_rows(  # as _Slate.places puts rows: each shard's own
+            slate.cache, cache, generate.step_rows(self.max_batch, rows, self.blocks),
+            np.zeros(rows))
     for rows in counts:
       slate.settle(rows)
       for reads in self.reads:
@@ -350,10 +386,13 @@ class Engine:
     """Score and prefill the new rows, take their first tokens, and put the rows still
     going into the slate."""
     choices = [c for _, c in rows]
-    count = next(s for s in self.row_buckets if s >= len(choices))
+    slate = self._slate or _Slate(None, self.max_batch, self.blocks)
+    count, at = slate.places(len(choices), self.row_buckets)  # row j: prefill row at[j]
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
-    padded = choices + [pad] * (count - len(choices))
+    padded = [pad] * count
+    for j, c in zip(at, choices):
+      padded[j] = c
     width = generate.bucket_width(1 + len(self.lead) + max(len(c.prompt) for c in padded), self.window)
     top = generate.LOGPROBS_MAX  # one shape whatever the rows ask for; rows take their share
     batch = generate.prompt_batch([c.prompt for c in padded], self.prefix_lm, width, self.lead,
@@ -365,7 +404,7 @@ class Engine:
     if any(c.echo and c.logprobs is not None for c in choices):
       token_lp, top_ids, top_lp, causal_pick = jax.device_get(
           self.decoder.prompt_logprobs(self.params, batch, keys, sampling, top))
-      for r, (job, c) in enumerate(rows):
+      for (job, c), r in zip(rows, at):
         if c.echo and c.logprobs is not None:
           cols = slice(width - len(c.prompt), width)
           with job.lock:
@@ -388,13 +427,13 @@ class Engine:
         batch = generate.prompt_batch(heads, self.prefix_lm, width, self.lead,
                                       self.tokenizer.bos_id)
       picked, cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)
-    whole = [r for r, (_, c) in enumerate(rows) if len(heads[r]) == len(c.prompt)]
+    whole = [j for j, (_, c) in enumerate(rows) if len(heads[at[j]]) == len(c.prompt)]
     if picked is not None:  # a chunked row picks after its last chunk
-      self._take_picks([rows[r] for r in whole], picked, whole)
+      self._take_picks([rows[j] for j in whole], picked, [at[j] for j in whole])
     self._notify(rows)
-    joining = [r for r, (_, c) in enumerate(rows) if not c.finished]
+    joining = [j for j, (_, c) in enumerate(rows) if not c.finished]
     if joining:
-      self._join(rows, joining, cache, heads, width)
+      self._join(rows, joining, cache, heads, width, at)
 
   def _head(self, c):
     """The prompt tokens of c prefilled on joining: all, or a long prompt's first chunk."""
@@ -402,22 +441,25 @@ class Engine:
       return c.prompt
     return c.prompt[:self.chunk - 1 - len(self.lead)]
 
-  def _join(self, rows, joining, cache, heads, width):
-    """Put rows[r] for r in `joining` (rows of the prefilled `cache`, holding their
-    prompts' first len(heads[r]) tokens) into the free slots that come first in the
-    slate's fill order; a row with more of its prompt to prefill waits for its chunks."""
+  def _join(self, rows, joining, cache, heads, width, at):
+    """Put rows[j] for j in `joining` (row at[j] of the prefilled `cache`, holding its
+    prompt's first len(heads[at[j]]) tokens) into the free slots that come first in the
+    slate's fill order within its shard's block of the cache (_Slate.places); a row
+    with more of its prompt to prefill waits for its chunks."""
     slate = self._slate
     if slate is None:
       slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
-    free = sorted((s for s, row in enumerate(slate.rows) if row is None), key=slate.rank)
-    slots = np.full(len(heads), self.max_batch, np.int32)  # out of range: put nowhere
-    shift = np.zeros(len(slots), np.int32)
-    for r, s in zip(joining, free):
-      c, filled = rows[r][1], 1 + len(self.lead) + len(heads[r])
-      slots[r], shift[r] = s, width - filled
+    per = len(heads) // self.blocks  # the prefill's rows a shard
+    slots = slate.slots_for([at[j] // per for j in joining])
+    slots_n = np.full(len(heads), self.max_batch, np.int32)  # out of range: put nowhere
+    shift = np.zeros(len(slots_n), np.int32)
+    for j, s in zip(joining, slots):
+      r, c = at[j], rows[j][1]
+      filled = 1 + len(self.lead) + len(heads[r])
+      slots_n[r], shift[r] = s, width - filled
       rest = c.prompt[len(heads[r]):] or None
-      slate.put(s, rows[r], 0 if rest else c.tokens[-1], filled, c.seed, rest)
-    slate.cache = self.decoder.put_rows(slate.cache, cache, slots, shift)
+      slate.put(s, rows[j], 0 if rest else c.tokens[-1], filled, c.seed, rest)
+    slate.cache = self.decoder.put_rows(slate.cache, cache, slots_n, shift)
     self._settle(slate)
     self._slate = slate
 
