@@ -202,6 +202,20 @@ def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
       fits=hbm is None or memory["total"] <= hbm, compile_s=round(compile_s, 1), **fields)
 
 
+def collectives(compiled):
+  """(op, shape, enclosing computation) of every collective in a compiled HLO module."""
+  found, computation = [], None
+  for line in compiled.as_text().splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+    if head:
+      computation = head.group(1)
+    op = re.search(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
+                   r"collective-permute)(?:-start)?\(", line)
+    if op:
+      found.append((op.group(2), op.group(1), computation))
+  return found
+
+
 def _attention_impl(run, mesh):
   """The attention the train step uses on the mesh's devices ("auto" resolved there)."""
   from bigsci_jax import sharding

@@ -2,7 +2,6 @@
 
 import atexit
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -35,20 +34,6 @@ def xla_flags(devices):
   flags = [f for f in os.environ["XLA_FLAGS"].split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   return " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
-
-
-def collectives_of(compiled):
-  """(op, shape, enclosing computation) of every collective in a compiled HLO module."""
-  found, computation = [], None
-  for line in compiled.as_text().splitlines():
-    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
-    if head:
-      computation = head.group(1)
-    op = re.search(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
-                   r"collective-permute)(?:-start)?\(", line)
-    if op:
-      found.append((op.group(2), op.group(1), computation))
-  return found
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -193,7 +193,7 @@ def test_rows_put_into_their_own_shards_block_move_nothing_between_devices():
   compiled put has no collective at all (with global slots both jaxlib's XLA and the TPU
   compiler all-gathered the new rows' keys, values and positions); slots in other
   blocks ([5, 1, 2, 8]) are still put right, across devices."""
-  from conftest import collectives_of
+  from bigsci_jax.aot import collectives
   from bigsci_jax import sharding
   from bigsci_jax.config import MeshConfig
   from bigsci_jax.step import abstract_state
@@ -227,7 +227,7 @@ def test_rows_put_into_their_own_shards_block_move_nothing_between_devices():
   with sharding.activate(mesh):
     compiled = decoder._put_locally.lower(local, new, np.zeros(4, np.int32),
                                           np.zeros(4, np.int32)).compile()
-  assert not collectives_of(compiled)
+  assert not collectives(compiled)
 
 
 def test_chunks_over_two_batch_shards_run_only_their_rows_and_move_no_update():
@@ -238,7 +238,7 @@ def test_chunks_over_two_batch_shards_run_only_their_rows_and_move_no_update():
   between devices (no all-gather, all-to-all or permute of an array 12 long: with
   global row and head indices the partitioner all-gathered every update). Rows in the
   wrong block are one sentence."""
-  from conftest import collectives_of
+  from bigsci_jax.aot import collectives
   from bigsci_jax import sharding
   from bigsci_jax.config import MeshConfig
   from bigsci_jax.step import abstract_state
@@ -291,7 +291,7 @@ def test_chunks_over_two_batch_shards_run_only_their_rows_and_move_no_update():
   with sharding.activate(mesh):
     compiled = decoder._extend.lower(0, 32, placed, cache, *second,
                                      np.asarray([1, 6], np.int32)).compile()
-  moved = [(op, shape) for op, shape, _ in collectives_of(compiled)
+  moved = [(op, shape) for op, shape, _ in collectives(compiled)
            if op != "all-reduce" and "12" in shape.split(",")]
   assert not moved, moved
   with pytest.raises(ValueError, match=r"cache_rows \[1, 2\] over 2 batch shards: row i of "

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from conftest import collectives_of
+from bigsci_jax.aot import collectives
 from bigsci_jax import aot, data, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig, RunConfig
@@ -168,12 +168,12 @@ def test_a_sequence_parallel_step_gathers_and_reduce_scatters_the_residual_strea
   assert _kernel_calls(compiled) == {"bigsci_attention_forward", "bigsci_attention_dq",
                                      "bigsci_attention_dkv"}
   stream = "8,256,256"
-  collectives = collectives_of(compiled)
-  reductions = [c for op, shape, c in collectives if op == "all-reduce" and shape == stream]
-  gathers = {shape for op, shape, _ in collectives if op == "all-gather"}
+  found = collectives(compiled)
+  reductions = [c for op, shape, c in found if op == "all-reduce" and shape == stream]
+  gathers = {shape for op, shape, _ in found if op == "all-gather"}
   assert len(reductions) >= 4 and all(c.startswith("all-reduce-scatter") for c in reductions)
   assert gathers == {stream}
-  assert not [c for c in collectives if c[0] == "all-to-all"]
+  assert not [c for c in found if c[0] == "all-to-all"]
 
 
 def test_attention_runs_whole_on_every_device_where_nothing_divides():
