@@ -196,9 +196,9 @@ def _cache_rows(cache):
 
 
 def _in_own_blocks(rows_N, total, shards):
-  """Whether rows_N (cache rows of `total`, or out of range: none) split as a batch axis
-  of `shards` shards puts its rows: is row i's cache row in block i // (N / shards) of
-  the cache's, so that each shard's call rows are its own cache rows (model._CacheEntry)?"""
+  """Whether each call row i's cache row rows_N[i] (of `total`; out of range: none) is in
+  block i // (N / shards) of the cache's rows: over a batch axis of `shards` shards,
+  each shard's call rows are then its own cache rows (model._CacheEntry)."""
   n = len(rows_N)
   if shards < 2 or total % shards or n % shards:
     return False
@@ -260,6 +260,7 @@ def _put_rows_locally(cache, new, slots_N, shift_N):
 
 
 def _put(cache, new, slots_N, shift_N):
+  """_put_rows' put, the layout left to the caller (both puts, and a shard's own)."""
   width = _row_slots(new)
 
   def move(path, x):  # each row rolled left by its shift: a slice of the row twice over

@@ -188,45 +188,41 @@ def test_a_sequence_parallel_model_decodes_over_a_mesh_as_on_one_device():
 
 def test_rows_put_into_their_own_shards_block_move_nothing_between_devices():
   """Rows joining a server's cache over a 2x1x2 mesh (8 cache rows in two blocks, the
-  heads over tensor): a left-padded prefill of 4 rows (two per shard) put into slots 1
-  and 3 (block 0), 6 (block 1) and nowhere gives one device's whole cache, and its
-  compiled put has no collective at all (with global slots both jaxlib's XLA and the TPU
-  compiler all-gathered the new rows' keys, values and positions); slots in other
-  blocks ([5, 1, 2, 8]) are still put right, across devices."""
-  from bigsci_jax.aot import collectives
+  heads over tensor): a 4-row prefill's cache (two rows per shard) put into slots 1 and
+  3 (block 0), 6 (block 1) and nowhere gives one device's whole cache (random contents,
+  rows shifted left by different amounts), and its compiled put has no collective at
+  all (with global slots both jaxlib's XLA and the TPU compiler all-gathered the new
+  rows' keys, values and positions); slots in other blocks ([5, 1, 2, 8]) are still put
+  right, across devices."""
   from bigsci_jax import sharding
+  from bigsci_jax.aot import collectives
   from bigsci_jax.config import MeshConfig
-  from bigsci_jax.step import abstract_state
-  import optax
-  cfg = dataclasses.replace(BASE, max_len=32, position="rotary")
-  model = Transformer(cfg)
-  params = init_params(model, jax.random.key(6))
+  model = Transformer(dataclasses.replace(BASE, max_len=32, position="rotary"))
   mesh = sharding.make_mesh(MeshConfig(2, 1, 2), jax.devices()[:4])
-  _, shardings = abstract_state(model, optax.identity(), mesh, 1)
-  placed = jax.device_put(params, shardings.params)
-  sampling = generate.Sampling(temperature=1.0)
-  running = generate.prompt_batch([[7, 3, 9, 2, 4, 6, 8, 5]] * 8, False, 16)
-  joining = generate.prompt_batch([[5, 9, 3], [8, 2, 6, 4, 7], [3] * 7, [11, 12]], False, 8)
-  shift = [8 - 1 - n for n in (3, 5, 7, 2)]
+  rng = np.random.default_rng(0)
+  one, split = generate.Decoder(model), generate.Decoder(model, mesh)
+  values = [jax.tree.map(lambda x: (rng.integers(-1, 30, x.shape) if x.dtype.kind == "i"
+                                    else rng.normal(size=x.shape)).astype(x.dtype),
+                         one.empty_cache(rows, slots)) for rows, slots in ((8, 32), (4, 8))]
+  shift = [4, 1, 0, 5]
   results = []
-  for decoder, p in ((generate.Decoder(model), params), (generate.Decoder(model, mesh), placed)):
-    full = decoder.prefill(p, running, generate.row_keys(range(8)),
-                           generate.sampling_rows([sampling] * 8), cfg.max_len)[1]
-    new = decoder.prefill(p, joining, generate.row_keys(range(4)),
-                          generate.sampling_rows([sampling] * 4), 8)[1]
-    sizes = [decoder._put_locally._cache_size(), decoder._put_rows._cache_size()]
+  for decoder in (one, split):
+    full, new = [jax.tree.map(lambda v, x: jax.device_put(v, x.sharding), tree,
+                              decoder.empty_cache(*shape))
+                 for tree, shape in zip(values, ((8, 32), (4, 8)))]
+    before = (decoder._put_locally._cache_size(), decoder._put_rows._cache_size())
     local = decoder.put_rows(jax.tree.map(jnp.copy, full), new, [1, 3, 6, 8], shift)
-    sizes.append(decoder._put_locally._cache_size())  # the mesh's put was the local one
     across = decoder.put_rows(full, new, [5, 1, 2, 8], shift)
-    sizes.append(decoder._put_rows._cache_size())
+    compiled = (decoder._put_locally._cache_size() - before[0],
+                decoder._put_rows._cache_size() - before[1])
     results.append([jax.tree.map(np.asarray, c) for c in (local, across)])
-  assert sizes[2:] == [sizes[0] + 1, sizes[1] + 1], sizes
-  for one, split in zip(*results):
-    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(split)):
-      np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  assert compiled == (1, 1)  # over the mesh: the first put was the local one
+  for a_tree, b_tree in zip(*results):
+    for a, b in zip(jax.tree.leaves(a_tree), jax.tree.leaves(b_tree)):
+      np.testing.assert_array_equal(a, b)
   with sharding.activate(mesh):
-    compiled = decoder._put_locally.lower(local, new, np.zeros(4, np.int32),
-                                          np.zeros(4, np.int32)).compile()
+    compiled = split._put_locally.lower(local, new, np.zeros(4, np.int32),
+                                        np.zeros(4, np.int32)).compile()
   assert not collectives(compiled)
 
 
