@@ -142,33 +142,35 @@ class _Slate:
     return sorted((s for s, row in enumerate(self.rows) if row is None), key=self.rank)
 
   def places(self, n, buckets):
-    """Where n rows joining are prefilled: (count, at). The prefill runs on `count` rows
-    (the smallest of `buckets` that can hold them so), in `blocks` blocks of count /
-    blocks rows, one per shard of the batch axis; row j is row at[j] of the prefill, in
-    the block of the shard whose part of the cache will hold it (slots_for), so that it
-    is put into the cache on its own device (Decoder.put_rows). The rows go where the
-    first free slots in fill order whose block has room left are."""
-    block = len(self.rows) // self.blocks
-    free = self._free()
-    for count in (b for b in buckets if b >= n):
-      per, used, at = count // self.blocks, [0] * self.blocks, []
-      for s in free:
-        d = s // block
-        if used[d] < per:
-          at.append(d * per + used[d])
-          used[d] += 1
-          if len(at) == n:
-            return count, at
-    raise ValueError(f"{n} rows joining do not fit the {len(free)} free slots.")
+    """Where n rows joining are prefilled: (count, at, blocks_n). The prefill runs on
+    `count` rows, the smallest of `buckets` that holds n, in `blocks` blocks of count /
+    blocks rows, one per shard of the batch axis. Where the free slots allow, row j is
+    row at[j] of the prefill, in the block of the shard whose part of the cache will
+    hold it (blocks_n[j]; the rows go where the first free slots in fill order whose
+    block has room are), so that it is put into the cache on its own device
+    (Decoder.put_rows). Where they do not (the free slots are too unevenly spread over
+    the shards), row j is row j and blocks_n[j] is None: the rows take the first free
+    slots in fill order and cross devices (cheaper than a larger prefill)."""
+    block, free = len(self.rows) // self.blocks, self._free()
+    count = next(b for b in buckets if b >= n)
+    per, used, at, blocks_n = count // self.blocks, [0] * self.blocks, [], []
+    for s in free:
+      d = s // block
+      if used[d] < per and len(at) < n:
+        at.append(d * per + used[d])
+        blocks_n.append(d)
+        used[d] += 1
+    if len(at) < n:
+      return count, list(range(n)), [None] * n
+    return count, at, blocks_n
 
   def slots_for(self, blocks_n):
     """The slots rows of these blocks of the cache's rows take, in order: each the first
-    free one in fill order of its block (None where the block has none left)."""
+    free one in fill order of its block (None: of any block)."""
     block, free, slots = len(self.rows) // self.blocks, self._free(), []
     for d in blocks_n:
-      slots.append(next((s for s in free if s // block == d), None))
-      if slots[-1] is not None:
-        free.remove(slots[-1])
+      slots.append(next(s for s in free if d is None or s // block == d))
+      free.remove(slots[-1])
     return slots
 
   def put(self, slot, row, token, position, seed, pending=None):
@@ -365,9 +367,12 @@ class Engine:
           jax.block_until_ready(picked)
           continue
         cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
-        slate.cache = self.decoder.put_rows(  # as _Slate.places puts rows: each shard's own
-            slate.cache, cache, generate.step_rows(self.max_batch, rows, self.blocks),
-            np.zeros(rows))
+        # rows put as _Slate.places puts them: each shard's own, and over shards also
+        # into the next shard's block (free slots too uneven for that: the global put)
+        own = np.asarray(generate.step_rows(self.max_batch, rows, self.blocks))
+        block = self.max_batch // self.blocks
+        for slots in [own] + [(own + block) % self.max_batch] * (self.blocks > 1):
+          slate.cache = self.decoder.put_rows(slate.cache, cache, slots, np.zeros(rows))
     for rows in counts:
       slate.settle(rows)
       for reads in self.reads:
@@ -387,7 +392,7 @@ class Engine:
     going into the slate."""
     choices = [c for _, c in rows]
     slate = self._slate or _Slate(None, self.max_batch, self.blocks)
-    count, at = slate.places(len(choices), self.row_buckets)  # row j: prefill row at[j]
+    count, at, blocks_n = slate.places(len(choices), self.row_buckets)  # row j: prefill row at[j]
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
     padded = [pad] * count
@@ -433,7 +438,7 @@ class Engine:
     self._notify(rows)
     joining = [j for j, (_, c) in enumerate(rows) if not c.finished]
     if joining:
-      self._join(rows, joining, cache, heads, width, at)
+      self._join(rows, joining, cache, heads, width, at, blocks_n)
 
   def _head(self, c):
     """The prompt tokens of c prefilled on joining: all, or a long prompt's first chunk."""
@@ -441,16 +446,15 @@ class Engine:
       return c.prompt
     return c.prompt[:self.chunk - 1 - len(self.lead)]
 
-  def _join(self, rows, joining, cache, heads, width, at):
+  def _join(self, rows, joining, cache, heads, width, at, blocks_n):
     """Put rows[j] for j in `joining` (row at[j] of the prefilled `cache`, holding its
-    prompt's first len(heads[at[j]]) tokens) into the free slots that come first in the
-    slate's fill order within its shard's block of the cache (_Slate.places); a row
+    prompt's first len(heads[at[j]]) tokens) into the free slot that comes first in the
+    slate's fill order within block blocks_n[j] of the cache (_Slate.places); a row
     with more of its prompt to prefill waits for its chunks."""
     slate = self._slate
     if slate is None:
       slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
-    per = len(heads) // self.blocks  # the prefill's rows a shard
-    slots = slate.slots_for([at[j] // per for j in joining])
+    slots = slate.slots_for([blocks_n[j] for j in joining])
     slots_n = np.full(len(heads), self.max_batch, np.int32)  # out of range: put nowhere
     shift = np.zeros(len(slots_n), np.int32)
     for j, s in zip(joining, slots):
