@@ -30,7 +30,7 @@ import train  # noqa: E402  (the gin edge: builds RunConfig from gin files)
 from benchmarks.results_table import append_row  # noqa: E402
 from bigsci_jax import generate, sharding  # noqa: E402
 from bigsci_jax.aot import collectives, topology_devices  # noqa: E402
-from bigsci_jax.config import MeshConfig  # noqa: E402
+from bigsci_jax.config import MeshConfig, parse_mesh  # noqa: E402
 from bigsci_jax.model import Transformer  # noqa: E402
 
 
@@ -50,7 +50,7 @@ def main(argv):
   run, _ = train.build_config(["runs/cpu_smoke.gin"] + args.gin_file,
                               [f"ModelConfig.dtype='{args.dtype}'"])
   model = Transformer(run.model)
-  shape = MeshConfig(*map(int, args.mesh.split("x")))
+  shape = MeshConfig(**parse_mesh(args.mesh))
   devices = topology_devices(args.tpu_topology) if args.tpu_topology else jax.devices()
   mesh = sharding.make_mesh(shape, list(devices)[:shape.data * shape.fsdp * shape.tensor])
   shards = sharding.batch_shards(mesh)
