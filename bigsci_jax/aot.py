@@ -68,6 +68,9 @@ def topology_devices(topology, slices=1):
                      f"{len(devices)}; set XLA_FLAGS=--xla_force_host_platform_device_count="
                      f"{count} before jax starts (python -m bigsci_jax.aot does).")
     return devices[:count]
+  # Nothing runs on these devices: several compile checks (a test worker each, a sweep of
+  # configs) may load libtpu side by side, which its lock file refuses by default.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     from jax.experimental import topologies
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology,
@@ -203,16 +206,21 @@ def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
 
 
 def collectives(compiled):
-  """(op, shape, enclosing computation) of every collective in a compiled HLO module."""
+  """(op, shape, enclosing computation) of every collective in a compiled HLO module: one
+  entry per array of its result, so a combined collective (a tuple of arrays, as XLA's
+  combiner passes make them) gives each of its arrays, and an asynchronous start also
+  its operands' (the start's result holds them)."""
   found, computation = [], None
   for line in compiled.as_text().splitlines():
     head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
     if head:
       computation = head.group(1)
-    op = re.search(r"= \w+\[([\d,]*)\]\S* (all-reduce|all-gather|all-to-all|reduce-scatter|"
-                   r"collective-permute)(?:-start)?\(", line)
+    _, eq, rhs = line.partition(" = ")
+    op = eq and re.match(r"(.*?) (all-reduce|all-gather|all-to-all|reduce-scatter|"
+                         r"collective-permute)(?:-start)?\(", rhs)
     if op:
-      found.append((op.group(2), op.group(1), computation))
+      found += [(op.group(2), shape, computation)
+                for shape in re.findall(r"\w+\[([\d,]*)\]", op.group(1))]
   return found
 
 
@@ -371,10 +379,9 @@ def main(argv):
     count = int(count) * (flags.slices or 1)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + f" --xla_force_host_platform_device_count={count}").strip()
-  # Nothing runs: the host's default backend is the CPU, and several compile checks
-  # may load libtpu side by side.
+  # Nothing runs: the host's default backend is the CPU (topology_devices lets several
+  # compile checks load libtpu side by side).
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from bigsci_jax.config import ConfigError
   try:
     train = _gin_edge()
