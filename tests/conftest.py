@@ -28,6 +28,16 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+def needs_libtpu():
+  """Skips the calling test where the TPU compiler (libtpu, the [tpu] extra) is not
+  installed. Where it is, a failure to load it fails the test: xdist workers each load
+  libtpu, and a worker refused by libtpu's lock file once skipped its TPU tests silently
+  (aot.topology_devices now allows several loads)."""
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("no TPU compiler here: pip install -e '.[tpu]' (libtpu)")
+
+
 def xla_flags(devices):
   """This session's XLA_FLAGS with `devices` fake CPU devices: for a subprocess that must
   compile as the session does (the same flags, so the same rounding)."""

@@ -9,6 +9,7 @@ import pytest
 
 from bigsci_jax import aot, flops
 from bigsci_jax.config import ModelConfig
+from conftest import needs_libtpu
 
 pytestmark = pytest.mark.tpu_compile
 
@@ -17,10 +18,8 @@ SMALL = ["--gin_file=runs/cpu_smoke.gin", "--gin.MIXTURE='synthetic'", "--gin.Tr
 
 
 def _needs_libtpu():
-  try:
-    aot.topology_devices("v5e:2x2")
-  except aot.AotError as e:
-    pytest.skip(f"no TPU compiler here: {e}")
+  needs_libtpu()
+  aot.topology_devices("v5e:2x2")
 
 
 def _run(capsys, argv):

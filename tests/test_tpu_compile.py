@@ -8,22 +8,19 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bigsci_jax.aot import collectives
 from bigsci_jax import aot, data, sharding
 from bigsci_jax import step as steps
 from bigsci_jax.config import BatchConfig, MeshConfig, ModelConfig, OptimizerConfig, RunConfig
 from bigsci_jax.model import Transformer
 from bigsci_jax.optim import make_optimizer
+from conftest import needs_libtpu
 
-topologies = pytest.importorskip("jax.experimental.topologies")
 pytestmark = pytest.mark.tpu_compile
 
 
 def _tpu_devices(name):
-  try:
-    return topologies.get_topology_desc(platform="tpu", topology_name=name).devices
-  except Exception as e:  # no libtpu: the [tpu] extra is not installed
-    pytest.skip(f"no TPU compiler here ({type(e).__name__}); pip install -e '.[tpu]'")
+  needs_libtpu()
+  return aot.topology_devices(name)
 
 
 def _compile(devices, mesh_cfg, model_cfg, micro=8, accumulation=2, seq=256):
@@ -168,7 +165,7 @@ def test_a_sequence_parallel_step_gathers_and_reduce_scatters_the_residual_strea
   assert _kernel_calls(compiled) == {"bigsci_attention_forward", "bigsci_attention_dq",
                                      "bigsci_attention_dkv"}
   stream = "8,256,256"
-  found = collectives(compiled)
+  found = aot.collectives(compiled)
   reductions = [c for op, shape, c in found if op == "all-reduce" and shape == stream]
   gathers = {shape for op, shape, _ in found if op == "all-gather"}
   assert len(reductions) >= 4 and all(c.startswith("all-reduce-scatter") for c in reductions)
