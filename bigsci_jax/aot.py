@@ -208,8 +208,8 @@ def _report(compiled, compile_s, run, mesh, devices, topology, **fields):
 def collectives(compiled):
   """(op, shape, enclosing computation) of every collective in a compiled HLO module: one
   entry per array of its result, so a combined collective (a tuple of arrays, as XLA's
-  combiner passes make them) gives each of its arrays, and an asynchronous start also
-  its operands' (the start's result holds them)."""
+  combiners make them) gives each of its arrays, and an asynchronous start its operands'
+  and outputs' (its result holds both, and scalar sync contexts, which are left out)."""
   found, computation = [], None
   for line in compiled.as_text().splitlines():
     head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
@@ -217,10 +217,11 @@ def collectives(compiled):
       computation = head.group(1)
     _, eq, rhs = line.partition(" = ")
     op = eq and re.match(r"(.*?) (all-reduce|all-gather|all-to-all|reduce-scatter|"
-                         r"collective-permute)(?:-start)?\(", rhs)
+                         r"collective-permute)(-start)?\(", rhs)
     if op:
-      found += [(op.group(2), shape, computation)
-                for shape in re.findall(r"\w+\[([\d,]*)\]", op.group(1))]
+      shapes = re.findall(r"\w+\[([\d,]*)\]", op.group(1))
+      found += [(op.group(2), shape, computation) for shape in shapes
+                if shape or not op.group(3)]
   return found
 
 
