@@ -129,8 +129,8 @@ def supports(impl, feature):
 
 
 def tpu_table(args):
-  from jax.experimental import topologies
-  devices = topologies.get_topology_desc(platform="tpu", topology_name=args.tpu_topology).devices
+  from bigsci_jax.aot import topology_devices  # libtpu, loadable beside other compile checks
+  devices = topology_devices(args.tpu_topology)
   chip = args.tpu_topology.split(":")[0]
   hbm = HBM_BYTES.get(chip)
   one = jax.sharding.SingleDeviceSharding(devices[0])
