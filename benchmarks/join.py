@@ -58,12 +58,6 @@ def main(argv):
     raise SystemExit(f"--mesh={args.mesh} must split the batch, and --rows={args.rows} and "
                      f"--cache_rows={args.cache_rows} must be multiples of its {shards} shards.")
   decoder = generate.Decoder(model, mesh)
-
-  def placed(rows, slots):  # an abstract cache laid out as the decoder's
-    tree = jax.eval_shape(lambda: generate.empty_cache(model, rows, slots))
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.logical_to_sharding(
-            generate.cache_axes(path, x), x.shape, mesh)), tree)
   shift = np.zeros(args.rows, np.int32)
   result = {"model": "+".join(args.gin_file) or "tiny", "mesh": args.mesh,
             "device": args.tpu_topology or devices[0].device_kind, "cache_rows": args.cache_rows,
@@ -72,8 +66,9 @@ def main(argv):
   slots = np.asarray(generate.step_rows(args.cache_rows, args.rows, shards), np.int32)
   for name, fn in (("local", decoder._put_locally), ("global", decoder._put_rows)):
     with sharding.activate(mesh):
-      compiled = fn.lower(placed(args.cache_rows, run.model.max_len),
-                          placed(args.rows, args.width), slots, shift).compile()
+      compiled = fn.lower(generate.abstract_cache(model, args.cache_rows, mesh),
+                          generate.abstract_cache(model, args.rows, mesh, args.width),
+                          slots, shift).compile()
     moved = [(op, shape) for op, shape, _ in collectives(compiled)]
     temp = compiled.memory_analysis().temp_size_in_bytes
     row = {"collectives": moved, "temp_mib": temp / 2 ** 20}

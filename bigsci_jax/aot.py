@@ -289,10 +289,7 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache
   abstract, shardings = steps.abstract_state(Transformer(run.model), optax.identity(), mesh, 1)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract.params, sharding.offloaded(shardings.params, offload))
-  cache = jax.eval_shape(lambda: generate.empty_cache(model, cache_rows or rows))
-  cache = jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.logical_to_sharding(
-          generate.cache_axes(path, x), x.shape, mesh)), cache)
+  cache = generate.abstract_cache(model, cache_rows or rows, mesh)
   row = sharding.logical_to_sharding(("batch",), (rows,), mesh)
   ints = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row)
   column = jax.ShapeDtypeStruct((rows, 1), jnp.int32,

@@ -160,6 +160,21 @@ def cache_axes(path, x):
   return tuple(axes)
 
 
+def cache_shardings(cache, mesh):
+  """The NamedSharding of each array of `cache` (arrays or their shapes) over `mesh`,
+  in cache_axes' layout."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, x: sharding.logical_to_sharding(cache_axes(path, x), x.shape, mesh), cache)
+
+
+def abstract_cache(model, rows, mesh, length=None):
+  """empty_cache's shapes, each with its sharding over `mesh`: what compiling a function
+  of a cache ahead of time takes."""
+  shapes = jax.eval_shape(lambda: empty_cache(model, rows, length))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      shapes, cache_shardings(shapes, mesh))
+
+
 def _pinned(cache):
   """`cache` in cache_axes' layout over the active mesh (as is without one). Every
   jitted function that returns a cache pins it, so whichever ran last (a step, a
@@ -168,9 +183,7 @@ def _pinned(cache):
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return cache
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: jax.lax.with_sharding_constraint(
-          x, sharding.logical_to_sharding(cache_axes(path, x), x.shape, mesh)), cache)
+  return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cache, mesh))
 
 
 def _row_slots(cache):
@@ -245,9 +258,7 @@ def _put_rows_locally(cache, new, slots_N, shift_N):
   mesh = jax.sharding.get_abstract_mesh()
 
   def specs(tree):
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: sharding.logical_to_sharding(cache_axes(path, x), x.shape, mesh).spec,
-        tree)
+    return jax.tree.map(lambda s: s.spec, cache_shardings(tree, mesh))
   row = sharding.logical_to_sharding(("batch",), slots_N.shape, mesh).spec
   block = _cache_rows(cache) // sharding.batch_shards(mesh)
 

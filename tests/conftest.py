@@ -28,13 +28,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
-def needs_libtpu():
-  """Skips the calling test where the TPU compiler (libtpu, the [tpu] extra) is not
-  installed. Where it is, a failure to load it fails the test: xdist workers each load
-  libtpu, and a worker refused by libtpu's lock file once skipped its TPU tests silently
-  (aot.topology_devices now allows several loads)."""
+def has_libtpu():
+  """Whether the TPU compiler (libtpu, the [tpu] extra) is installed. Where it is, a
+  failure to load it fails a test: xdist workers each load libtpu, and a worker refused
+  by libtpu's lock file once skipped its TPU tests silently (aot.topology_devices now
+  allows several loads)."""
   import importlib.util
-  if importlib.util.find_spec("libtpu") is None:
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def needs_libtpu():
+  """Skips the calling test where the TPU compiler is not installed (has_libtpu)."""
+  if not has_libtpu():
     pytest.skip("no TPU compiler here: pip install -e '.[tpu]' (libtpu)")
 
 

@@ -195,9 +195,9 @@ def test_slices_hold_whole_fsdp_and_tensor_groups():
   assert set(ids[:2].ravel()) == {0, 1, 2, 3} and set(ids[2:].ravel()) == {4, 5, 6, 7}
   with pytest.raises(ConfigError, match="data=2 must be a multiple of 4"):
     sharding.make_mesh(MeshConfig(-1, 2, 2, slices=4))
-  import importlib.util
   from bigsci_jax import aot
-  if importlib.util.find_spec("libtpu") is None:
+  from conftest import has_libtpu
+  if not has_libtpu():
     return  # no TPU compiler: the CPU layout above is the check
   devices = aot.topology_devices("v5e:4x4", slices=2)
   interleaved = [d for pair in zip(devices[:16], devices[16:]) for d in pair]
