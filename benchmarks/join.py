@@ -8,8 +8,8 @@ A cache of --cache_rows rows of the model's window (generate.Decoder, random wei
 the cache's rows split over the mesh's batch axes) and a prefill's cache of --rows rows
 --width slots wide, each prefill row going to a slot of its own shard's block of the
 cache (as the engine's joins place them): put by each shard into its own rows
-(generate._put_rows_locally, what Decoder.put_rows runs for such slots), and by the
-global put of every join before (generate._put_rows, still what slots in other blocks
+(kv_cache.put_rows_locally, what Decoder.put_rows runs for such slots), and by the
+global put of every join before (kv_cache.put_rows, still what slots in other blocks
 take). Both compute the same cache. Each is compiled once, then timed --repeats times
 (the median); both list their compiled collectives (op, shape) and temporaries. With
 --tpu_topology the two are compiled by the TPU compiler (libtpu) for that slice instead
@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  (the gin edge: builds RunConfig from gin files)
 from benchmarks.results_table import append_row  # noqa: E402
-from bigsci_jax import generate, sharding  # noqa: E402
+from bigsci_jax import generate, kv_cache, sharding  # noqa: E402
 from bigsci_jax.aot import collectives, topology_devices  # noqa: E402
 from bigsci_jax.config import MeshConfig, parse_mesh  # noqa: E402
 from bigsci_jax.model import Transformer  # noqa: E402
@@ -63,11 +63,11 @@ def main(argv):
             "device": args.tpu_topology or devices[0].device_kind, "cache_rows": args.cache_rows,
             "rows": args.rows, "width": args.width, "window": run.model.max_len,
             "jax": jax.__version__}
-  slots = np.asarray(generate.step_rows(args.cache_rows, args.rows, shards), np.int32)
+  slots = np.asarray(kv_cache.step_rows(args.cache_rows, args.rows, shards), np.int32)
   for name, fn in (("local", decoder._put_locally), ("global", decoder._put_rows)):
     with sharding.activate(mesh):
-      compiled = fn.lower(generate.abstract_cache(model, args.cache_rows, mesh),
-                          generate.abstract_cache(model, args.rows, mesh, args.width),
+      compiled = fn.lower(kv_cache.abstract(model, args.cache_rows, mesh),
+                          kv_cache.abstract(model, args.rows, mesh, args.width),
                           slots, shift).compile()
     moved = [(op, shape) for op, shape, _ in collectives(compiled)]
     temp = compiled.memory_analysis().temp_size_in_bytes

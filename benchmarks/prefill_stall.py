@@ -34,7 +34,7 @@ from benchmarks.serve import init_run  # noqa: E402
 def _scene(engine, rows, prompt_tokens, rng):
   """One long prompt joining `rows` running rows: (stall s, step s, first token s)."""
   from bigsci_jax import generate
-  from bigsci_jax.serve.engine import Choice, Job
+  from bigsci_jax.serve.rows import Choice, Job
   vocab = engine.tokenizer.vocab_size
   arrivals = []  # when the running rows got a token (the engine notifies once per step)
   # sampled (a random-weight model's greedy rows tend to reach EOS within a few tokens)

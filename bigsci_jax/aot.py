@@ -280,7 +280,7 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache
   import jax.numpy as jnp
   import optax
 
-  from bigsci_jax import flops, generate, sharding
+  from bigsci_jax import flops, generate, kv_cache, sharding
   from bigsci_jax import step as steps
   from bigsci_jax.model import Transformer
 
@@ -289,7 +289,7 @@ def compile_decode_step(run, devices, topology="", rows=1, offload="none", cache
   abstract, shardings = steps.abstract_state(Transformer(run.model), optax.identity(), mesh, 1)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         abstract.params, sharding.offloaded(shardings.params, offload))
-  cache = generate.abstract_cache(model, cache_rows or rows, mesh)
+  cache = kv_cache.abstract(model, cache_rows or rows, mesh)
   row = sharding.logical_to_sharding(("batch",), (rows,), mesh)
   ints = jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=row)
   column = jax.ShapeDtypeStruct((rows, 1), jnp.int32,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bigsci_jax import sharding
+from bigsci_jax import kv_cache, sharding
 from bigsci_jax.model import head_logits, over_logits, soft_prompt_ids
 from bigsci_jax.config import OFFLOAD
 
@@ -129,205 +129,6 @@ def _pick(logits_BxV, keys_B, step, rows, top, vocab):
                 top_ids_BxK.astype(jnp.int32), top_lp_BxK, logits_BxV.astype(jnp.float32))
 
 
-def _reset(path, x):
-  return jnp.full_like(x, _fill(path))
-
-
-# The axes of a row in each cache array of model.Attention (keys / values [G, S, K],
-# positions / prefix [S], index a number) and where its slots are among them; layers
-# scanned with nn.scan put one more axis in front of the rows.
-_ROW_AXES = {"keys": 3, "values": 3, "positions": 1, "prefix": 1, "index": 0}
-_SLOT_IN_ROW = {"keys": 1, "values": 1, "positions": 0, "prefix": 0}
-
-
-def _row_axis(path, x):
-  return x.ndim - 1 - _ROW_AXES[path[-1].key]
-
-
-def _slot_axis(path, x):
-  return _row_axis(path, x) + 1 + _SLOT_IN_ROW[path[-1].key]
-
-
-def cache_axes(path, x):
-  """The logical axes of one decoding cache array (model.Attention._cached): its rows
-  over the batch axes, keys' and values' heads over tensor, the rest (a scanned
-  stack's layers, the slots) whole."""
-  axes = [None] * x.ndim
-  row = _row_axis(path, x)
-  axes[row] = "batch"
-  if path[-1].key in ("keys", "values"):
-    axes[row + 1] = "kv_heads"
-  return tuple(axes)
-
-
-def cache_shardings(cache, mesh):
-  """The NamedSharding of each array of `cache` (arrays or their shapes) over `mesh`,
-  in cache_axes' layout."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: sharding.logical_to_sharding(cache_axes(path, x), x.shape, mesh), cache)
-
-
-def abstract_cache(model, rows, mesh, length=None):
-  """empty_cache's shapes, each with its sharding over `mesh`: what compiling a function
-  of a cache ahead of time takes."""
-  shapes = jax.eval_shape(lambda: empty_cache(model, rows, length))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      shapes, cache_shardings(shapes, mesh))
-
-
-def _pinned(cache):
-  """`cache` in cache_axes' layout over the active mesh (as is without one). Every
-  jitted function that returns a cache pins it, so whichever ran last (a step, a
-  prefill, putting or moving rows), the next call finds the layout it was compiled
-  for: a server warmed up compiles nothing more."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return cache
-  return jax.tree.map(jax.lax.with_sharding_constraint, cache, cache_shardings(cache, mesh))
-
-
-def _row_slots(cache):
-  """How many slots each row of `cache` has."""
-  path, x = next((p, x) for p, x in jax.tree_util.tree_leaves_with_path(cache)
-                 if p[-1].key == "positions")
-  return x.shape[_slot_axis(path, x)]
-
-
-def _move_rows(cache, from_N, to_N):
-  """`cache` with row to_N[i] a copy of row from_N[i] (a server packing its rows into the
-  first slots); pairs with to_N[i] out of range copy nothing."""
-  def move(path, x):
-    row = _row_axis(path, x)
-    return x.at[(slice(None),) * row + (to_N,)].set(jnp.take(x, from_N, axis=row), mode="drop")
-  return _pinned(jax.tree_util.tree_map_with_path(move, cache))
-
-
-def _cache_rows(cache):
-  """How many rows `cache` has."""
-  return next(x for p, x in jax.tree_util.tree_leaves_with_path(cache)
-              if p[-1].key == "index").shape[-1]
-
-
-def _in_own_blocks(rows_N, total, shards):
-  """Whether each call row i's cache row rows_N[i] (of `total`; out of range: none) is in
-  block i // (N / shards) of the cache's rows: over a batch axis of `shards` shards,
-  each shard's call rows are then its own cache rows (model._CacheEntry)."""
-  n = len(rows_N)
-  if shards < 2 or total % shards or n % shards:
-    return False
-  inside = rows_N < total
-  own = rows_N // (total // shards) == np.arange(n) // (n // shards)
-  return bool(own[inside].all())
-
-
-def _check_blocks(chosen_B, cache, shards):
-  """Stops, in one sentence, where chosen cache rows over a batch axis of `shards`
-  shards are not in the blocks their call rows are (Decoder.extend)."""
-  total, b = _cache_rows(cache), len(chosen_B)
-  if (shards > 1 and total % shards == 0 and b % shards == 0
-      and not _in_own_blocks(chosen_B, total, shards)):
-    raise ValueError(f"cache_rows {chosen_B.tolist()} over {shards} batch shards: row i of "
-                     f"the {b} must be one of block i // {b // shards} of the cache's {total} "
-                     f"rows ({total // shards} per block).")
-
-
-def step_rows(size, count, blocks=1):
-  """The rows of a cache of `size` rows that a step of `count` rows runs on, in its row
-  order, when the batch axis has `blocks` shards (model._CacheEntry): the first
-  count / blocks rows of each of the blocks."""
-  per, block = count // blocks, size // blocks
-  return [d * block + j for d in range(blocks) for j in range(per)]
-
-
-def _put_rows(cache, new, slots_N, shift_N):
-  """`cache` with row slots_N[i] replaced by `new`'s row i moved shift_N[i] slots to the
-  left (a left-padded prefill's padding goes to the end of the row, its tokens start at
-  slot 0 and its index drops by the shift); rows with slots_N[i] out of range are not
-  put anywhere. `new` may have fewer slots per row than `cache` (a prefill's cache of
-  its prompt width): the rest of the row becomes empty (positions -1), and as nothing
-  reads an empty slot's key or value, only the first slots of those are written."""
-  return _pinned(_put(cache, new, slots_N, shift_N))
-
-
-def _put_rows_locally(cache, new, slots_N, shift_N):
-  """_put_rows over a mesh whose batch axis is split in n shards, where row i of `new`
-  goes to a slot of block i // (N / n) of the cache's rows or nowhere (Decoder.put_rows
-  checks): each shard puts its own rows of `new` into its own block (shard_map), so no
-  row crosses devices (with global slots both jaxlib's XLA and libtpu all-gathered the
-  new rows' keys, values and positions over the batch and tensor axes)."""
-  mesh = jax.sharding.get_abstract_mesh()
-
-  def specs(tree):
-    return jax.tree.map(lambda s: s.spec, cache_shardings(tree, mesh))
-  row = sharding.logical_to_sharding(("batch",), slots_N.shape, mesh).spec
-  block = _cache_rows(cache) // sharding.batch_shards(mesh)
-
-  def put(cache, new, slots_N, shift_N):  # this shard's rows, its slots within its block
-    start = jax.lax.axis_index(row[0]) * block
-    local = jnp.where((slots_N >= start) & (slots_N < start + block), slots_N - start, block)
-    return _put(cache, new, local, shift_N)
-  return _pinned(jax.shard_map(put, mesh=mesh, in_specs=(specs(cache), specs(new), row, row),
-                               out_specs=specs(cache))(cache, new, slots_N, shift_N))
-
-
-def _put(cache, new, slots_N, shift_N):
-  """_put_rows' put, the layout left to the caller (both puts, and a shard's own)."""
-  width = _row_slots(new)
-
-  def move(path, x):  # each row rolled left by its shift: a slice of the row twice over
-    if path[-1].key == "index":
-      return x - shift_N
-    row, slot = _row_axis(path, x), _slot_axis(path, x)
-    def roll(row_x, shift):
-      return jax.lax.dynamic_slice_in_dim(row_x, shift, width, axis=slot - 1)
-    return jax.vmap(roll, in_axes=(row, 0), out_axes=row)(
-        jnp.concatenate([x, x], axis=slot), shift_N)
-
-  def put(path, x, moved):
-    index = (slice(None),) * _row_axis(path, x) + (slots_N,)
-    if path[-1].key != "index":
-      slots = x.shape[_slot_axis(path, x)]
-      if path[-1].key in ("keys", "values"):
-        slots = min(width, slots)
-        index += (slice(None),) * (_slot_axis(path, x) - len(index)) + (slice(0, slots),)
-      moved = _resized(path, moved, slots)
-    return x.at[index].set(moved, mode="drop")
-  return jax.tree_util.tree_map_with_path(put, cache, jax.tree_util.tree_map_with_path(move, new))
-
-
-def _fill(path):
-  return -1 if path[-1].key == "positions" else 0
-
-
-def _resized(path, x, slots):
-  """Cache array x with `slots` slots per row: the first ones kept, invisible empty ones
-  added at the end (an index is unchanged)."""
-  if path[-1].key == "index":
-    return x
-  axis = _slot_axis(path, x)
-  if slots <= x.shape[axis]:
-    return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, slots - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=_fill(path))
-
-
-def _resize_slots(cache, slots):
-  """`cache` with `slots` slots per row (_resized)."""
-  return jax.tree_util.tree_map_with_path(lambda path, x: _resized(path, x, slots), cache)
-
-
-def empty_cache(model, batch_size, length=None):
-  """The decoding cache for batch_size rows of `length` slots (default model.cfg.max_len;
-  the cache's arrays, not the model, fix how many slots there are)."""
-  cfg = model.cfg if length is None else dataclasses.replace(model.cfg, max_len=length)
-  tokens = jnp.zeros((batch_size, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: type(model)(cfg).init(jax.random.key(0), tokens,
-                                                        decode=True)["cache"])
-  return _pinned(jax.tree_util.tree_map_with_path(
-      _reset, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)))
-
-
 def prompt_batch(prompts, prefix_lm, min_width=0, lead=(), bos_id=0):
   """Left-padded [bos_id] + lead + prompt rows: tokens, positions, segment ids, prefix
   flags [B, P], P at least min_width (fewer distinct shapes to compile). `lead` is a soft
@@ -348,12 +149,12 @@ def prompt_batch(prompts, prefix_lm, min_width=0, lead=(), bos_id=0):
 
 def _prefill(model, vocab, cache_len, top, params, tokens, positions, segments, prefix, keys, rows):
   """The prompt attends over its own P slots; the cache then gets cache_len."""
-  cache = empty_cache(model, tokens.shape[0], tokens.shape[1])
+  cache = kv_cache.empty(model, tokens.shape[0], tokens.shape[1])
   x_BxPxD, mutated = model.apply({"params": params, "cache": cache}, tokens, positions, segments,
                                  prefix, decode=True, hidden=True, mutable=["cache"])
   logits_BxV = head_logits(model.cfg, params, x_BxPxD[:, -1:])[:, 0]
   return (_pick(logits_BxV, keys, 0, rows, top, vocab),
-          _pinned(_resize_slots(mutated["cache"], cache_len)))
+          kv_cache.pinned(kv_cache.resize_slots(mutated["cache"], cache_len)))
 
 
 def _extend(model, vocab, top, reads, params, cache, tokens_BxC, positions_BxC, counts_B, keys,
@@ -363,7 +164,7 @@ def _extend(model, vocab, top, reads, params, cache, tokens_BxC, positions_BxC, 
   first `reads` slots of each row (None: all), which must hold every slot a row has
   filled, these tokens' included. One token per row is a decoding step; more, a chunk of
   a long prompt's prefill (causal models). cache_rows [B]: the cache rows the rows are
-  (default: step_rows)."""
+  (default: kv_cache.step_rows)."""
   real_BxC = (jnp.arange(tokens_BxC.shape[1])[None, :] < counts_B[:, None]).astype(jnp.int32)
   x_BxCxD, mutated = model.apply({"params": params, "cache": cache}, tokens_BxC, positions_BxC,
                                  real_BxC, 0 * real_BxC, decode=True, reads=reads,
@@ -371,7 +172,7 @@ def _extend(model, vocab, top, reads, params, cache, tokens_BxC, positions_BxC, 
   last_B = jnp.maximum(counts_B - 1, 0)
   x_Bx1xD = jnp.take_along_axis(x_BxCxD, last_B[:, None, None], axis=1)
   logits_BxV = head_logits(model.cfg, params, x_Bx1xD)[:, 0]
-  return _pick(logits_BxV, keys, step, rows, top, vocab), _pinned(mutated["cache"])
+  return _pick(logits_BxV, keys, step, rows, top, vocab), kv_cache.pinned(mutated["cache"])
 
 
 def _prompt_logprobs(model, vocab, top, params, tokens, positions, segments, keys, rows):
@@ -414,10 +215,10 @@ class Decoder:
                            donate_argnums=(3,))
     self._prompt = jax.jit(functools.partial(_prompt_logprobs, model, vocab),
                            static_argnums=(0,))
-    self._empty = jax.jit(functools.partial(empty_cache, model), static_argnums=(0, 1))
-    self._move_rows = jax.jit(_move_rows, donate_argnums=(0,))
-    self._put_rows = jax.jit(_put_rows, donate_argnums=(0,))
-    self._put_locally = jax.jit(_put_rows_locally, donate_argnums=(0,))
+    self._empty = jax.jit(functools.partial(kv_cache.empty, model), static_argnums=(0, 1))
+    self._move_rows = jax.jit(kv_cache.move_rows, donate_argnums=(0,))
+    self._put_rows = jax.jit(kv_cache.put_rows, donate_argnums=(0,))
+    self._put_locally = jax.jit(kv_cache.put_rows_locally, donate_argnums=(0,))
 
   def _run(self, fn, *args):
     if self.mesh is None:
@@ -432,7 +233,7 @@ class Decoder:
            live_B=None):
     """One more token per row; `step` (an int, or one per row) counts the row's picks
     so far, for its sampling key. With fewer rows than `cache` holds, the step runs on
-    its step_rows(cache rows, rows, shards of the batch axis), the others untouched.
+    its kv_cache.step_rows(cache rows, rows, shards of the batch axis), the others untouched.
     `filled`: the most slots a row holds once this token
     is written (its index + 1); attention then reads only the first
     bucket_width(filled) slots of every row instead of all of them (a step's
@@ -449,13 +250,13 @@ class Decoder:
     cache, and the pick after its last one (step: as for `step`); `filled`: the most
     slots a row holds after them; cache_rows (distinct): the cache rows the rows are
     (default: as for `step`); over a batch axis of n shards, row i's in block i // (B / n)
-    of the cache's rows (each shard's rows its own, model._CacheEntry). A long prompt
+    of the cache's rows (each shard's rows its own, kv_cache.Entry). A long prompt
     prefilled chunk by chunk between a server's decoding steps (causal models)."""
-    slots = _row_slots(cache)
+    slots = kv_cache.row_slots(cache)
     reads = None if filled is None else bucket_width(filled, slots)
     chosen = None if cache_rows is None else np.asarray(cache_rows, np.int32)
     if chosen is not None and self.mesh is not None:
-      _check_blocks(chosen, cache, sharding.batch_shards(self.mesh))
+      kv_cache.check_blocks(chosen, cache, sharding.batch_shards(self.mesh))
     return self._run(self._extend, top, None if reads == slots else reads, params, cache,
                      tokens_BxC, positions_BxC, np.asarray(counts_B, np.int32), keys, step, rows,
                      chosen)
@@ -481,8 +282,8 @@ class Decoder:
     rows going into block i // (N / n) of the cache (or nowhere) are put by each shard
     into its own rows (the server picks such slots); other rows cross devices."""
     slots = np.asarray(slots_N, np.int32)
-    local = self.mesh is not None and _in_own_blocks(slots, _cache_rows(cache),
-                                                     sharding.batch_shards(self.mesh))
+    local = self.mesh is not None and kv_cache.in_own_blocks(
+        slots, kv_cache.row_count(cache), sharding.batch_shards(self.mesh))
     return self._run(self._put_locally if local else self._put_rows, cache, new, slots,
                      np.asarray(shift_N, np.int32))
 

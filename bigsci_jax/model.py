@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bigsci_jax import kernels
+from bigsci_jax import kernels, kv_cache
 from bigsci_jax.config import ModelConfig
 from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.sharding import batch_shards, constrain, offloaded, reshard
@@ -155,7 +155,7 @@ class Attention(nn.Module):
     fills its slots in order from its own `index` (rows of a server's batch join at
     different times) up to its last real token; positions come per token. `layer`: this layer's row of the
     stacked cache the layer scan carries (None: the cache variables are this layer's).
-    cache_rows [B]: the cache rows the call's rows are (default: _CacheEntry's step rows)."""
+    cache_rows [B]: the cache rows the call's rows are (default: kv_cache.Entry's step rows)."""
     cfg = self.cfg
     b, t = q_BxTxHxK.shape[:2]
     g, k = k_BxTxGxK.shape[2:]
@@ -173,7 +173,7 @@ class Attention(nn.Module):
     shards = batch_shards()
     blocks = shards if rows % shards == 0 and b % shards == 0 else 1
     keys, values, pos, prefix, index = (
-        _CacheEntry(variable, layer, slot_axis, b, blocks, cache_rows)
+        kv_cache.Entry(variable, layer, slot_axis, b, blocks, cache_rows)
         for variable, slot_axis in variables.values())
     real_BxT = (segment_ids_BxT > 0) if segment_ids_BxT is not None else jnp.ones((b, t), bool)
     in_prefix_BxT = (prefix_BxT > 0) & real_BxT if (cfg.mask == "prefix" and prefix_BxT is not None) \
@@ -190,153 +190,6 @@ class Attention(nn.Module):
         q_BxTxHxK, keys.read(reads), values.read(reads), query_positions=positions_BxT,
         key_positions=pos.read(reads), query_prefix=in_prefix_BxT, key_prefix=prefix.read(reads),
         alibi_slopes=cfg.alibi_slopes if cfg.position == "alibi" else None)
-
-
-class _CacheEntry:
-  """One cache variable as one layer sees it: the variable, or with `layer` row `layer`
-  of the layers' stacked array, which the layer scan carries from layer to layer so
-  that a step updates it in place (scanned as an input and an output instead, the cache
-  was copied whole every step). A row's slots are axis `slot_axis` of the layer's array
-  (keys and values [B, G, S, K], heads first; positions and prefix [B, S]; index [B]).
-
-  A call of b rows on a cache of more (a server's cache holds its most rows, and a step
-  runs only the bucket of them in use) reads and writes only its step rows
-  (generate.step_rows): the B rows form `blocks` equal blocks, one per shard of the
-  batch axis, and call row i is row i % (b / blocks) of block i // (b / blocks). Or,
-  given `chosen` [b], the cache rows it names (a server's prompts prefilled chunk by
-  chunk), call row i's again in block i // (b / blocks). Reads and writes name the
-  block and the heads as batch dimensions of one gather or scatter, so the partitioner
-  keeps each device on its own rows and heads: with global row and head indices
-  jaxlib's XLA (CPU, GPU) all-gathered every write's update over the batch and tensor
-  axes (libtpu's partitioner did not)."""
-
-  def __init__(self, variable, layer, slot_axis, rows, blocks, chosen=None):
-    self.variable, self.layer, self.slot_axis = variable, layer, slot_axis
-    self.rows, self.blocks, self.chosen = rows, blocks, chosen
-    self.lead, self.split = 0 if layer is None else 1, blocks > 1  # the array's row axis
-
-  def _blocked(self):
-    """The variable's array, its rows as [blocks, B / blocks] when split."""
-    value, lead = self.variable.value, self.lead
-    if not self.split:
-      return value
-    total = value.shape[lead]
-    return value.reshape(value.shape[:lead] + (self.blocks, total // self.blocks)
-                         + value.shape[lead + 1:])
-
-  def _row_ids(self):
-    """The call's rows within their blocks, [blocks, b / blocks] (split) or [b]."""
-    per = self.rows // self.blocks
-    if self.chosen is None:
-      ids = jnp.arange(per, dtype=jnp.int32)
-      return jnp.broadcast_to(ids, (self.blocks, per)) if self.split else ids
-    if not self.split:
-      return self.chosen
-    block_rows = self.variable.value.shape[self.lead] // self.blocks
-    starts = block_rows * jnp.arange(self.blocks, dtype=self.chosen.dtype)
-    return self.chosen.reshape(self.blocks, per) - starts[:, None]
-
-  def _unblocked(self, x):
-    return x.reshape((self.rows,) + x.shape[2:]) if self.split else x
-
-  def read(self, slots=None):
-    """The layer's array of the call's rows, only the first `slots` slots of each row
-    (None: all)."""
-    value, lead, split = self._blocked(), self.lead, self.split
-    row_axis = lead + split
-    if self.chosen is not None:  # a gather of the chosen rows
-      return self._unblocked(_gather_rows(value, self._row_ids(), slots, self.layer, split,
-                                          self.slot_axis))
-    sizes = list(value.shape)  # the first rows of each block: one slice
-    sizes[row_axis] = self.rows // self.blocks
-    if slots is not None:
-      sizes[row_axis + self.slot_axis] = slots
-    start = [0] * value.ndim
-    if self.layer is not None:
-      start[0], sizes[0] = self.layer, 1
-    part = jax.lax.dynamic_slice(value, start, sizes)
-    return self._unblocked(part if self.layer is None else part[0])
-
-  def set(self, value_b):
-    """The call's rows set to value_b (a row without slots: index)."""
-    self._scatter(value_b)
-
-  def write(self, update_BxT, at_B):
-    """Call row b's slots at_B[b] .. at_B[b] + T - 1 set to update_BxT[b]."""
-    self._scatter(update_BxT, at_B)
-
-  def _scatter(self, new_b, at_B=None):
-    value = self._blocked()
-    if self.split:
-      new_b = new_b.reshape((self.blocks, -1) + new_b.shape[1:])
-      at_B = None if at_B is None else at_B.reshape(self.blocks, -1)
-    heads = 0 if at_B is None else self.slot_axis - 1
-    self.variable.value = _scatter_rows(value, new_b, self._row_ids(), at_B, self.layer,
-                                        self.split, heads).reshape(self.variable.value.shape)
-
-
-def _scatter_rows(cache, new, rows, at=None, layer=None, split=False, heads=0):
-  """`cache` with rows[r]'s entries set to new[r], one scatter. cache: [layers] (with
-  `layer`, the one written), [blocks] (split), rows, then a row's axes: `heads` axes,
-  with `at` its slots, the rest. new: [blocks] (split), rows, the heads' axes, with
-  `at` T slots from at[r] on (at: [blocks,] rows; slots past the row's end dropped),
-  the rest. Blocks and heads are batch dimensions of the scatter (each block's rows
-  and each head's slots are their own), rows and slots its indices. Written as a
-  per-row dynamic update slice, one row's update became a plain one, for which XLA:TPU
-  lays the cache out slots-major and copies it into and out of the layer scan every
-  step."""
-  lead = int(layer is not None)
-  row_axis = lead + split
-  index_shape = new.shape[:split + 1 + heads + (at is not None)]
-  n = len(index_shape)
-
-  def spread(x, axes):  # x's axes put at `axes` of the index shape
-    shape = [1] * n
-    for axis, size in zip(axes, x.shape):
-      shape[axis] = size
-    return jnp.broadcast_to(x.reshape(shape), index_shape)
-
-  parts, operand_axes = [spread(rows, range(split + 1))], [row_axis]
-  if at is not None:
-    slots = at[..., None] + jnp.arange(index_shape[-1], dtype=at.dtype)
-    parts.append(spread(slots, list(range(split + 1)) + [n - 1]))
-    operand_axes.append(row_axis + 1 + heads)
-  if layer is not None:
-    parts.insert(0, jnp.broadcast_to(jnp.asarray(layer, parts[0].dtype), index_shape))
-    operand_axes.insert(0, 0)
-  indices = jnp.stack([p.astype(jnp.int32) for p in parts], axis=-1)
-  # the batch dimensions, the block's and the heads', as axes of the indices and the cache
-  index_batch = list(range(split)) + [split + 1 + h for h in range(heads)]
-  cache_batch = [lead] * split + [row_axis + 1 + h for h in range(heads)]
-  dims = jax.lax.ScatterDimensionNumbers(
-      update_window_dims=tuple(range(n, new.ndim)), inserted_window_dims=tuple(operand_axes),
-      scatter_dims_to_operand_dims=tuple(operand_axes), operand_batching_dims=tuple(cache_batch),
-      scatter_indices_batching_dims=tuple(index_batch))
-  return jax.lax.scatter(cache, indices, new.astype(cache.dtype), dims, unique_indices=True,
-                         mode=jax.lax.GatherScatterMode.FILL_OR_DROP)
-
-
-def _gather_rows(cache, rows, slots=None, layer=None, split=False, slot_axis=None):
-  """rows[r] of `cache` (laid out as for _scatter_rows), only their first `slots` slots
-  (None: all; the slots are axis slot_axis of a row): [blocks,] rows, a row's axes."""
-  lead = int(layer is not None)
-  row_axis = lead + split
-  parts, operand_axes = [rows], [row_axis]
-  if layer is not None:
-    parts.insert(0, jnp.broadcast_to(jnp.asarray(layer, rows.dtype), rows.shape))
-    operand_axes.insert(0, 0)
-  sizes = [1 if axis in operand_axes or (split and axis == lead) else size
-           for axis, size in enumerate(cache.shape)]
-  if slots is not None:
-    sizes[row_axis + slot_axis] = slots
-  dims = jax.lax.GatherDimensionNumbers(
-      offset_dims=tuple(range(rows.ndim, rows.ndim + cache.ndim - row_axis - 1)),
-      collapsed_slice_dims=tuple(operand_axes), start_index_map=tuple(operand_axes),
-      operand_batching_dims=(lead,) if split else (),
-      start_indices_batching_dims=(0,) if split else ())
-  indices = jnp.stack([p.astype(jnp.int32) for p in parts], axis=-1)
-  return jax.lax.gather(cache, indices, dims, tuple(sizes), unique_indices=True,
-                        mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
 
 
 class Mlp(nn.Module):
@@ -455,7 +308,7 @@ class Transformer(nn.Module):
   (adapt.soft_prompt). decode: append to the KV cache ("cache" collection, mutable)
   and attend over it; `reads`: only its first `reads` slots per row, which must hold
   every filled one (a cheaper step early in a long window); `cache_rows` [B]: the cache
-  rows the call's rows are (default: the first ones, model._CacheEntry). hidden: the
+  rows the call's rows are (default: the first ones, kv_cache.Entry). hidden: the
   final norm's output [B, L, D] instead of the logits (head_logits and over_logits turn
   some or all of its columns into logits).
 

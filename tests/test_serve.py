@@ -28,7 +28,8 @@ from bigsci_jax import evaluate, generate, sharding  # noqa: E402
 from bigsci_jax.config import MeshConfig  # noqa: E402
 from bigsci_jax.model import Transformer  # noqa: E402
 from bigsci_jax.serve import api  # noqa: E402
-from bigsci_jax.serve.engine import Choice, Engine, Job  # noqa: E402
+from bigsci_jax.serve.engine import Engine  # noqa: E402
+from bigsci_jax.serve.rows import Choice, Job  # noqa: E402
 from bigsci_jax import tokenizer as tokenizers  # noqa: E402
 
 PROMPTS = ["Debian is", "Le projet Debian", "The package manager installs", "apt"]
@@ -361,18 +362,18 @@ def test_a_chunk_over_two_batch_shards_runs_one_row_per_shard(restored, monkeypa
 
 @pytest.mark.parametrize("blocks", [1, 2, 4])
 def test_joining_rows_take_free_slots_of_their_own_shard(blocks):
-  """_Slate.places and slots_for over a batch axis of `blocks` shards, for random
+  """Slate.places and slots_for over a batch axis of `blocks` shards, for random
   slates of 16 slots and every number of rows that fits: the prefill runs on the
   smallest bucket of rows; where its shards' blocks can hold the rows in their own
   free slots, each row gets a free slot in the block of its prefill row (its shard's),
   no slot or prefill row twice; otherwise (and always with one shard, as before
   shards) the rows, in order, take the first free slots in fill order."""
-  from bigsci_jax.serve.engine import _Slate
+  from bigsci_jax.serve.rows import Slate
   rng = np.random.default_rng(blocks)
   buckets = [blocks << i for i in range((16 // blocks).bit_length()) if blocks << i < 16] + [16]
   block, local = 16 // blocks, 0
   for _ in range(40):
-    slate = _Slate(None, 16, blocks)
+    slate = Slate(None, 16, blocks)
     for s in rng.choice(16, rng.integers(0, 16), replace=False):
       slate.rows[s] = ("job", "row")
     free = sorted((s for s in range(16) if slate.rows[s] is None), key=slate.rank)

@@ -22,7 +22,8 @@ import time
 import uuid
 
 from bigsci_jax import generate
-from bigsci_jax.serve.engine import Choice, EngineBusy, EngineStopped, Job
+from bigsci_jax.serve.engine import EngineBusy, EngineStopped
+from bigsci_jax.serve.rows import Choice, Job
 
 MAX_N = 16
 MAX_STOP = 16

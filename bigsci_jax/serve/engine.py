@@ -7,7 +7,7 @@ Every choice (a prompt, one of its n samples) is a row. The running rows sit in 
 slots of one KV cache of max_batch rows, made once, so the server's memory is that of
 a step of max_batch rows (what `aot --step=decode --decode_rows` checks). A step runs
 only on the slots of the smallest row bucket (powers of two, then max_batch) holding
-every running row (generate.step_rows; the other rows are not read); rows join the
+every running row (kv_cache.step_rows; the other rows are not read); rows join the
 free slots that keep that bucket small, and when rows leave, the ones past the bucket
 their number needs move into free slots below it (a copy of those rows only). A
 slot's row writes its keys and values from its own cache index, so rows that joined
@@ -52,8 +52,9 @@ import time
 import jax
 import numpy as np
 
-from bigsci_jax import generate, sharding
+from bigsci_jax import generate, kv_cache, sharding
 from bigsci_jax.model import soft_prompt_ids
+from bigsci_jax.serve.rows import Choice, Slate
 
 log = logging.getLogger(__name__)
 GATHER_CAP = 8  # a batch waits at most this many gather windows for its rows
@@ -65,144 +66,6 @@ class EngineStopped(RuntimeError):
 
 class EngineBusy(RuntimeError):
   """The queue is full."""
-
-
-class Choice:
-  """One row: a prompt (token ids, no BOS) and how to continue it; the engine fills
-  in the outcome (generated ids, their log-probabilities and alternatives, the
-  prompt's, and — once it has finished — the text and why)."""
-
-  def __init__(self, prompt, max_tokens, sampling, seed, logprobs=None, echo=False, stop=()):
-    self.prompt, self.max_tokens, self.sampling, self.seed = list(prompt), max_tokens, sampling, seed
-    self.logprobs, self.echo, self.stop = logprobs, echo, tuple(s for s in stop if s)
-    self.tokens, self.token_logprobs, self.top = [], [], []
-    self.prompt_logprobs, self.prompt_top = None, None
-    self.text, self.finish_reason = "", None
-
-  @property
-  def finished(self):
-    return self.finish_reason is not None
-
-
-class Job:
-  """The choices of one request. notify() is called from the engine thread after every
-  decoding step that changed a choice and when the job is done; cancel() drops it."""
-
-  def __init__(self, choices, notify=lambda: None):
-    self.choices, self.notify = choices, notify
-    self.lock = threading.Lock()
-    self.cancelled, self.error = False, None
-
-  @property
-  def done(self):
-    return self.error is not None or all(c.finished for c in self.choices)
-
-  def cancel(self):
-    self.cancelled = True
-
-
-
-class _Slate:
-  """The server's rows: slot s of the cache holds rows[s] ((job, choice), None when
-  free), fed token[s] at position[s] next, its picks[s]-th pick. A step runs on
-  `slots` (generate.step_rows of the current bucket, in the step's row order); keys
-  and sampling are the device-ready settings of those rows, rebuilt when rows join or
-  move. The arrays are replaced, never written in place: a computation still in
-  flight may be reading them (on CPU a numpy argument can be the device buffer
-  itself)."""
-
-  ROW_ARRAYS = ("token", "position", "picks", "seeds")
-
-  def __init__(self, cache, size, blocks):
-    self.cache, self.rows, self.blocks = cache, [None] * size, blocks
-    self.pending = [None] * size  # a prefilling row's prompt tokens still to write
-    self.token, self.position = np.zeros(size, np.int32), np.zeros(size, np.int32)
-    self.picks, self.seeds = np.zeros(size, np.int32), np.zeros(size, np.int64)
-    self.samplings = [generate.Sampling()] * size
-    self.slots, self.keys, self.sampling = [], None, None
-
-  def live(self):
-    return [s for s, row in enumerate(self.rows) if row is not None]
-
-  def decoding(self):
-    """The live slots whose rows have their whole prompt in the cache."""
-    return [s for s in self.live() if self.pending[s] is None]
-
-  def free(self, slot):
-    self.rows[slot], self.pending[slot] = None, None
-
-  def rank(self, slot):
-    """The slot's place in the order in which rows fill the cache: the first n slots
-    of that order are the step rows of a bucket of n rows."""
-    block = len(self.rows) // self.blocks
-    return (slot % block) * self.blocks + slot // block
-
-  def _free(self):
-    """The free slots in fill order."""
-    return sorted((s for s, row in enumerate(self.rows) if row is None), key=self.rank)
-
-  def places(self, n, buckets):
-    """Where n rows joining are prefilled: (count, at, blocks_n). The prefill runs on
-    `count` rows, the smallest of `buckets` that holds n, in `blocks` blocks of count /
-    blocks rows, one per shard of the batch axis. Where the free slots allow, row j is
-    row at[j] of the prefill, in the block of the shard whose part of the cache will
-    hold it (blocks_n[j]; the rows go where the first free slots in fill order whose
-    block has room are), so that it is put into the cache on its own device
-    (Decoder.put_rows). Where they do not (the free slots are too unevenly spread over
-    the shards), row j is row j and blocks_n[j] is None: the rows take the first free
-    slots in fill order and cross devices (cheaper than a larger prefill)."""
-    block, free = len(self.rows) // self.blocks, self._free()
-    count = next(b for b in buckets if b >= n)
-    per, used, at, blocks_n = count // self.blocks, [0] * self.blocks, [], []
-    for s in free:
-      d = s // block
-      if used[d] < per and len(at) < n:
-        at.append(d * per + used[d])
-        blocks_n.append(d)
-        used[d] += 1
-    if len(at) < n:
-      return count, list(range(n)), [None] * n
-    return count, at, blocks_n
-
-  def slots_for(self, blocks_n):
-    """The slots rows of these blocks of the cache's rows take, in order: each the first
-    free one in fill order of its block (None: of any block)."""
-    block, free, slots = len(self.rows) // self.blocks, self._free(), []
-    for d in blocks_n:
-      slots.append(next(s for s in free if d is None or s // block == d))
-      free.remove(slots[-1])
-    return slots
-
-  def put(self, slot, row, token, position, seed, pending=None):
-    """A row joins at `slot` after its first pick, or, with `pending` prompt tokens
-    still to prefill, before it (token unused, no picks yet)."""
-    self.rows[slot], self.samplings[slot], self.pending[slot] = row, row[1].sampling, pending
-    for name, value in (("token", token), ("position", position),
-                        ("picks", 0 if pending else 1), ("seeds", seed)):
-      self.set_rows(name, slot, value)
-
-  def move(self, pairs):
-    """Rows move from slot a to slot b for each (a, b) of `pairs` (their cache rows are
-    copied by the caller)."""
-    for a, b in pairs:
-      self.rows[b], self.rows[a] = self.rows[a], None
-      self.pending[b], self.pending[a] = self.pending[a], None
-      self.samplings[b] = self.samplings[a]
-    moved_from, moved_to = [a for a, _ in pairs], [b for _, b in pairs]
-    for name in self.ROW_ARRAYS:
-      self.set_rows(name, moved_to, getattr(self, name)[moved_from])
-
-  def set_rows(self, name, slots, values):
-    """Row array `name` with slots' entries set to values (a new array)."""
-    array = getattr(self, name).copy()
-    array[slots] = values
-    setattr(self, name, array)
-
-  def settle(self, count):
-    """Steps run on the step rows of a bucket of `count` rows."""
-    self.slots = generate.step_rows(len(self.rows), count, self.blocks)
-    self.keys = generate.row_keys(self.seeds[self.slots])
-    self.sampling = generate.sampling_rows([self.samplings[s] for s in self.slots])
 
 
 class Engine:
@@ -349,7 +212,7 @@ class Engine:
     and moving each bucket of rows."""
     top = generate.LOGPROBS_MAX
     counts = row_counts or self.row_buckets
-    slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
+    slate = Slate(self._empty_cache(), self.max_batch, self.blocks)
     for rows in counts:
       keys = generate.row_keys(np.arange(rows))
       sampling = generate.sampling_rows([generate.Sampling()] * rows)
@@ -363,13 +226,13 @@ class Engine:
           picked, slate.cache = self.decoder.extend(
               self.params, slate.cache, tokens, np.zeros_like(tokens), np.zeros(rows, np.int32),
               keys, 0, sampling, top, width,
-              generate.step_rows(self.max_batch, rows, self.blocks))
+              kv_cache.step_rows(self.max_batch, rows, self.blocks))
           jax.block_until_ready(picked)
           continue
         cache = self.decoder.prefill(self.params, batch, keys, sampling, width, top)[1]
-        # rows put as _Slate.places puts them: each shard's own, and over shards also
+        # rows put as Slate.places puts them: each shard's own, and over shards also
         # into the next shard's block (free slots too uneven for that: the global put)
-        own = np.asarray(generate.step_rows(self.max_batch, rows, self.blocks))
+        own = np.asarray(kv_cache.step_rows(self.max_batch, rows, self.blocks))
         block = self.max_batch // self.blocks
         for slots in [own] + [(own + block) % self.max_batch] * (self.blocks > 1):
           slate.cache = self.decoder.put_rows(slate.cache, cache, slots, np.zeros(rows))
@@ -391,7 +254,7 @@ class Engine:
     """Score and prefill the new rows, take their first tokens, and put the rows still
     going into the slate."""
     choices = [c for _, c in rows]
-    slate = self._slate or _Slate(None, self.max_batch, self.blocks)
+    slate = self._slate or Slate(None, self.max_batch, self.blocks)
     count, at, blocks_n = slate.places(len(choices), self.row_buckets)  # row j: prefill row at[j]
     pad = Choice([], 0, generate.Sampling(), 0)
     pad.finish_reason = "padding"
@@ -449,11 +312,11 @@ class Engine:
   def _join(self, rows, joining, cache, heads, width, at, blocks_n):
     """Put rows[j] for j in `joining` (row at[j] of the prefilled `cache`, holding its
     prompt's first len(heads[at[j]]) tokens) into the free slot that comes first in the
-    slate's fill order within block blocks_n[j] of the cache (_Slate.places); a row
+    slate's fill order within block blocks_n[j] of the cache (Slate.places); a row
     with more of its prompt to prefill waits for its chunks."""
     slate = self._slate
     if slate is None:
-      slate = _Slate(self._empty_cache(), self.max_batch, self.blocks)
+      slate = Slate(self._empty_cache(), self.max_batch, self.blocks)
     slots = slate.slots_for([blocks_n[j] for j in joining])
     slots_n = np.full(len(heads), self.max_batch, np.int32)  # out of range: put nowhere
     shift = np.zeros(len(slots_n), np.int32)
@@ -515,7 +378,7 @@ class Engine:
     The chunk runs on the prefilling rows alone, padded to a row bucket with other
     slots (which it leaves as they were); with the rows split over batch shards, each
     shard runs the same number of rows, its own prefilling ones padded with its other
-    slots (the model's _CacheEntry: each shard reads and writes only its rows)."""
+    slots (kv_cache.Entry: each shard reads and writes only its rows)."""
     slate, width = self._slate, self.chunk
     for s in slate.live():
       job, c = slate.rows[s]
