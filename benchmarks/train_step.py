@@ -62,7 +62,7 @@ def main(argv):
   tx, schedule = make_optimizer(run.optimizer, 1000, run.batch.batch_size)
   _, shardings = steps.abstract_state(model, tx, mesh, args.seq_len)
   state = steps.init_state(model, tx, mesh, 0, args.seq_len)
-  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings)
+  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
   in_sharding = sharding.batch_sharding(mesh, 3, batch_axis=1)
   host = synthetic_batch(np.random.default_rng(0), args.accumulation, args.micro_batch,
                          args.seq_len, run.model.vocab_size)
@@ -90,7 +90,7 @@ def main(argv):
       "batch_tokens": tokens, "step_time_s": step_time, "tokens_per_s": tokens_per_s,
       "mfu": flops_per_token * tokens_per_s / (peak * jax.device_count()) if peak else None,
       "peak_memory_gib": stats.get("peak_bytes_in_use", 0) / 2**30 or None,
-      "loss": float(metrics["loss"]), "jax": jax.__version__,
+      "loss": float(metrics["loss"]), "watch_every": run.train.watch_every, "jax": jax.__version__,
   }
   if args.results:
     mfu = f"{result['mfu']:.1%}" if result["mfu"] is not None else "n/a"

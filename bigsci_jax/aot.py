@@ -235,9 +235,10 @@ def _attention_impl(run, mesh):
     return auto_impl()
 
 
-def compile_train_step(run, devices, topology=""):
-  """Lower and compile `run`'s train step for `devices` (abstract state and batch);
-  returns (Report, compiled). Raises AotError when it does not fit."""
+def compile_train_step(run, devices, topology="", watch=False):
+  """Lower and compile `run`'s train step for `devices` (abstract state and batch; with
+  `watch`, the variant that computes per-layer norms); returns (Report, compiled).
+  Raises AotError when it does not fit."""
   import jax
   import jax.numpy as jnp
 
@@ -259,8 +260,9 @@ def compile_train_step(run, devices, topology=""):
                                    sharding=sharding.batch_sharding(mesh, 3, batch_axis=1))
            for k in data.FEATURES}
   train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
-  compiled, seconds = _compile(lambda: train_step.jitted.lower(abstract, batch), mesh, devices,
-                               topology, "train step", run=run)
+  jitted = train_step.watched if watch else train_step.jitted
+  compiled, seconds = _compile(lambda: jitted.lower(abstract, batch), mesh, devices, topology,
+                               "train step", run=run)
   report = _report(
       compiled, seconds, run, mesh, devices, topology, step="train", offload="none",
       attention_impl=_attention_impl(run, mesh),

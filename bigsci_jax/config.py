@@ -364,6 +364,9 @@ class TrainConfig:
   gns_every: int = 0       # gradient noise scale: 0 off; else sampled every gns_every steps
                            # (from the micro-batches; without accumulation, two half batches)
   gns_ema: float = 0.95    # its moving averages' decay per sample
+  watch_every: int = 0     # per-layer weight, gradient and update norms ("watch" lines of
+                           # metrics.jsonl, scaling/layer_norms.py) every watch_every steps,
+                           # the gradient's at every skipped update; 0 off
   init_from: str = ""      # a model_dir whose latest weights start a fresh run (new optimizer,
                            # data and schedule): continued pretraining on other data, a
                            # causal model adapted to prefix LM (same parameter shapes)
@@ -385,6 +388,7 @@ class TrainConfig:
     _check(self.eval_every >= 0, self, "eval_every", "it must be >= 0")
     _check(self.gns_every >= 0, self, "gns_every", "it must be >= 0 (0: off)")
     _check(0 < self.gns_ema < 1, self, "gns_ema", "it must be in (0, 1)")
+    _check(self.watch_every >= 0, self, "watch_every", "it must be >= 0 (0: off)")
     _check(self.eval_batches >= 0, self, "eval_batches", "it must be >= 0")
     object.__setattr__(self, "eval_tasks", tuple(self.eval_tasks))
     _check(self.eval_task_limit > 0, self, "eval_task_limit", "it must be positive")

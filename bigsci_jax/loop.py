@@ -403,13 +403,16 @@ class _Trainer(Runtime):
       back to, or None."""
       nonlocal last_time
       step, metrics, rows, tokens = pending
-      values = jax.device_get(metrics)
+      layers = metrics.get("layers")  # fetched only on the steps that log them
+      values = jax.device_get({k: v for k, v in metrics.items() if k != "layers"})
       now = time.perf_counter()
       step_time, last_time = now - last_time, now
       loss, grad_norm = float(values["loss"]), float(values["grad_norm"])
       reason, in_a_row = int(values["skip_reason"]), int(values["skips_in_a_row"])
       bar.update(1)
       self.streak = in_a_row
+      if layers is not None and (step % run.train.watch_every == 0 or reason):
+        writer.write(step, "watch", jax.device_get(layers))  # the step computed them
       if reason:
         writer.write(step, "event", {"event": "skipped_update", "reason": steps.SKIP_REASONS[reason],
                                      "loss": loss, "grad_norm": grad_norm, "in_a_row": in_a_row})
@@ -457,7 +460,8 @@ class _Trainer(Runtime):
             accumulation, micro = 2, micro // 2  # two half batches: a noise-scale sample
           host = data.split_micro_batches(self.source.take(rows), accumulation)
           batch = data.to_global(host, self.batch_sharding, micro)
-          state, metrics = self.train_step(state, batch)
+          watch = bool(run.train.watch_every) and (s + 1) % run.train.watch_every == 0
+          state, metrics = self.train_step(state, batch, watch)
         traced(profile.finish(s + 1, state))
         tokens_seen += rows * cfg_batch.seq_len
         if pending is not None:

@@ -7,7 +7,10 @@ so the update equals that of one [A*m, L] batch. With TrainConfig.gns_every = k,
 every k-th step of A >= 2 micro-batches also updates the gradient noise scale from
 its micro-batch gradient norms (scaling/noise.py). A guarded step (non-finite or
 spiking loss / gradient norm, TrainConfig) keeps parameters and optimizer state
-and says why in `metrics["skip_reason"]` (an index into SKIP_REASONS).
+and says why in `metrics["skip_reason"]` (an index into SKIP_REASONS). With
+TrainConfig.watch_every = k, `metrics["layers"]` holds each layer's weight, gradient and
+update norms (scaling/layer_norms.py) where the loop asks for them (every k-th step, a
+second compiled variant of the step), and every skipped step's gradient norms by layer.
 """
 
 import functools
@@ -24,6 +27,7 @@ from bigsci_jax.config import ModelConfig, TrainConfig
 from bigsci_jax.kernels.mask import softmax_dtype
 from bigsci_jax.model import Transformer, over_logits
 from bigsci_jax.optim import set_schedule_count
+from bigsci_jax.scaling.layer_norms import gradient_norms, layer_norms
 from bigsci_jax.scaling.noise import NoiseScale, estimates
 
 
@@ -164,8 +168,9 @@ def skip_reason(guard: Guard, loss, grad_norm, train: TrainConfig):
 
 def guarded_update(state: TrainState, grads, loss, grad_norm, train: TrainConfig, tx):
   """(state after the update or, when skip_reason says so, with parameters and optimizer
-  state unchanged; the reason). The choice is an elementwise select that fuses into the
-  update, so it costs no extra copy of the state."""
+  state unchanged; the reason; the optimizer's update, applied unless skipped). The
+  choice is an elementwise select that fuses into the update, so it costs no extra copy
+  of the state."""
   reason = skip_reason(state.guard, loss, grad_norm, train)
   skip = reason > 0
   opt_state_in = set_schedule_count(state.opt_state, state.rows_seen)  # the LR follows rows
@@ -182,11 +187,13 @@ def guarded_update(state: TrainState, grads, loss, grad_norm, train: TrainConfig
   return state.replace(step=state.step + 1,
                        params=jax.tree.map(keep, state.params, params),
                        opt_state=jax.tree.map(keep, state.opt_state, opt_state),
-                       guard=guard), reason
+                       guard=guard), reason, updates
 
 
-def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=TrainConfig()):
-  """One guarded optimizer update from A accumulated micro-batches. Pure."""
+def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=TrainConfig(),
+               watch=False):
+  """One guarded optimizer update from A accumulated micro-batches. Pure. With `watch`
+  (static), also every group's weight, gradient and update norms (metrics["layers"])."""
   rng = None
   if model.cfg.dropout > 0:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -198,7 +205,7 @@ def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=Tra
   denom = jnp.maximum(weight, 1.0)
   grads = jax.tree.map(lambda g: g / denom, grad_sums)
   loss, grad_norm = ce_sum / denom, optax.tree.norm(grads)
-  new_state, reason = guarded_update(state, grads, loss, grad_norm, train, tx)
+  new_state, reason, updates = guarded_update(state, grads, loss, grad_norm, train, tx)
   noise = state.noise
   if can_sample:
     g2, trace = estimates(*micro, jnp.square(grad_norm), weight)
@@ -213,6 +220,17 @@ def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=Tra
              "skip_reason": reason, "skips_in_a_row": new_state.guard.in_a_row}
   if train.gns_every:
     metrics.update(noise.metrics())
+  if watch:  # a skipped step moved nothing
+    applied = jax.tree.map(lambda u: jnp.where(reason > 0, jnp.zeros_like(u), u), updates)
+    metrics["layers"] = layer_norms(new_state.params, grads, applied)
+  elif train.watch_every:  # any skipped step's gradient by group: which layer spiked. The
+    # cond takes the accumulated sums (materialised by the scan anyway); on the weights,
+    # the update or the divided gradient it cost copies, or the update's fusion.
+    def skipped():
+      return jax.tree.map(lambda n: n / denom, gradient_norms(grad_sums))
+    shapes = jax.eval_shape(skipped)
+    metrics["layers"] = jax.lax.cond(
+        reason > 0, skipped, lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
   return new_state, metrics
 
 
@@ -225,20 +243,23 @@ def eval_sums(params, batch_BxL, *, model):
 def make_train_step(model, tx, schedule, mesh, state_shardings, train=TrainConfig()):
   """train_step jitted with explicit shardings, the state donated.
 
-  Returns a callable that traces under the mesh and logical rules; each distinct
-  accumulation count A compiles once.
+  Returns a callable step(state, batch, watch=False) that traces under the mesh and
+  logical rules; each distinct accumulation count A compiles once, and once more the
+  first time a step asks for the per-layer norms (watch=True: `train_step.watched`).
   """
   batch_in = sharding.batch_sharding(mesh, 3, batch_axis=1)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  jitted = jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                                     train=train),
-                   in_shardings=(state_shardings, batch_in),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  jitted, watched = (
+      jax.jit(functools.partial(train_step, model=model, tx=tx, schedule=schedule, train=train,
+                                watch=watch),
+              in_shardings=(state_shardings, batch_in),
+              out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+      for watch in (False, True))
 
-  def step(state, batch_AxMxL):
+  def step(state, batch_AxMxL, watch=False):
     with sharding.activate(mesh):
-      return jitted(state, batch_AxMxL)
-  step.jitted = jitted
+      return (watched if watch else jitted)(state, batch_AxMxL)
+  step.jitted, step.watched = jitted, watched
   return step
 
 

@@ -214,7 +214,7 @@ def test_guard_keeps_the_state_on_non_finite_and_spiking_steps():
   kernel = lambda s: np.asarray(s.params["layers"]["block"]["mlp"]["wi"]["kernel"])  # noqa: E731
 
   def step(state, scale, loss, expected_reason):
-    new, reason = update(state, scale, loss)
+    new, reason, _ = update(state, scale, loss)
     assert int(reason) == expected_reason
     moved = not np.array_equal(kernel(new), kernel(state))
     assert moved == (expected_reason == 0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import train
-from bigsci_jax import flops
+from bigsci_jax import flops, loop
 from bigsci_jax import step as steps
 from bigsci_jax.config import ConfigError, MeshConfig, RunConfig
 from bigsci_jax.metrics import read_metrics
@@ -120,9 +120,11 @@ SYNTHETIC_SMOKE = ["--no_progress", "--gin.MIXTURE='synthetic'", "--gin.ModelCon
 
 def test_cpu_smoke_run_learns_and_logs(tmp_path):
   """The CPU smoke run on synthetic data: loss falls >= 30% in 100 steps; metrics and
-  TensorBoard written; running again continues the saved run."""
+  TensorBoard written, per-layer norms every 50 steps (watch lines; step 100's weight
+  norms are those of its checkpoint); running again continues the saved run."""
   model_dir = str(tmp_path / "smoke")
-  assert train.main([f"--model_dir={model_dir}"] + SYNTHETIC_SMOKE) == 0
+  assert train.main([f"--model_dir={model_dir}", "--gin.TrainConfig.watch_every=50"]
+                    + SYNTHETIC_SMOKE) == 0
   rows = read_metrics(model_dir, "train")
   assert [r["step"] for r in rows] == list(range(1, 101))
   first, last = np.mean([r["loss"] for r in rows[:5]]), np.mean([r["loss"] for r in rows[-5:]])
@@ -141,6 +143,26 @@ def test_cpu_smoke_run_learns_and_logs(tmp_path):
   events.Reload()
   tb_loss = [e.value for e in events.Scalars("train/loss")]
   np.testing.assert_allclose(tb_loss, [r["loss"] for r in rows], rtol=1e-6)
+
+  watch = read_metrics(model_dir, "watch")
+  assert [r["step"] for r in watch] == [50, 100]
+  groups = [f"layer_{i:02d}/{m}" for i in range(2)
+            for m in ("attention", "attention_norm", "mlp", "mlp_norm")] + [
+                "embed", "final_norm", "pos_embed"]
+  assert sorted(watch[-1]) == sorted(["step", "split"] + [
+      f"{q}_norm/{g}" for q in ("param", "grad", "update") for g in groups])
+  params, step = loop.Runtime(loop.read_run(model_dir)).restore_params(model_dir)
+  params, norm = jax.device_get(params), lambda t: np.sqrt(sum(  # noqa: E731
+      np.sum(np.square(np.asarray(x, np.float64))) for x in jax.tree.leaves(t)))
+  assert step == 100
+  for i in range(2):
+    np.testing.assert_allclose(watch[-1][f"param_norm/layer_{i:02d}/mlp"], norm(
+        jax.tree.map(lambda x: x[i], params["layers"]["block"]["mlp"])), rtol=1e-5)
+  np.testing.assert_allclose(watch[-1]["param_norm/embed"], norm(params["embed"]), rtol=1e-5)
+  tag = "watch/grad_norm/layer_01/mlp"
+  assert [e.step for e in events.Scalars(tag)] == [50, 100]
+  np.testing.assert_allclose([e.value for e in events.Scalars(tag)],
+                             [r["grad_norm/layer_01/mlp"] for r in watch], rtol=1e-6)
 
   # Running again continues from the saved config and checkpoint: nothing left to do...
   assert train.main([f"--model_dir={model_dir}", "--no_progress"]) == 0
@@ -161,7 +183,8 @@ def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
   model_dir = tmp_path / "nan"
   rc = train.main([f"--model_dir={model_dir}", *SYNTHETIC_SMOKE, "--gin.TRAIN_STEPS=30",
                    "--gin.OptimizerConfig.optimizer='sgd'", "--gin.OptimizerConfig.clip_norm=None",
-                   "--gin.OptimizerConfig.learning_rate=1e12", "--gin.OptimizerConfig.warmup_steps=0"])
+                   "--gin.OptimizerConfig.learning_rate=1e12", "--gin.OptimizerConfig.warmup_steps=0",
+                   "--gin.TrainConfig.watch_every=1000"])
   lines = capsys.readouterr().err.strip().splitlines()
   err = lines[-1]
   assert rc == 2 and "skipped 5 times in a row" in err and "non-finite" in err, err
@@ -172,6 +195,13 @@ def test_non_finite_loss_stops_with_one_sentence(tmp_path, capsys):
   assert [e.get("in_a_row") for e in events] == [1, 2, 3, 4, 5, None]
   assert [e["step"] for e in events[:5]] == list(range(steps_logged[-1] + 1, steps_logged[-1] + 6))
   assert events[-1]["event"] == "abort" and events[-1]["step"] == events[-2]["step"]
+  # each skipped step's gradient norms by layer, off the watch_every schedule: the
+  # non-finite groups
+  watch = read_metrics(str(model_dir), "watch")
+  assert [w["step"] for w in watch] == [e["step"] for e in events[:5]]
+  for w in watch:
+    assert {k.split("/")[0] for k in w if "/" in k} == {"grad_norm"}
+    assert any(v is None or not np.isfinite(v) for k, v in w.items() if k.startswith("grad_norm/"))
   assert os.listdir(model_dir / "checkpoints") == []  # the diverged state was never saved
 
 
