@@ -21,11 +21,10 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402  (the gin edge)
-from benchmarks.train_step import synthetic_batch  # noqa: E402
+from benchmarks.train_step import step_timer  # noqa: E402
 
 VARIANTS = (("off", 0, False), ("on, a step not logging them", 1, False),
             ("on, a step logging them", 1, True))
@@ -81,47 +80,17 @@ def main(argv):
                                   "bytes_accessed_gb": cost.get("bytes accessed", 0) / 1e9}
     result.update(device=report.device_kind, topology=args.tpu_topology, mesh=report.mesh)
   else:
-    timers = {name: _timer(config(every), watch, args) for name, every, watch in VARIANTS}
+    from bigsci_jax import sharding
+    runs = {name: (config(every), watch) for name, every, watch in VARIANTS}
+    timers = {name: step_timer(run, sharding.make_mesh(run.mesh), watch)
+              for name, (run, watch) in runs.items()}
     times = {name: [] for name in timers}
     for _ in range(args.repeats):
       for name, timer in timers.items():
-        times[name].append(timer())
+        times[name].append(timer(args.steps, args.warmup)[0])
     result["variants"] = {name: {"step_s": t} for name, t in times.items()}
     result["device"] = jax.devices()[0].device_kind
   print(json.dumps(result))
-
-
-def _timer(run, watch, args):
-  """A function that times args.steps train steps of `run` (after args.warmup)."""
-  import jax
-  import numpy as np
-
-  from bigsci_jax import data, sharding
-  from bigsci_jax import step as steps
-  from bigsci_jax.model import Transformer
-  from bigsci_jax.optim import make_optimizer
-
-  mesh = sharding.make_mesh(run.mesh)
-  model = Transformer(run.model)
-  tx, schedule = make_optimizer(run.optimizer, 1000, run.batch.batch_size)
-  _, shardings = steps.abstract_state(model, tx, mesh, run.batch.seq_len)
-  state = [steps.init_state(model, tx, mesh, 0, run.batch.seq_len)]
-  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
-  host = synthetic_batch(np.random.default_rng(0), 1, run.batch.micro_batch_size,
-                         run.batch.seq_len, run.model.vocab_size)
-  batch = data.to_global(host, sharding.batch_sharding(mesh, 3, batch_axis=1),
-                         run.batch.micro_batch_size)
-
-  def timed():
-    for _ in range(args.warmup):
-      state[0], metrics = train_step(state[0], batch, watch)
-    jax.block_until_ready(metrics)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-      state[0], metrics = train_step(state[0], batch, watch)
-    jax.block_until_ready(metrics)
-    return (time.perf_counter() - start) / args.steps
-  return timed
 
 
 if __name__ == "__main__":

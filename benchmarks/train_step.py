@@ -38,6 +38,33 @@ def synthetic_batch(rng, accumulation, rows, seq_len, vocab):
           "decoder_causal_attention": np.zeros_like(tokens)}
 
 
+def step_timer(run, mesh, watch=False):
+  """timer(steps, warmup) -> (mean seconds of `steps` train steps of `run` after `warmup`
+  more, the last step's metrics), on one synthetic batch of run.batch.batch_size
+  sequences in micro-batches of micro_batch_size; the state carries on from call to
+  call. watch: the steps that compute per-layer norms (train_step.watched)."""
+  model = Transformer(run.model)
+  seq_len, micro = run.batch.seq_len, run.batch.micro_batch_size
+  tx, schedule = make_optimizer(run.optimizer, 1000, run.batch.batch_size)
+  _, shardings = steps.abstract_state(model, tx, mesh, seq_len)
+  state = [steps.init_state(model, tx, mesh, 0, seq_len)]
+  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
+  host = synthetic_batch(np.random.default_rng(0), run.batch.batch_size // micro, micro,
+                         seq_len, run.model.vocab_size)
+  batch = data.to_global(host, sharding.batch_sharding(mesh, 3, batch_axis=1), micro)
+
+  def timer(count, warmup):
+    for _ in range(warmup):
+      state[0], metrics = train_step(state[0], batch, watch)
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for _ in range(count):
+      state[0], metrics = train_step(state[0], batch, watch)
+    jax.block_until_ready(metrics)
+    return (time.perf_counter() - start) / count, metrics
+  return timer
+
+
 def main(argv):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gin_file", action="append", default=[])
@@ -58,24 +85,7 @@ def main(argv):
   run, _ = train.build_config(["runs/cpu_smoke.gin"] + args.gin_file, bindings)
   run = dataclasses.replace(run, mesh=MeshConfig(*[int(x) for x in args.mesh.split(",")]))
   mesh = sharding.make_mesh(run.mesh)
-  model = Transformer(run.model)
-  tx, schedule = make_optimizer(run.optimizer, 1000, run.batch.batch_size)
-  _, shardings = steps.abstract_state(model, tx, mesh, args.seq_len)
-  state = steps.init_state(model, tx, mesh, 0, args.seq_len)
-  train_step = steps.make_train_step(model, tx, schedule, mesh, shardings, run.train)
-  in_sharding = sharding.batch_sharding(mesh, 3, batch_axis=1)
-  host = synthetic_batch(np.random.default_rng(0), args.accumulation, args.micro_batch,
-                         args.seq_len, run.model.vocab_size)
-  batch = data.to_global(host, in_sharding, args.micro_batch)
-
-  for _ in range(args.warmup):
-    state, metrics = train_step(state, batch)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = train_step(state, batch)
-  jax.block_until_ready(metrics)
-  step_time = (time.perf_counter() - start) / args.steps
+  step_time, metrics = step_timer(run, mesh)(args.steps, args.warmup)
 
   tokens = args.micro_batch * args.accumulation * args.seq_len
   tokens_per_s = tokens / step_time

@@ -402,7 +402,7 @@ class _Trainer(Runtime):
       """Log a dispatched step once its metrics are here; returns a checkpoint step to roll
       back to, or None."""
       nonlocal last_time
-      step, metrics, rows, tokens = pending
+      step, metrics, rows, tokens, watch = pending
       layers = metrics.get("layers")  # fetched only on the steps that log them
       values = jax.device_get({k: v for k, v in metrics.items() if k != "layers"})
       now = time.perf_counter()
@@ -411,7 +411,7 @@ class _Trainer(Runtime):
       reason, in_a_row = int(values["skip_reason"]), int(values["skips_in_a_row"])
       bar.update(1)
       self.streak = in_a_row
-      if layers is not None and (step % run.train.watch_every == 0 or reason):
+      if layers is not None and (watch or reason):
         writer.write(step, "watch", jax.device_get(layers))  # the step computed them
       if reason:
         writer.write(step, "event", {"event": "skipped_update", "reason": steps.SKIP_REASONS[reason],
@@ -466,7 +466,7 @@ class _Trainer(Runtime):
         tokens_seen += rows * cfg_batch.seq_len
         if pending is not None:
           rollback = flush(pending)
-        pending = (s + 1, metrics, rows, tokens_seen)
+        pending = (s + 1, metrics, rows, tokens_seen, watch)
         done = s + 1
         stop = preemption.reached(done)
         eval_due = run.train.eval_every and done % run.train.eval_every == 0 and done < total

@@ -220,9 +220,10 @@ def train_step(state: TrainState, batch_AxMxL, *, model, tx, schedule, train=Tra
              "skip_reason": reason, "skips_in_a_row": new_state.guard.in_a_row}
   if train.gns_every:
     metrics.update(noise.metrics())
-  if watch:  # a skipped step moved nothing
-    applied = jax.tree.map(lambda u: jnp.where(reason > 0, jnp.zeros_like(u), u), updates)
-    metrics["layers"] = layer_norms(new_state.params, grads, applied)
+  if watch:
+    norms = layer_norms(new_state.params, grads, updates)
+    metrics["layers"] = {k: jnp.where(reason > 0, 0.0, v) if k.startswith("update_norm/") else v
+                         for k, v in norms.items()}  # a skipped step moved nothing
   elif train.watch_every:  # any skipped step's gradient by group: which layer spiked. The
     # cond takes the accumulated sums (materialised by the scan anyway); on the weights,
     # the update or the divided gradient it cost copies, or the update's fusion.

@@ -56,8 +56,8 @@ def _norms(quantity, tree):
 def layer_norms(params, grads, updates):
   """{'<quantity>/<group>': norm} for the weights, gradient and update of one step
   (QUANTITIES, in that order)."""
-  return {**_norms("param_norm", params), **_norms("grad_norm", grads),
-          **_norms("update_norm", updates)}
+  return {key: norm for quantity, tree in zip(QUANTITIES, (params, grads, updates))
+          for key, norm in _norms(quantity, tree).items()}
 
 
 def gradient_norms(grads):
